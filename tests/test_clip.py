@@ -1,0 +1,220 @@
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from clip import (CLIP, PRESETS, Tokenizer, clip_loss, contrastive_loss, count_parameters, flops_per_sample,
+                  get_config, sigmoid_loss)
+
+
+def small_config(**kw):
+    return get_config("tiny", vision_layers=2, text_layers=2, **kw)
+
+
+def random_batch(cfg, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(0, 1000, (batch, cfg.context_length), generator=g)
+    lengths = torch.randint(1, cfg.context_length, (batch,), generator=g)
+    eot = Tokenizer(cfg.encoding, cfg.context_length).eot
+    for i, n in enumerate(lengths):
+        tokens[i, n:] = eot
+    return images, tokens
+
+
+# ---------------------------------------------------------------------------- presets and shapes
+
+@pytest.mark.parametrize("name", ["ViT-B/32", "ViT-B/16", "ViT-L/14"])
+def test_paper_vision_towers_match_openclip_parameter_counts(name):
+    # OpenCLIP's model profile (docs/model_profile.csv, image_params column) lists the vision towers
+    # at 87.85M, 86.19M and 303.97M. We count ours on the meta device, without allocating them.
+    expected = {"ViT-B/32": 87.85e6, "ViT-B/16": 86.19e6, "ViT-L/14": 303.97e6}[name]
+    assert abs(count_parameters(PRESETS[name])["vision"] - expected) / expected < 0.01
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_shapes_and_dtypes_for_every_preset(name):
+    cfg = PRESETS[name]
+    small = name == "tiny"
+    device = "cpu" if small else "meta"  # the big presets are checked without allocating them
+    with torch.device(device):
+        model = CLIP(cfg)
+    images = torch.randint(0, 256, (2, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=device)
+    tokens = torch.zeros(2, cfg.context_length, dtype=torch.long, device=device)
+    tokens[:, -1] = model.text.eot
+    img, txt, scale, bias = model(images, tokens)
+    assert img.shape == txt.shape == (2, cfg.embed_dim)
+    assert img.dtype == txt.dtype == torch.float32
+    assert scale.shape == () and bias is None
+    if small:
+        torch.testing.assert_close(img.norm(dim=-1), torch.ones(2))
+        torch.testing.assert_close(txt.norm(dim=-1), torch.ones(2))
+        assert math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            img, txt, _, _ = model(images, tokens)
+        assert torch.isfinite(clip_loss(img, txt, scale)).all()
+
+
+def test_temperature_is_clamped_at_100():
+    model = CLIP(small_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    cfg = model.config
+    images, tokens = random_batch(cfg, 2)
+    assert model(images, tokens)[2].item() == pytest.approx(100.0)
+
+
+def test_cost_estimate_matches_parameter_count():
+    # for a transformer, forward FLOPs per token ~ 2 x (matmul parameters); check the text tower exactly
+    cfg = get_config("tiny", image_size=32, patch_size=32, vision_layers=0)  # one patch, no vision blocks
+    counts = count_parameters(cfg)
+    w, T = cfg.text_width, cfg.context_length
+    block_matmul = sum(p.numel() for n, p in CLIP(cfg).text.transformer.named_parameters() if n.endswith("weight") and p.dim() == 2)
+    text = 2 * T * block_matmul + cfg.text_layers * 4 * T * T * w + 2 * w * cfg.embed_dim
+    vision = 2 * 3 * 32 * 32 * cfg.vision_width + 2 * cfg.vision_width * cfg.embed_dim
+    assert flops_per_sample(cfg) == 3 * (text + vision)
+    assert counts["total"] == counts["vision"] + counts["text"] + 1
+
+
+def test_weight_init_scales():
+    model = CLIP(get_config("tiny"))
+    std = lambda p: p.detach().float().std().item()
+    assert std(model.text.token_embedding.weight) == pytest.approx(0.02, rel=0.05)
+    # residual projections are scaled down by depth (GPT-2)
+    proj = model.text.transformer.blocks[0].attn.proj.weight
+    assert std(proj) == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.1)
+
+# ---------------------------------------------------------------------------- text tower
+
+
+def test_text_tower_is_causal():
+    torch.manual_seed(0)
+    cfg = small_config()
+    model = CLIP(cfg).eval()
+    tok = Tokenizer(cfg.encoding, cfg.context_length)
+    tokens = tok(["a small red circle in the top left"])
+    eot_pos = int((tokens[0] == tok.eot).nonzero()[0])
+    base = model.encode_text(tokens)
+    after = tokens.clone()
+    after[0, eot_pos + 1:] = torch.randint(0, 1000, (cfg.context_length - eot_pos - 1,))
+    torch.testing.assert_close(model.encode_text(after), base, rtol=0, atol=1e-6)
+    before = tokens.clone()
+    before[0, 1] = (before[0, 1] + 7) % 1000
+    assert (model.encode_text(before) - base).abs().max() > 1e-3
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_and_edge_cases():
+    tok = Tokenizer("cl100k_base", 32)
+    caption = "a large blue triangle in the bottom right"
+    ids = tok([caption])
+    assert ids.shape == (1, 32) and ids.dtype == torch.int32
+    assert tok.decode(ids[0]) == caption
+    assert (ids[0] == tok.eot).any()
+    captions = ["", "café naïve 東京 Ωmega", "🙂🎉🚀", "x" * 10_000, "word " * 5000, "<|endoftext|> is text"]
+    ids = tok(captions)
+    assert ids.shape == (len(captions), 32)
+    assert (ids == tok.eot).any(dim=1).all(), "every row must hold an end-of-text token"
+    assert tok.decode(ids[0]) == ""
+    assert tok.decode(ids[1]) == captions[1] and tok.decode(ids[2]) == captions[2]
+    assert ids[3, -1] == tok.eot and ids[4, -1] == tok.eot  # truncated, then terminated
+    # special-token text is encoded as ordinary text, never as a control token
+    assert int((ids[5] == tok.eot).nonzero()[0]) > 1
+
+
+def test_default_encoding_is_offline_cl100k():
+    tok = Tokenizer()
+    assert tok.enc.n_vocab == 100277 and tok.eot == 100257
+    assert tok.enc.encode("hello world") == [15339, 1917]  # cl100k_base's well-known ids
+
+# ---------------------------------------------------------------------------- losses vs naive references
+
+
+def naive_contrastive(img, txt, scale):
+    B = img.shape[0]
+    logits = scale * img @ txt.T
+    total = 0.0
+    for i in range(B):  # each image against every caption
+        total = total - torch.log_softmax(logits[i, :], dim=0)[i]
+    for j in range(B):  # each caption against every image
+        total = total - torch.log_softmax(logits[:, j], dim=0)[j]
+    return total / (2 * B)
+
+
+def naive_sigmoid(img, txt, scale, bias):
+    B = img.shape[0]
+    total = 0.0
+    for i in range(B):
+        for j in range(B):
+            z = 1.0 if i == j else -1.0
+            total = total - torch.log(torch.sigmoid(z * (scale * img[i] @ txt[j] + bias)))
+    return total / B
+
+
+def test_losses_equal_naive_references():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(7, 16, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(7, 16, dtype=torch.float64), dim=-1)
+    scale, bias = torch.tensor(14.3, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    torch.testing.assert_close(contrastive_loss(img, txt, scale), naive_contrastive(img, txt, scale))
+    torch.testing.assert_close(sigmoid_loss(img, txt, scale, bias), naive_sigmoid(img, txt, scale, bias))
+    assert contrastive_loss(img, img, torch.tensor(100.0, dtype=torch.float64)) < 1e-3  # perfect alignment
+
+
+def test_siglip_model_has_bias_and_paper_init():
+    model = CLIP(small_config(loss="siglip"))
+    images, tokens = random_batch(model.config, 4)
+    img, txt, scale, bias = model(images, tokens)
+    assert scale.item() == pytest.approx(10.0) and bias.item() == pytest.approx(-10.0)
+    loss = clip_loss(img, txt, scale, bias)
+    loss.backward()
+    assert model.logit_bias.grad is not None and model.logit_scale.grad is not None
+
+# ---------------------------------------------------------------------------- distributed exactness
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, loss_name, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = small_config(loss=loss_name)
+    model = torch.nn.parallel.DistributedDataParallel(CLIP(cfg))
+    images, tokens = random_batch(cfg, 8 * world)
+    rows = slice(rank * 8, (rank + 1) * 8)
+    loss = clip_loss(*model(images[rows], tokens[rows]))
+    loss.backward()
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        grads = {n: p.grad for n, p in model.module.named_parameters()}
+        torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_two_ranks_train_exactly_like_one_process(tmp_path, loss_name):
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, free_port(), loss_name, str(tmp_path)), nprocs=world)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    torch.manual_seed(0)
+    cfg = small_config(loss=loss_name)
+    model = CLIP(cfg)
+    images, tokens = random_batch(cfg, 8 * world)
+    loss = clip_loss(*model(images, tokens))
+    loss.backward()
+    torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=0, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
