@@ -196,7 +196,7 @@ class VisionTransformer(nn.Module):
         # (B, 3, H, W) -> (B, H/p * W/p, 3*p*p), patches in row-major order
         B, C, H, W = images.shape
         p = self.patch_size
-        x = images.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(B, (H // p) * (W // p), C * p * p)
 
     def forward(self, images):

@@ -1,0 +1,219 @@
+"""
+Streams webdataset shards (KEY.jpg + KEY.txt) into (images, tokens) batches for train.py.
+
+    loader = ShardLoader("data/shapes", "train", batch_size=256, image_size=64, context_length=32)
+    for images, tokens in loader:   # images: (B, 3, H, W) uint8, tokens: (B, context_length) int32
+        ...
+    state = loader.state_dict()     # {"epoch", "position"}: store it in a checkpoint, load_state_dict() to resume
+
+How an epoch is ordered. Every sample of every shard is indexed once at start (tar headers only). An
+epoch's order is drawn from (seed, epoch): the shard order is permuted, then the samples are shuffled
+within consecutive buffers of `shuffle_buffer` samples, so reads stay local on disk while the mix is
+wide. Global batch b is order[b*batch_size : (b+1)*batch_size] and rank r takes its r-th slice, so:
+  - every rank sees a disjoint part of the data, and together they see all of it but the final partial batch;
+  - every rank runs the same number of steps, and N ranks see exactly the batches one process would;
+  - the state is just (epoch, position), and a restored loader yields exactly the batches that follow.
+Decoding, cropping and tokenising run in worker processes; images stay uint8 until the model
+normalises them on the device. A bad sample (corrupt image, bad caption) is replaced by the next
+good one in the epoch's order and counted; a truncated tar keeps the samples it holds in full.
+"""
+import glob
+import io
+import os
+import sys
+import tarfile
+from itertools import count
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clip import Tokenizer
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def find_shards(data_dir, split):
+    paths = sorted(glob.glob(os.path.join(data_dir, split, "*.tar")))
+    if not paths:
+        raise FileNotFoundError(
+            f"no shards in {os.path.join(data_dir, split)}. Make them first, e.g.\n"
+            f"  python prep_dataset.py --source shapes --out_dir {data_dir}            (the synthetic demo set)\n"
+            f"  python prep_dataset.py --out_dir {data_dir} --limit 100000             (text-to-image-2M)")
+    return paths
+
+
+def index_shard(path):
+    """-> ({key: {ext: (offset, size)}}, n_truncated): where each file's bytes sit inside the tar."""
+    samples, truncated = {}, 0
+    size = os.path.getsize(path)
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:  # cut off by a truncated file
+                    truncated += 1
+                    continue
+                key, _, ext = os.path.basename(m.name).partition(".")
+                samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        print(f"warning: {path} is damaged ({e}); using the samples before that point", file=sys.stderr)
+        truncated += 1
+    return samples, truncated
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Item k is the k-th local batch from the start of epoch 0 (epochs of `batches_per_epoch`)."""
+
+    def __init__(self, paths, batch_size, image_size, context_length, encoding, train, seed, rank,
+                 world_size, augment, crop_scale, shuffle_buffer, drop_last):
+        assert batch_size % world_size == 0, f"batch_size {batch_size} must divide by the {world_size} ranks"
+        self.paths, self.image_size, self.train, self.seed, self.rank = paths, image_size, train, seed, rank
+        self.global_batch, self.local_batch = batch_size, batch_size // world_size
+        self.augment, self.crop_scale, self.shuffle_buffer = augment, crop_scale, shuffle_buffer
+        self.context_length, self.encoding, self.tokenizer = context_length, encoding, None
+        # the index: one row per complete sample, (shard, image offset, image size, caption offset, caption size)
+        rows, self.shard_rows, self.skipped_at_index = [], [], 0
+        for s, path in enumerate(paths):
+            samples, truncated = index_shard(path)
+            self.skipped_at_index += truncated
+            start = len(rows)
+            for key in sorted(samples):
+                files = samples[key]
+                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                if image is None or "txt" not in files:
+                    self.skipped_at_index += 1
+                    continue
+                rows.append((s, *image, *files["txt"]))
+            self.shard_rows.append(np.arange(start, len(rows)))
+        if not rows:
+            raise ValueError(f"the shards {paths[0]}... hold no complete (image, .txt caption) samples")
+        self.index = np.array(rows, dtype=np.int64)
+        self.num_samples = len(rows)
+        if drop_last and self.num_samples < batch_size:
+            raise ValueError(f"batch_size {batch_size} is larger than the {self.num_samples} samples in "
+                             f"{os.path.dirname(paths[0])}: use a smaller --batch_size or more data")
+        self.batches_per_epoch = self.num_samples // batch_size if drop_last else -(-self.num_samples // batch_size)
+        self._order, self._files = (None, None), {}
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    def epoch_order(self, epoch):
+        if self._order[0] != epoch:
+            if not self.train:
+                order = np.arange(self.num_samples)
+            else:
+                rng = np.random.default_rng([self.seed, epoch])
+                order = np.concatenate([self.shard_rows[s] for s in rng.permutation(len(self.shard_rows))])
+                for start in range(0, len(order), self.shuffle_buffer):
+                    rng.shuffle(order[start:start + self.shuffle_buffer])
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def read(self, shard, offset, size):
+        if shard not in self._files:  # opened lazily, so every worker process has its own handles
+            self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return os.pread(self._files[shard], size, offset)
+
+    def load(self, row, rng):
+        """One sample -> (H, W, 3) uint8 array and caption; raises on bad data."""
+        shard, img_off, img_len, txt_off, txt_len = self.index[row]
+        lines = self.read(shard, txt_off, txt_len).decode("utf-8").split("\n")
+        lines = [line for line in lines if line.strip()]
+        if not lines:
+            raise ValueError("empty caption")
+        caption = lines[rng.integers(len(lines))] if self.train else lines[0]  # several lines: several captions
+        img = Image.open(io.BytesIO(self.read(shard, img_off, img_len)))
+        size, (w, h) = self.image_size, img.size
+        if self.train and self.augment:
+            # random resized crop: a random box of crop_scale of the area, aspect ratio in [3/4, 4/3]
+            area = w * h * rng.uniform(*self.crop_scale)
+            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = min(w, np.sqrt(area * ratio)), min(h, np.sqrt(area / ratio))
+            left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+        else:  # centre crop of the shorter side
+            cw = ch = min(w, h)
+            left, top = (w - cw) / 2, (h - ch) / 2
+        if img.format == "JPEG" and min(cw, ch) >= 2 * size:
+            # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free: the cheapest way to shrink big images
+            img.draft("RGB", (max(size, round(w * size / cw)), max(size, round(h * size / ch))))
+            s = img.size[0] / w
+            left, top, cw, ch, w, h = left * s, top * s, cw * s, ch * s, *img.size
+        img = img.convert("RGB")
+        if (w, h) != (size, size) or (cw, ch) != (w, h):
+            img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        return np.asarray(img), caption
+
+    def __getitem__(self, k):
+        epoch, b = divmod(k, self.batches_per_epoch)
+        order = self.epoch_order(epoch)
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer(self.encoding, self.context_length)
+        start = b * self.global_batch + self.rank * self.local_batch
+        positions = range(start, min(start + self.local_batch, self.num_samples))
+        images = np.empty((len(positions), self.image_size, self.image_size, 3), dtype=np.uint8)
+        captions, skipped = [], 0
+        for j, pos in enumerate(positions):
+            for attempt in range(100):  # a bad sample is replaced by the next good one in the epoch's order
+                row = order[(pos + attempt) % self.num_samples]
+                try:
+                    images[j], caption = self.load(row, np.random.default_rng([self.seed, epoch, row]))
+                    break
+                except Exception:  # corrupt image, bad caption bytes: skip and count, never crash
+                    skipped += 1
+            else:
+                raise RuntimeError(f"100 bad samples in a row around position {pos} of {self.paths[0]}...: "
+                                   "the shards look broken; rebuild them with prep_dataset.py")
+            captions.append(caption)
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+        return images, self.tokenizer(captions), skipped
+
+
+class ShardLoader:
+    """Iterating a train loader goes on forever, epoch after epoch, from its state; an eval loader
+    (train=False) makes one pass in order, with no augmentation."""
+
+    def __init__(self, data_dir, split, batch_size, image_size, context_length, encoding="cl100k_base",
+                 train=True, seed=0, rank=0, world_size=1, num_workers=2, augment=False, crop_scale=(0.8, 1.0),
+                 shuffle_buffer=10_000, pin_memory=False, drop_last=True):
+        assert drop_last or world_size == 1, "a partial last batch would differ across ranks"
+        self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
+                                    encoding, train, seed, rank, world_size, augment, crop_scale,
+                                    shuffle_buffer, drop_last)
+        self.train, self.num_workers, self.pin_memory = train, num_workers, pin_memory
+        self.step = 0  # batches handed out since the start of epoch 0
+        self.skipped_in_batches = 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    @property
+    def epoch(self):
+        return self.step // len(self.dataset)
+
+    @property
+    def skipped(self):
+        return self.dataset.skipped_at_index + self.skipped_in_batches
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.step % len(self.dataset), "num_samples": self.dataset.num_samples}
+
+    def load_state_dict(self, state):
+        if state.get("num_samples", self.dataset.num_samples) != self.dataset.num_samples:
+            print(f"warning: the data changed since this state was saved ({state['num_samples']} samples, now "
+                  f"{self.dataset.num_samples}): the order will not match the original run", file=sys.stderr)
+        self.step = state["epoch"] * len(self.dataset) + state["position"]
+
+    def __iter__(self):
+        steps = count(self.step) if self.train else range(len(self.dataset))
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
+            persistent_workers=False)
+        for images, tokens, skipped in loader:
+            self.skipped_in_batches += skipped
+            if self.train:
+                self.step += 1
+            yield images, tokens

@@ -1,0 +1,395 @@
+"""
+Turns image-caption pairs into training shards: resized, re-encoded, shuffled globally, split into
+train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any webdataset tool reads.
+
+    python prep_dataset.py --source shapes --out_dir data/shapes                  # the built-in demo data
+    python prep_dataset.py --out_dir data/text-to-image-2M                         # the full 2M (streamed)
+    python prep_dataset.py --out_dir data/t2i-100k --limit 100000                  # a subset
+    python prep_dataset.py --source folder --input ~/pics --out_dir data/pics      # x.jpg + x.txt pairs
+    python prep_dataset.py --source webdataset --input 'shards/*.tar' --out_dir data/mine
+
+It works in two passes, each resumable (rerun the same command after an interrupt):
+  1. process: read the source in chunks, decode + resize + centre-crop + re-encode in parallel, and
+     stage each finished chunk under OUT/.stage/ (written to a temporary name, then renamed);
+  2. shuffle: draw one global permutation from the seed and write the final shards OUT/train/*.tar and
+     OUT/val/*.tar by reading the staged samples in that order, then OUT/manifest.json.
+Bad input (undecodable image, missing/empty/non-UTF-8 caption) is skipped and counted in the manifest.
+"""
+import argparse
+import glob
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from itertools import islice
+from multiprocessing import Pool
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+T2I_FILES = "hf://datasets/jackyhate/text-to-image-2M/data_512_2M/*.tar"
+
+# -----------------------------------------------------------------------------
+# the shapes set: synthetic, compositional, generated from a seed; the demo's and the tests' data
+
+SHAPES = ["circle", "square", "triangle", "star", "cross"]
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
+          "yellow": (235, 215, 40), "purple": (150, 60, 200), "white": (240, 240, 240)}
+SIZES = ["small", "large"]
+POSITIONS = ["top left", "top right", "bottom left", "bottom right", "center"]
+
+
+def shapes_sample(seed, index):
+    """The index-th sample of the shapes set: (caption, labels). Deterministic in (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    labels = {"shape": SHAPES[rng.integers(len(SHAPES))], "color": list(COLORS)[rng.integers(len(COLORS))],
+              "size": SIZES[rng.integers(len(SIZES))], "position": POSITIONS[rng.integers(len(POSITIONS))]}
+    where = "in the center" if labels["position"] == "center" else f"in the {labels['position']}"
+    caption = f"a {labels['size']} {labels['color']} {labels['shape']} {where}"
+    return caption, labels
+
+
+def render_shape(seed, index, size):
+    """Draws sample `index` at 4x and downsamples, for smooth edges. Colours, position and background
+    are jittered so that a model has to read the shape, not memorise pixels."""
+    _, labels = shapes_sample(seed, index)
+    rng = np.random.default_rng([seed, index, 1])
+    S = 4 * size
+    background = tuple(int(v) for v in rng.integers(20, 90, 3))
+    img = Image.new("RGB", (S, S), background)
+    draw = ImageDraw.Draw(img)
+    radius = S * (rng.uniform(0.08, 0.12) if labels["size"] == "small" else rng.uniform(0.2, 0.25))
+    centers = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+               "bottom right": (0.75, 0.75), "center": (0.5, 0.5)}
+    cx, cy = (S * (c + rng.uniform(-0.05, 0.05)) for c in centers[labels["position"]])
+    color = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[labels["color"]])
+    r = radius
+    if labels["shape"] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif labels["shape"] == "square":
+        r *= 0.85
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif labels["shape"] == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=color)
+    elif labels["shape"] == "star":
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        draw.polygon([(cx + q * np.cos(a), cy - q * np.sin(a)) for q, a in zip(radii, angles)], fill=color)
+    else:  # cross
+        w = 0.35 * r
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+    return img.resize((size, size), Image.BICUBIC)
+
+# -----------------------------------------------------------------------------
+# sources: each yields raw items (key, image, caption, labels), cheap to read; the decoding and
+# resizing happen in the worker processes. image is bytes or a path; caption is bytes, str or None.
+
+
+def source_shapes(args):
+    for i in range(args.limit or 20_000):
+        caption, labels = shapes_sample(args.seed, i)
+        yield f"{i:09d}", ("shapes", args.seed, i), caption, labels
+
+
+def source_text_to_image_2m(args):
+    # the same `datasets` code path reads the hub and local copies (--input 'dir/*.tar', used by the tests);
+    # streaming, so the ~420 GB of originals never sit on disk
+    from datasets import Image as HFImage
+    from datasets import load_dataset
+    data_files = args.input or T2I_FILES
+    ds = load_dataset("webdataset", data_files={"train": data_files}, split="train", streaming=True)
+    ds = ds.cast_column("jpg", HFImage(decode=False))  # raw bytes: we decode in parallel, and survive bad ones
+    for ex in ds:
+        meta = ex.get("json") or {}
+        yield ex["__key__"], (ex.get("jpg") or {}).get("bytes"), meta.get("prompt"), None
+
+
+def source_folder(args):
+    """Same-stem pairs anywhere under --input: a/b/x.jpg goes with c/x.txt."""
+    if not args.input or not os.path.isdir(args.input):
+        sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
+    images, captions, duplicates = {}, {}, set()
+    for root, _, files in os.walk(args.input):
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            path = os.path.join(root, name)
+            table = images if ext.lower() in IMAGE_EXTENSIONS else captions if ext.lower() == ".txt" else None
+            if table is None:
+                continue
+            if stem in table:
+                duplicates.add(stem)
+            table[stem] = path
+    for stem in sorted(images):
+        if stem in duplicates:
+            yield stem, None, None, {"skip": "duplicate_stem"}
+        elif stem not in captions:
+            yield stem, images[stem], None, None
+        else:
+            with open(captions[stem], "rb") as f:
+                yield stem, images[stem], f.read(), None
+
+
+def source_webdataset(args):
+    """Existing webdataset / img2dataset shards: the image and the caption (.txt, or a caption-like field
+    of .json) of each key."""
+    paths = sorted(glob.glob(os.path.expanduser(args.input or "")))
+    if not paths:
+        sys.exit(f"--source webdataset needs --input GLOB matching tar files (got {args.input!r})")
+    for path in paths:
+        for key, files in read_tar_samples(path):
+            image = next((files[e] for e in files if "." + e in IMAGE_EXTENSIONS), None)
+            caption = files.get("txt")
+            if caption is None and "json" in files:
+                try:
+                    meta = json.loads(files["json"])
+                    caption = next((meta[k] for k in ("caption", "prompt", "text") if meta.get(k)), None)
+                except (ValueError, AttributeError):
+                    pass
+            yield key, image, caption, None
+
+
+def read_tar_samples(path):
+    """(key, {extension: bytes}) for each sample of a tar, in order; a truncated tar ends early."""
+    key, files = None, {}
+    try:
+        with tarfile.open(path, "r|") as tf:  # streaming mode: one pass, no seeks
+            for member in tf:
+                if not member.isfile():
+                    continue
+                name = os.path.basename(member.name)
+                k, _, ext = name.partition(".")
+                if k != key and files:
+                    yield key, files
+                    files = {}
+                key = k
+                files[ext.lower()] = tf.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        print(f"warning: {path} is damaged ({e}); reading stopped there", file=sys.stderr)
+        files = {}  # the last sample may be incomplete
+    if files:
+        yield key, files
+
+
+SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder,
+           "webdataset": source_webdataset, "shapes": source_shapes}
+
+# -----------------------------------------------------------------------------
+# processing one sample (in a worker process)
+
+
+def resize_and_crop(img, size):
+    """Shorter side to `size`, then the centre square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    if img.format == "JPEG" and scale < 0.5:
+        img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))  # let the JPEG decoder downscale for free
+        w, h = img.size
+        scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    # resize straight to the crop: PIL's box= crops in source coordinates and resamples in one go
+    box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+    return img.convert("RGB").resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def process_sample(item, image_size, quality):
+    """-> ("ok", key, jpeg bytes, caption, labels) or ("skip", reason)."""
+    key, image, caption, labels = item
+    if labels and "skip" in labels:
+        return "skip", labels["skip"]
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            return "skip", "caption_not_utf8"
+    if caption is None:
+        return "skip", "missing_caption"
+    # several lines are several captions of the same image; the loader picks one per epoch
+    caption = "\n".join(line.strip() for line in str(caption).splitlines() if line.strip())
+    if not caption:
+        return "skip", "empty_caption"
+    if image is None:
+        return "skip", "missing_image"
+    try:
+        if isinstance(image, tuple):  # the shapes set renders its own image
+            img = render_shape(image[1], image[2], image_size)
+        else:
+            img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+            img.load()  # truncated or corrupt files fail here, not later
+            img = resize_and_crop(img, image_size)
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=quality)
+    except Exception:  # PIL raises many types for bad files; any of them means "skip this one"
+        return "skip", "bad_image"
+    return "ok", key, out.getvalue(), caption, labels
+
+
+def _process(args_item):
+    item, image_size, quality = args_item
+    return process_sample(item, image_size, quality)
+
+# -----------------------------------------------------------------------------
+# writing
+
+
+def atomic_write(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tar_bytes(samples):
+    """An uncompressed tar holding KEY.jpg, KEY.txt (and KEY.json for labels) per sample, in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, jpg, caption, labels in samples:
+            files = [("jpg", jpg), ("txt", caption.encode("utf-8"))]
+            if labels:
+                files.append(("json", json.dumps(labels).encode("utf-8")))
+            for ext, data in files:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def stage_chunks(args, stage_dir):
+    """Pass 1: process the source chunk by chunk; each finished chunk is a .bin of JPEGs plus a .json index."""
+    items = SOURCES[args.source](args)
+    if args.limit:
+        items = islice(items, args.limit)
+    bar = tqdm(desc="process", unit=" samples", total=args.limit, dynamic_ncols=True)
+    reused = 0
+    with Pool(args.workers) as pool:
+        for c in range(sys.maxsize):
+            chunk = list(islice(items, args.chunk_size))
+            if not chunk:
+                break
+            index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
+            if os.path.exists(index_path):  # finished by an earlier, interrupted run
+                reused += 1
+            else:
+                blob, index, skipped = bytearray(), [], {}
+                work = [(item, args.image_size, args.jpeg_quality) for item in chunk]
+                for result in pool.imap(_process, work, chunksize=8):
+                    if result[0] == "skip":
+                        skipped[result[1]] = skipped.get(result[1], 0) + 1
+                        continue
+                    _, key, jpg, caption, labels = result
+                    index.append([key, len(blob), len(jpg), caption, labels])
+                    blob += jpg
+                atomic_write(os.path.join(stage_dir, f"chunk-{c:06d}.bin"), bytes(blob))
+                atomic_write(index_path, json.dumps({"samples": index, "skipped": skipped}).encode())
+            bar.update(len(chunk))
+    bar.close()
+    if reused:
+        print(f"resumed: reused {reused} finished chunks")
+
+
+def write_shards(args, stage_dir):
+    """Pass 2: one global permutation, then the shards, each written whole under a temporary name."""
+    chunks = sorted(glob.glob(os.path.join(stage_dir, "chunk-*.json")))
+    samples, skipped = [], {}
+    for c, path in enumerate(chunks):
+        with open(path) as f:
+            chunk = json.load(f)
+        samples += [(c, *s) for s in chunk["samples"]]
+        for reason, n in chunk["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    if not samples:
+        sys.exit("no usable samples were found: check --source/--input (skipped: %s)" % skipped)
+    # the key is the sample's position in the source, so keys stay unique across sources' own keys
+    order = np.random.default_rng(args.seed).permutation(len(samples))
+    n_val = min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
+    splits = {"val": order[:n_val], "train": order[n_val:]}
+    bins = [open(p[:-5] + ".bin", "rb") for p in chunks]
+    shards = {}
+    try:
+        for split, idx in splits.items():
+            os.makedirs(os.path.join(args.out_dir, split), exist_ok=True)
+            shards[split] = []
+            starts = range(0, len(idx), args.shard_size)
+            for s in tqdm(starts, desc=f"write {split}", unit=" shards", dynamic_ncols=True):
+                name = f"{split}/shard-{s // args.shard_size:06d}.tar"
+                shards[split].append(name)
+                path = os.path.join(args.out_dir, name)
+                if os.path.exists(path):
+                    continue
+                batch = []
+                for i in idx[s:s + args.shard_size]:
+                    c, key, offset, size, caption, labels = samples[i]
+                    bins[c].seek(offset)
+                    batch.append((f"{i:09d}", bins[c].read(size), caption, labels))
+                atomic_write(path, tar_bytes(batch))
+    finally:
+        for f in bins:
+            f.close()
+    return {"counts": {"train": len(splits["train"]), "val": len(splits["val"]),
+                       "skipped": sum(skipped.values()), "seen": len(samples) + sum(skipped.values())},
+            "skipped": skipped, "shards": shards}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="text-to-image-2M", choices=list(SOURCES))
+    p.add_argument("--input", default=None, help="folder (folder), tar glob (webdataset, text-to-image-2M)")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")
+    p.add_argument("--val_fraction", type=float, default=0.05)
+    p.add_argument("--shard_size", type=int, default=5000, help="samples per shard")
+    p.add_argument("--chunk_size", type=int, default=5000, help="samples per staged chunk (the unit of resume)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--jpeg_quality", type=int, default=95)
+    args = p.parse_args(argv)
+    args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
+
+    manifest_path = os.path.join(args.out_dir, "manifest.json")
+    settings = {k: getattr(args, k) for k in ("source", "input", "image_size", "limit", "val_fraction",
+                                              "shard_size", "chunk_size", "seed", "jpeg_quality")}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            done = json.load(f)
+        if done.get("settings") != settings:
+            sys.exit(f"{args.out_dir} already holds a dataset made with other settings: choose another --out_dir "
+                     f"or delete it.\n  there: {done.get('settings')}\n  asked: {settings}")
+        print(f"{args.out_dir} is already complete: {done['counts']}")
+        return done
+    stage_dir = os.path.join(args.out_dir, ".stage")
+    os.makedirs(stage_dir, exist_ok=True)
+    settings_path = os.path.join(stage_dir, "settings.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            if json.load(f) != settings:
+                sys.exit(f"{args.out_dir} holds an unfinished run with other settings: rerun it with the same "
+                         "arguments to resume, or delete the folder to start over")
+    else:
+        atomic_write(settings_path, json.dumps(settings).encode())
+
+    t0 = time.time()
+    stage_chunks(args, stage_dir)
+    result = write_shards(args, stage_dir)
+    manifest = {"source": args.source, "input": args.input, "image_size": args.image_size, "seed": args.seed,
+                **result, "settings": settings}
+    if args.source == "shapes":  # the zero-shot tasks the shapes set carries, and their classes
+        manifest["tasks"] = {"shape": SHAPES, "color": list(COLORS)}
+    atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
+    shutil.rmtree(stage_dir)
+    c = result["counts"]
+    print(f"wrote {c['train']} train + {c['val']} val samples to {args.out_dir} in {time.time() - t0:.1f}s; "
+          f"skipped {c['skipped']} of {c['seen']}: {result['skipped'] or 'none'}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

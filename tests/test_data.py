@@ -1,0 +1,308 @@
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import prep_dataset
+from clip import Tokenizer
+from dataloader import ShardLoader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def jpeg(color, size=(48, 40)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    """members: [(name, bytes)] in order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def tar_samples(path):
+    """An independent reader: tarfile + PIL -> {key: (image, caption)}."""
+    out = {}
+    with tarfile.open(path) as tf:
+        files = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+    for name, data in files.items():
+        key, ext = name.split(".", 1)
+        if ext == "jpg":
+            out[key] = (Image.open(io.BytesIO(data)).convert("RGB"), files[key + ".txt"].decode())
+    return out
+
+
+def make_caption_shards(root, n, shard_size, image_size, split="train"):
+    """Shards whose captions name their sample ('sample 17'), so a batch's tokens say which samples it holds."""
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    for s in range(0, n, shard_size):
+        members = []
+        for i in range(s, min(n, s + shard_size)):
+            members += [(f"{i:06d}.jpg", jpeg((i % 256, (7 * i) % 256, 90), (image_size, image_size))),
+                        (f"{i:06d}.txt", f"sample {i}".encode())]
+        write_tar(os.path.join(root, split, f"shard-{s // shard_size:04d}.tar"), members)
+
+
+def sample_ids(tokens, tok):
+    return [int(tok.decode(t).split()[1]) for t in tokens]
+
+# ---------------------------------------------------------------------------- prep_dataset.py
+
+
+def test_shapes_prep_manifest_labels_and_independent_readers(tmp_path):
+    out = tmp_path / "shapes"
+    m = prep_dataset.main(["--source", "shapes", "--out_dir", str(out), "--limit", "400", "--shard_size", "100",
+                           "--val_fraction", "0.1", "--workers", "2"])
+    assert m["counts"] == {"train": 360, "val": 40, "skipped": 0, "seen": 400}
+    assert m["image_size"] == 64 and m["source"] == "shapes" and m["seed"] == 0
+    assert m["tasks"]["shape"] == prep_dataset.SHAPES and m["tasks"]["color"] == list(prep_dataset.COLORS)
+    with open(out / "manifest.json") as f:
+        assert json.load(f)["counts"] == m["counts"]
+    shards = sorted(glob.glob(str(out / "train" / "*.tar")))
+    assert len(shards) == 4 and not glob.glob(str(out / "**" / "*.tmp"), recursive=True)
+    assert not os.path.exists(out / ".stage")
+    seen = {}
+    for path in shards + sorted(glob.glob(str(out / "val" / "*.tar"))):
+        seen.update(tar_samples(path))
+    assert len(seen) == 400
+    img, caption = seen["000000007"]
+    assert img.size == (64, 64)
+    assert caption == prep_dataset.shapes_sample(0, 7)[0]
+    # the shards read as they are with the webdataset package, labels included
+    import webdataset as wds
+    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")
+    rows = list(ds)
+    assert len(rows) == 360
+    key, img, caption, labels = rows[0]
+    assert img.size == (64, 64) and caption == prep_dataset.shapes_sample(0, int(key))[0]
+    assert labels == prep_dataset.shapes_sample(0, int(key))[1]
+
+
+def test_shapes_are_deterministic_and_captions_match_pixels():
+    a, b = prep_dataset.render_shape(3, 11, 64), prep_dataset.render_shape(3, 11, 64)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    # the shape's colour is where the caption says it is
+    for i in range(20):
+        caption, labels = prep_dataset.shapes_sample(1, i)
+        assert labels["color"] in caption and labels["shape"] in caption
+        img = np.asarray(prep_dataset.render_shape(1, i, 64)).astype(int)
+        target = np.array(prep_dataset.COLORS[labels["color"]])
+        close = (np.abs(img - target).sum(-1) < 80).nonzero()
+        assert len(close[0]) > 10
+        cy, cx = close[0].mean(), close[1].mean()
+        expect = {"top left": (16, 16), "top right": (16, 48), "bottom left": (48, 16),
+                  "bottom right": (48, 48), "center": (32, 32)}[labels["position"]]
+        assert abs(cy - expect[0]) < 10 and abs(cx - expect[1]) < 10, (caption, cy, cx)
+
+
+def test_global_shuffle_spreads_the_input_over_all_shards(tmp_path):
+    prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path), "--limit", "1000",
+                       "--shard_size", "100", "--val_fraction", "0", "--workers", "2"])
+    keys = sorted(int(k) for k in tar_samples(tmp_path / "train" / "shard-000000.tar"))
+    assert len(keys) == 100
+    assert keys[-1] - keys[0] > 500, "a shard must not be a contiguous run of the input"
+    assert sum(b - a == 1 for a, b in zip(keys, keys[1:])) < 50
+
+
+def test_text_to_image_2m_format_through_datasets(tmp_path):
+    # the exact sample format of jackyhate/text-to-image-2M: KEY.jpg + KEY.json with "prompt", read through
+    # the same datasets.load_dataset("webdataset", streaming=True) call that reads the hub
+    src = tmp_path / "src"
+    src.mkdir()
+    for s in range(2):
+        members = []
+        for i in range(10):
+            key = f"{s}{i:05d}"
+            image = b"not a jpeg at all" if i == 3 else jpeg((20 * i, 100, 50), (512, 512))
+            prompt = "" if i == 5 else f"photo number {s}-{i}, " + "long words " * (200 if i == 7 else 1)
+            members += [(key + ".jpg", image), (key + ".json", json.dumps({"prompt": prompt, "w": 512}).encode())]
+        write_tar(src / f"data_{s:06d}.tar", members)
+    out = tmp_path / "out"
+    m = prep_dataset.main(["--input", str(src / "*.tar"), "--out_dir", str(out), "--image_size", "64",
+                           "--val_fraction", "0.25", "--workers", "2"])
+    assert m["source"] == "text-to-image-2M"
+    assert m["skipped"] == {"bad_image": 2, "empty_caption": 2}
+    assert m["counts"] == {"train": 12, "val": 4, "skipped": 4, "seen": 20}
+    samples = {}
+    for path in glob.glob(str(out / "*" / "*.tar")):
+        samples.update(tar_samples(path))
+    captions = sorted(c for _, c in samples.values())
+    assert any(c.startswith("photo number 1-7") and len(c) > 2000 for c in captions)  # long captions are kept
+    assert all(img.size == (64, 64) for img, _ in samples.values())
+
+
+def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "c").mkdir()
+    (src / "a" / "b" / "x.jpg").write_bytes(jpeg((255, 0, 0), (100, 60)))
+    (src / "c" / "x.txt").write_text("a red thing\nsomething else red\n")
+    Image.new("RGB", (30, 70), (0, 255, 0)).save(src / "a" / "y.png")
+    (src / "y.txt").write_text("a green thing")
+    (src / "a" / "z.jpg").write_bytes(jpeg((0, 0, 255)))  # no caption
+    (src / "c" / "t.jpg").write_bytes(jpeg((0, 0, 255))[:200])  # truncated
+    (src / "t.txt").write_text("truncated")
+    (src / "u.jpg").write_bytes(jpeg((9, 9, 9)))
+    (src / "u.txt").write_bytes(b"\xff\xfe bad bytes \xc3")  # not UTF-8
+    (src / "e.jpg").write_bytes(jpeg((9, 9, 9)))
+    (src / "e.txt").write_text("   \n")
+    m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1}
+    samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
+    by_caption = {c: img for img, c in samples.values()}
+    assert set(by_caption) == {"a red thing\nsomething else red", "a green thing"}
+    red = np.asarray(by_caption["a red thing\nsomething else red"])
+    assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+
+
+def test_webdataset_source_and_truncated_tar(tmp_path):
+    members = [("k1.jpg", jpeg((1, 2, 3))), ("k1.txt", b"first"),
+               ("k2.png", jpeg((1, 2, 3))), ("k2.json", json.dumps({"caption": "second"}).encode()),
+               ("k3.jpg", jpeg((1, 2, 3))), ("k3.txt", b"third")]
+    write_tar(tmp_path / "a.tar", members)
+    write_tar(tmp_path / "b.tar", [("k4.jpg", jpeg((1, 2, 3))), ("k4.txt", b"fourth"),
+                                   ("k5.jpg", jpeg((1, 2, 3), (400, 400))), ("k5.txt", b"fifth")])
+    data = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(data[:3000])  # cut inside k5's image
+    m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "*.tar"), "--out_dir",
+                           str(tmp_path / "out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    captions = sorted(c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values())
+    assert captions == ["first", "fourth", "second", "third"]
+    assert m["counts"]["train"] == 4
+
+
+def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
+    args = ["--source", "shapes", "--limit", "3000", "--chunk_size", "300", "--shard_size", "500", "--workers", "1"]
+    ref = tmp_path / "ref"
+    prep_dataset.main(args + ["--out_dir", str(ref)])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prep_dataset.py"), *args, "--out_dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / ".stage" / "chunk-000001.json"
+    deadline = time.time() + 60
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (out / "manifest.json").exists(), "the kill came too late to test resume"
+    capsys.readouterr()
+    prep_dataset.main(args + ["--out_dir", str(out)])
+    reused = int(capsys.readouterr().out.split("reused ")[1].split()[0])
+    assert reused >= 2
+    assert not (out / ".stage").exists()
+    for path in sorted(glob.glob(str(ref / "*" / "*.tar"))):
+        resumed = out / os.path.relpath(path, ref)
+        assert resumed.read_bytes() == open(path, "rb").read(), "a resumed prep must write the same shards"
+    # a rerun of a finished prep is a no-op; other settings are refused
+    prep_dataset.main(args + ["--out_dir", str(out)])
+    with pytest.raises(SystemExit):
+        prep_dataset.main(args[:-2] + ["--workers", "1", "--seed", "5", "--out_dir", str(out)])
+
+# ---------------------------------------------------------------------------- dataloader.py
+
+
+def test_two_ranks_are_disjoint_complete_and_equal_one_process(tmp_path):
+    make_caption_shards(tmp_path, n=103, shard_size=10, image_size=32)
+    tok = Tokenizer("cl100k_base", 16)
+    kw = dict(batch_size=20, image_size=32, context_length=16, num_workers=0, shuffle_buffer=30)
+    single = ShardLoader(tmp_path, "train", **kw)
+    ranks = [ShardLoader(tmp_path, "train", rank=r, world_size=2, **kw) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 5  # 103 // 20: only the final partial batch drops
+    for epoch in range(2):
+        seen = [[], []]
+        for (_, t_single), (_, t0), (_, t1) in zip(single, ranks[0], ranks[1]):
+            ids0, ids1 = sample_ids(t0, tok), sample_ids(t1, tok)
+            assert ids0 + ids1 == sample_ids(t_single, tok), "N ranks must see exactly one process's global batch"
+            seen[0] += ids0
+            seen[1] += ids1
+            if single.step % len(single) == 0:
+                break
+        assert not set(seen[0]) & set(seen[1]), "ranks must not share samples within an epoch"
+        assert len(set(seen[0] + seen[1])) == len(seen[0] + seen[1]) == 100
+        if epoch == 0:
+            first_epoch = seen[0] + seen[1]
+    assert seen[0] + seen[1] != first_epoch, "the order must be redrawn every epoch"
+
+
+def test_loader_resume_is_exact(tmp_path):
+    make_caption_shards(tmp_path, n=90, shard_size=20, image_size=48)
+    kw = dict(batch_size=16, image_size=32, context_length=16, num_workers=1, augment=True, seed=3)
+    ref = ShardLoader(tmp_path, "train", **kw)
+    it = iter(ref)
+    expected = [next(it) for _ in range(14)]  # 5 batches an epoch: crosses two epoch boundaries
+    part = ShardLoader(tmp_path, "train", **kw)
+    it = iter(part)
+    for _ in range(7):
+        next(it)
+    state = part.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 2
+    resumed = ShardLoader(tmp_path, "train", **kw)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    for images, tokens in expected[7:]:
+        got_images, got_tokens = next(it)
+        assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
+
+
+@pytest.mark.parametrize("shard_size,model_size", [(32, 64), (256, 224)])
+def test_images_come_out_at_the_model_size(tmp_path, shard_size, model_size):
+    make_caption_shards(tmp_path, n=8, shard_size=8, image_size=shard_size)
+    for train, augment in ((True, True), (False, False)):
+        loader = ShardLoader(tmp_path, "train", batch_size=4, image_size=model_size, context_length=8,
+                             num_workers=0, train=train, augment=augment)
+        images, tokens = next(iter(loader))
+        assert images.shape == (4, 3, model_size, model_size) and images.dtype == torch.uint8
+        assert tokens.shape == (4, 8) and tokens.dtype == torch.int32
+
+
+def test_eval_loader_is_ordered_and_can_keep_the_partial_batch(tmp_path):
+    make_caption_shards(tmp_path, n=25, shard_size=10, image_size=32, split="val")
+    tok = Tokenizer("cl100k_base", 16)
+    loader = ShardLoader(tmp_path, "val", batch_size=10, image_size=32, context_length=16, train=False,
+                         drop_last=False, num_workers=0)
+    ids = [i for _, t in loader for i in sample_ids(t, tok)]
+    assert ids == list(range(25))
+    assert [i for _, t in loader for i in sample_ids(t, tok)] == ids  # a second pass is the same
+
+
+def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(tmp_path):
+    os.makedirs(tmp_path / "train")
+    good = [(f"{i:03d}.jpg", jpeg((i, i, i))) for i in range(6)]
+    members = []
+    for i, (name, data) in enumerate(good):
+        members += [(name, b"garbage" if i == 2 else data), (f"{i:03d}.txt", f"sample {i}".encode())]
+    members += [("006.jpg", jpeg((5, 5, 5))), ("006.txt", b"\xff\xfe")]  # caption not UTF-8
+    members += [("007.txt", b"sample 7")]  # no image
+    write_tar(tmp_path / "train" / "a.tar", members)
+    write_tar(tmp_path / "train" / "b.tar", [("100.jpg", jpeg((1, 1, 1))), ("100.txt", b"sample 100"),
+                                             ("101.jpg", jpeg((1, 1, 1), (300, 300))), ("101.txt", b"sample 101")])
+    data = (tmp_path / "train" / "b.tar").read_bytes()
+    (tmp_path / "train" / "b.tar").write_bytes(data[:2500])  # truncated inside 101.jpg
+    loader = ShardLoader(tmp_path, "train", batch_size=4, image_size=32, context_length=16, num_workers=0,
+                         train=False)
+    tok = Tokenizer("cl100k_base", 16)
+    ids = [i for _, t in loader for i in sample_ids(t, tok)]
+    assert loader.dataset.num_samples == 8  # 101 is cut off, 007 has no image
+    assert loader.skipped >= 2 + 2  # index: truncated + incomplete; batches: bad image + bad caption
+    assert 2 not in ids and 100 in ids and len(ids) == 8  # bad ones replaced by the next good sample
+
+
+def test_missing_data_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prep_dataset.py --source shapes"):
+        ShardLoader(tmp_path / "nope", "train", batch_size=4, image_size=32, context_length=8)
