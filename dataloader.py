@@ -19,6 +19,7 @@ good one in the epoch's order and counted; a truncated tar keeps the samples it 
 """
 import glob
 import io
+import json
 import os
 import sys
 import tarfile
@@ -63,17 +64,43 @@ def index_shard(path):
     return samples, truncated
 
 
+def prepare_image(image, size, rng=None, crop_scale=(0.8, 1.0)):
+    """Encoded image bytes (or a PIL image) -> (size, size, 3) uint8 array. With an rng: a random resized
+    crop (crop_scale of the area, aspect ratio in [3/4, 4/3]); without: the centre square. Evaluation
+    everywhere (val loss, zero-shot, retrieval) goes through here, so it matches training's eval path."""
+    img = Image.open(io.BytesIO(image)) if isinstance(image, (bytes, bytearray)) else image
+    w, h = img.size
+    if rng is not None:
+        area = w * h * rng.uniform(*crop_scale)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = min(w, np.sqrt(area * ratio)), min(h, np.sqrt(area / ratio))
+        left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+    else:
+        cw = ch = min(w, h)
+        left, top = (w - cw) / 2, (h - ch) / 2
+    if img.format == "JPEG" and min(cw, ch) >= 2 * size:
+        # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free: the cheapest way to shrink big images
+        img.draft("RGB", (max(size, round(w * size / cw)), max(size, round(h * size / ch))))
+        s = img.size[0] / w
+        left, top, cw, ch, w, h = left * s, top * s, cw * s, ch * s, *img.size
+    img = img.convert("RGB")
+    if (w, h) != (size, size) or (cw, ch) != (w, h):
+        img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+    return np.asarray(img)
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Item k is the k-th local batch from the start of epoch 0 (epochs of `batches_per_epoch`)."""
 
     def __init__(self, paths, batch_size, image_size, context_length, encoding, train, seed, rank,
-                 world_size, augment, crop_scale, shuffle_buffer, drop_last):
+                 world_size, augment, crop_scale, shuffle_buffer, drop_last, with_labels):
         assert batch_size % world_size == 0, f"batch_size {batch_size} must divide by the {world_size} ranks"
         self.paths, self.image_size, self.train, self.seed, self.rank = paths, image_size, train, seed, rank
         self.global_batch, self.local_batch = batch_size, batch_size // world_size
         self.augment, self.crop_scale, self.shuffle_buffer = augment, crop_scale, shuffle_buffer
         self.context_length, self.encoding, self.tokenizer = context_length, encoding, None
-        # the index: one row per complete sample, (shard, image offset, image size, caption offset, caption size)
+        self.with_labels = with_labels
+        # the index: one row per complete sample: shard, then (offset, size) of its image, caption and labels
         rows, self.shard_rows, self.skipped_at_index = [], [], 0
         for s, path in enumerate(paths):
             samples, truncated = index_shard(path)
@@ -85,7 +112,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 if image is None or "txt" not in files:
                     self.skipped_at_index += 1
                     continue
-                rows.append((s, *image, *files["txt"]))
+                rows.append((s, *image, *files["txt"], *files.get("json", (-1, -1))))
             self.shard_rows.append(np.arange(start, len(rows)))
         if not rows:
             raise ValueError(f"the shards {paths[0]}... hold no complete (image, .txt caption) samples")
@@ -118,33 +145,17 @@ class ShardDataset(torch.utils.data.Dataset):
         return os.pread(self._files[shard], size, offset)
 
     def load(self, row, rng):
-        """One sample -> (H, W, 3) uint8 array and caption; raises on bad data."""
-        shard, img_off, img_len, txt_off, txt_len = self.index[row]
+        """One sample -> ((H, W, 3) uint8 array, caption, labels or None); raises on bad data."""
+        shard, img_off, img_len, txt_off, txt_len, json_off, json_len = self.index[row]
         lines = self.read(shard, txt_off, txt_len).decode("utf-8").split("\n")
         lines = [line for line in lines if line.strip()]
         if not lines:
             raise ValueError("empty caption")
         caption = lines[rng.integers(len(lines))] if self.train else lines[0]  # several lines: several captions
-        img = Image.open(io.BytesIO(self.read(shard, img_off, img_len)))
-        size, (w, h) = self.image_size, img.size
-        if self.train and self.augment:
-            # random resized crop: a random box of crop_scale of the area, aspect ratio in [3/4, 4/3]
-            area = w * h * rng.uniform(*self.crop_scale)
-            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-            cw, ch = min(w, np.sqrt(area * ratio)), min(h, np.sqrt(area / ratio))
-            left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-        else:  # centre crop of the shorter side
-            cw = ch = min(w, h)
-            left, top = (w - cw) / 2, (h - ch) / 2
-        if img.format == "JPEG" and min(cw, ch) >= 2 * size:
-            # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free: the cheapest way to shrink big images
-            img.draft("RGB", (max(size, round(w * size / cw)), max(size, round(h * size / ch))))
-            s = img.size[0] / w
-            left, top, cw, ch, w, h = left * s, top * s, cw * s, ch * s, *img.size
-        img = img.convert("RGB")
-        if (w, h) != (size, size) or (cw, ch) != (w, h):
-            img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-        return np.asarray(img), caption
+        labels = json.loads(self.read(shard, json_off, json_len)) if self.with_labels and json_len >= 0 else None
+        image = prepare_image(self.read(shard, img_off, img_len), self.image_size,
+                              rng if self.train and self.augment else None, self.crop_scale)
+        return image, caption, labels
 
     def __getitem__(self, k):
         epoch, b = divmod(k, self.batches_per_epoch)
@@ -154,12 +165,12 @@ class ShardDataset(torch.utils.data.Dataset):
         start = b * self.global_batch + self.rank * self.local_batch
         positions = range(start, min(start + self.local_batch, self.num_samples))
         images = np.empty((len(positions), self.image_size, self.image_size, 3), dtype=np.uint8)
-        captions, skipped = [], 0
+        captions, labels, skipped = [], [], 0
         for j, pos in enumerate(positions):
             for attempt in range(100):  # a bad sample is replaced by the next good one in the epoch's order
                 row = order[(pos + attempt) % self.num_samples]
                 try:
-                    images[j], caption = self.load(row, np.random.default_rng([self.seed, epoch, row]))
+                    images[j], caption, label = self.load(row, np.random.default_rng([self.seed, epoch, row]))
                     break
                 except Exception:  # corrupt image, bad caption bytes: skip and count, never crash
                     skipped += 1
@@ -167,8 +178,9 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise RuntimeError(f"100 bad samples in a row around position {pos} of {self.paths[0]}...: "
                                    "the shards look broken; rebuild them with prep_dataset.py")
             captions.append(caption)
+            labels.append(label)
         images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-        return images, self.tokenizer(captions), skipped
+        return images, self.tokenizer(captions), skipped, labels
 
 
 class ShardLoader:
@@ -177,12 +189,12 @@ class ShardLoader:
 
     def __init__(self, data_dir, split, batch_size, image_size, context_length, encoding="cl100k_base",
                  train=True, seed=0, rank=0, world_size=1, num_workers=2, augment=False, crop_scale=(0.8, 1.0),
-                 shuffle_buffer=10_000, pin_memory=False, drop_last=True):
+                 shuffle_buffer=10_000, pin_memory=False, drop_last=True, with_labels=False):
         assert drop_last or world_size == 1, "a partial last batch would differ across ranks"
         self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
                                     encoding, train, seed, rank, world_size, augment, crop_scale,
-                                    shuffle_buffer, drop_last)
-        self.train, self.num_workers, self.pin_memory = train, num_workers, pin_memory
+                                    shuffle_buffer, drop_last, with_labels)
+        self.train, self.num_workers, self.pin_memory, self.with_labels = train, num_workers, pin_memory, with_labels
         self.step = 0  # batches handed out since the start of epoch 0
         self.skipped_in_batches = 0
 
@@ -212,8 +224,9 @@ class ShardLoader:
             self.dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
             persistent_workers=False)
-        for images, tokens, skipped in loader:
+        for images, tokens, skipped, labels in loader:
             self.skipped_in_batches += skipped
             if self.train:
                 self.step += 1
-            yield images, tokens
+            # labels: the KEY.json of each sample (the shapes set's classes), for zero-shot evaluation
+            yield (images, tokens, labels) if self.with_labels else (images, tokens)

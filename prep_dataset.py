@@ -54,6 +54,17 @@ def shapes_sample(seed, index):
     return caption, labels
 
 
+def shapes_tasks():
+    """Zero-shot tasks on the shapes set: name the shape, name the colour. Each class's prompt is averaged
+    over every caption that fixes the other attributes (the CLIP paper's prompt ensembling), so the
+    classifier asks about one attribute and marginalises the rest."""
+    wheres = ["in the center" if p == "center" else f"in the {p}" for p in POSITIONS]
+    return {"shape": {"label": "shape", "classes": SHAPES,
+                      "templates": [f"a {s} {c} {{}} {w}" for s in SIZES for c in COLORS for w in wheres]},
+            "color": {"label": "color", "classes": list(COLORS),
+                      "templates": [f"a {s} {{}} {sh} {w}" for s in SIZES for sh in SHAPES for w in wheres]}}
+
+
 def render_shape(seed, index, size):
     """Draws sample `index` at 4x and downsamples, for smooth edges. Colours, position and background
     are jittered so that a model has to read the shape, not memorise pixels."""
@@ -381,8 +392,8 @@ def main(argv=None):
     result = write_shards(args, stage_dir)
     manifest = {"source": args.source, "input": args.input, "image_size": args.image_size, "seed": args.seed,
                 **result, "settings": settings}
-    if args.source == "shapes":  # the zero-shot tasks the shapes set carries, and their classes
-        manifest["tasks"] = {"shape": SHAPES, "color": list(COLORS)}
+    if args.source == "shapes":  # the zero-shot tasks the shapes set carries: classes and prompt templates
+        manifest["tasks"] = shapes_tasks()
     atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(stage_dir)
     c = result["counts"]

@@ -70,7 +70,9 @@ def test_shapes_prep_manifest_labels_and_independent_readers(tmp_path):
                            "--val_fraction", "0.1", "--workers", "2"])
     assert m["counts"] == {"train": 360, "val": 40, "skipped": 0, "seen": 400}
     assert m["image_size"] == 64 and m["source"] == "shapes" and m["seed"] == 0
-    assert m["tasks"]["shape"] == prep_dataset.SHAPES and m["tasks"]["color"] == list(prep_dataset.COLORS)
+    assert m["tasks"]["shape"]["classes"] == prep_dataset.SHAPES
+    assert m["tasks"]["color"]["classes"] == list(prep_dataset.COLORS)
+    assert "a small red {} in the top left" in m["tasks"]["shape"]["templates"]
     with open(out / "manifest.json") as f:
         assert json.load(f)["counts"] == m["counts"]
     shards = sorted(glob.glob(str(out / "train" / "*.tar")))

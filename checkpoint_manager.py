@@ -1,0 +1,97 @@
+"""
+Checkpoints: save atomically, keep the last K plus the best, resume from the newest that loads.
+
+    manager = CheckpointManager("runs/demo", keep=3)
+    manager.save(step, state, val_loss)          # state: any dict of tensors, numbers, strings, lists
+    state = manager.load_latest()                # or load_checkpoint(path)
+
+A checkpoint file is written to a temporary name, flushed to disk (fsync) and renamed, so a crash or a
+kill mid-write never leaves a torn file under a real name. Loading uses torch.load(weights_only=True):
+a checkpoint can only hold tensors and plain containers, never code that runs on load.
+"""
+import glob
+import json
+import os
+import sys
+
+import torch
+
+PREFIX = "ckpt-"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Loads a checkpoint safely; anything but tensors and plain data is refused."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a torn file, or a pickle that asks for code: never run it
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {str(e)[:300]}). If it was "
+                              "torn by a crash, resume from an earlier checkpoint; never load untrusted pickles "
+                              "with weights_only=False.") from e
+
+
+def fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a directory
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    def __init__(self, out_dir, keep=3):
+        self.out_dir, self.keep = out_dir, keep
+        self.best_path = os.path.join(out_dir, "best.pt")
+        self.best_info = os.path.join(out_dir, "best.json")
+
+    def checkpoints(self):
+        """The step checkpoints in the run directory, oldest first."""
+        return sorted(glob.glob(os.path.join(self.out_dir, PREFIX + "*.pt")))
+
+    def save(self, step, state, val_loss=None):
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"{PREFIX}{step:08d}.pt")
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: the name points at the whole old file or the whole new one
+        if val_loss is not None and val_loss < self.best_val_loss():
+            # the best is a hard link to this file: no copy, and it outlives the file's pruning
+            os.link(path, tmp)
+            os.replace(tmp, self.best_path)
+            with open(self.best_info + ".tmp", "w") as f:
+                json.dump({"step": step, "val_loss": val_loss, "file": os.path.basename(path)}, f)
+            os.replace(self.best_info + ".tmp", self.best_info)
+        fsync_dir(self.out_dir)
+        for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
+            os.remove(old)
+        return path
+
+    def best_val_loss(self):
+        try:
+            with open(self.best_info) as f:
+                return json.load(f)["val_loss"]
+        except (OSError, ValueError, KeyError):
+            return float("inf")
+
+    def load_latest(self, map_location="cpu"):
+        """The newest checkpoint that loads; a torn or corrupt one is passed over with a warning.
+        -> (state, path), or (None, None) when the run directory has none."""
+        for path in reversed(self.checkpoints()):
+            try:
+                return load_checkpoint(path, map_location), path
+            except CheckpointError as e:
+                print(f"warning: {e}\n  -> trying the previous checkpoint", file=sys.stderr)
+        return None, None

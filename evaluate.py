@@ -1,0 +1,257 @@
+"""
+Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text retrieval (Recall@1/5/10).
+
+    python evaluate.py runs/demo/best.pt --zeroshot data/shapes                 # the shapes set's own tasks
+    python evaluate.py CKPT --zeroshot path/to/imagefolder                      # class = folder name
+    python evaluate.py CKPT --zeroshot cifar10 --split test                     # a dataset by hub name
+    python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
+    python evaluate.py CKPT --retrieval data/shapes/val --json results.json
+
+Zero-shot: each class name is put into every prompt template, the text embeddings are averaged and
+normalised (the CLIP paper's prompt ensembling), and an image's class is the nearest such embedding.
+Images are preprocessed exactly as in training's evaluation (dataloader.prepare_image: centre crop,
+resize to the checkpoint's image_size; the model normalises). train.py runs the same code periodically.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint_manager import load_checkpoint
+from clip import CLIP, CLIPConfig, Tokenizer
+from dataloader import ShardLoader, prepare_image
+
+# a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
+                     "a photo of the small {}.", "a close-up photo of a {}.", "a bright photo of a {}.",
+                     "a low resolution photo of a {}.", "a drawing of a {}.", "a painting of a {}.",
+                     "a rendering of a {}.", "a cropped photo of the {}.", "itap of a {}."]
+RETRIEVAL_KS = (1, 5, 10)
+
+# -----------------------------------------------------------------------------
+# metrics (on embeddings; the tests check them against naive loops)
+
+
+def topk_accuracy(logits, targets, ks=(1, 5)):
+    """Fraction of rows whose target is among the k highest logits, for each k (k capped at #classes)."""
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, k)
+    hits = ranked == targets[:, None]
+    return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def recall_at_k(image_emb, text_emb, ks=RETRIEVAL_KS):
+    """Image i's caption is text i. Recall@k: how often the true match ranks among the k most similar."""
+    sim = image_emb @ text_emb.T  # (N, N)
+    truth = torch.arange(sim.shape[0], device=sim.device)
+    out = {}
+    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
+        # rank of the true match = how many candidates score strictly higher
+        rank = (s > s[truth, truth][:, None]).sum(dim=1)
+        for k in ks:
+            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, classnames, templates, device, autocast):
+    """(C, embed_dim): per class, the normalised mean of its templates' normalised text embeddings."""
+    rows = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) if "{}" in t else f"{t} {name}" for t in templates]).to(device)
+        with autocast:
+            emb = model.encode_text(tokens).float()
+        rows.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=0))
+    return torch.stack(rows)
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def shard_split(path):
+    """A folder of shards (data/x/val) or a prepared dataset (data/x, meaning its val split) -> (dir, split)."""
+    path = os.path.normpath(path)
+    if any(name.endswith(".tar") for name in os.listdir(path)):
+        return os.path.dirname(path), os.path.basename(path)
+    return path, "val"
+
+
+@torch.no_grad()
+def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None, batch_size=256, num_workers=2):
+    """One ordered pass over shards -> image embeddings, caption embeddings, and the samples' labels."""
+    loader = ShardLoader(data_dir, split, batch_size, cfg.image_size, cfg.context_length, cfg.encoding,
+                         train=False, drop_last=False, with_labels=True, num_workers=num_workers)
+    images, texts, labels = [], [], []
+    total = min(len(loader), -(-max_samples // batch_size)) if max_samples else len(loader)
+    for b, (img, tok, lab) in enumerate(tqdm(loader, total=total, desc="embed", leave=False, disable=total < 5)):
+        if b == total:
+            break
+        with autocast:
+            images.append(model.encode_image(img.to(device)).float())
+            texts.append(model.encode_text(tok.to(device)).float())
+        labels += lab
+    images, texts = torch.cat(images), torch.cat(texts)
+    n = max_samples or len(images)
+    return images[:n], texts[:n], labels[:n]
+
+
+def load_classification(name_or_dir, split=None):
+    """An image-classification dataset through `datasets`: a local folder (imagefolder: class = folder
+    name) or a hub name. -> (dataset, image column, label column, class names)."""
+    import datasets
+    if os.path.isdir(name_or_dir):
+        ds = datasets.load_dataset("imagefolder", data_dir=name_or_dir, split=split or "train")
+    else:
+        try:
+            ds = datasets.load_dataset(name_or_dir, split=split or "test")
+        except Exception as e:
+            raise SystemExit(f"could not load {name_or_dir!r} through datasets ({type(e).__name__}: {e}). Give a "
+                             "local folder of class folders, or a hub name and --split, with a network.") from e
+    image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    if image_col is None or label_col is None:
+        raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
+    classnames = [c.replace("_", " ") for c in ds.features[label_col].names]
+    return ds, image_col, label_col, classnames
+
+
+@torch.no_grad()
+def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256):
+    ds, image_col, label_col, classnames = load_classification(name_or_dir, split)
+    tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
+    weights = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device, autocast)
+    logits, targets = [], []
+    for start in tqdm(range(0, len(ds), batch_size), desc=f"zero-shot {os.path.basename(name_or_dir)}"):
+        rows = ds[start:start + batch_size]
+        arrays = np.stack([prepare_image(img, cfg.image_size) for img in rows[image_col]])
+        images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(device)
+        with autocast:
+            logits.append(model.encode_image(images).float() @ weights.T)
+        targets.append(torch.tensor(rows[label_col], device=device))
+    return {**topk_accuracy(torch.cat(logits), torch.cat(targets)), "classes": len(classnames), "samples": len(ds)}
+
+
+def zeroshot_tasks(image_emb, labels, tasks, model, cfg, device, autocast):
+    """The prepared data's own tasks (manifest "tasks": label key, classes, templates) on its val images."""
+    tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
+    out = {}
+    for task, spec in tasks.items():
+        keep = [i for i, lab in enumerate(labels) if lab and lab.get(spec["label"]) in spec["classes"]]
+        if not keep:
+            continue
+        weights = class_embeddings(model, tokenizer, spec["classes"], spec["templates"], device, autocast)
+        targets = torch.tensor([spec["classes"].index(labels[i][spec["label"]]) for i in keep], device=device)
+        out[task] = topk_accuracy(image_emb[keep] @ weights.T, targets)
+    return out
+
+# -----------------------------------------------------------------------------
+# during training
+
+
+class TrainingEvaluator:
+    """What train.py runs at every evaluation, on rank 0: the data's own zero-shot tasks (the shapes set)
+    and retrieval on the val split, plus any zero-shot datasets named in --zeroshot."""
+
+    def __init__(self, zeroshot, retrieval, data_dir, manifest, cfg, device, autocast, num_workers=2,
+                 max_samples=5000):
+        self.data_dir, self.cfg, self.device, self.autocast = data_dir, cfg, device, autocast
+        self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
+        self.tasks = manifest.get("tasks", {}) if zeroshot != "none" else {}
+        self.datasets = [] if zeroshot in ("auto", "none", "") else [d for d in zeroshot.split(",") if d]
+        self.has_val = os.path.isdir(os.path.join(data_dir, "val"))
+
+    def __call__(self, model):
+        out = {}
+        if self.has_val and (self.tasks or self.retrieval):
+            img, txt, labels = embed_shards(model, self.data_dir, "val", self.cfg, self.device, self.autocast,
+                                            self.max_samples, num_workers=self.num_workers)
+            for task, acc in zeroshot_tasks(img, labels, self.tasks, model, self.cfg, self.device, self.autocast).items():
+                out.update({f"zeroshot/{task}/{k}": v for k, v in acc.items()})
+            if self.retrieval:
+                out.update({f"retrieval/{k}": v for k, v in recall_at_k(img, txt).items()})
+        for name in self.datasets:
+            acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast)
+            out.update({f"zeroshot/{os.path.basename(os.path.normpath(name))}/{k}": acc[k] for k in ("top1", "top5")})
+        return out
+
+# -----------------------------------------------------------------------------
+# standalone
+
+
+def load_model(path, device):
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = CLIPConfig(**state["model_config"])
+    model = CLIP(cfg)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def print_table(results):
+    print(f"{'metric':<40} {'value':>8}")
+    for key, value in results.items():
+        if isinstance(value, float):
+            print(f"{key:<40} {100 * value:>7.2f}%")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, float):
+                    print(f"{key + '/' + k:<40} {100 * v:>7.2f}%")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
+                   "dataset dir whose manifest has tasks (the shapes set)")
+    p.add_argument("--split", default=None, help="dataset split for --zeroshot (default: test; imagefolder: train)")
+    p.add_argument("--templates", nargs="+", default=None,
+                   help='prompt templates with {} for the class name, or a file with one per line')
+    p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split)")
+    p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples (default: all)")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--json", default=None, help="write the results here as a JSON object")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not args.zeroshot and not args.retrieval:
+        p.error("nothing to do: give --zeroshot DIR_OR_NAME and/or --retrieval SHARDS_DIR")
+    templates = args.templates
+    if templates and len(templates) == 1 and os.path.isfile(templates[0]):
+        with open(templates[0]) as f:
+            templates = [line.strip() for line in f if line.strip()]
+    device = torch.device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    model, cfg = load_model(args.checkpoint, device)
+    results = {}
+    if args.zeroshot:
+        manifest_path = os.path.join(args.zeroshot, "manifest.json")
+        tasks = {}
+        if os.path.isfile(manifest_path):
+            with open(manifest_path) as f:
+                tasks = json.load(f).get("tasks", {})
+        if tasks:
+            img, _, labels = embed_shards(model, args.zeroshot, "val", cfg, device, autocast, batch_size=args.batch_size)
+            per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
+            results["zeroshot"] = per_task
+            for k in ("top1", "top5"):  # the headline figure: the mean over the tasks
+                results[k] = sum(t[k] for t in per_task.values()) / len(per_task)
+        else:
+            acc = zeroshot_classification(model, args.zeroshot, cfg, device, autocast, templates, args.split,
+                                          args.batch_size)
+            results.update(acc)
+    if args.retrieval:
+        data_dir, split = shard_split(args.retrieval)
+        img, txt, _ = embed_shards(model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size)
+        results.update(recall_at_k(img, txt))
+        results["retrieval_samples"] = len(img)
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,119 @@
+"""
+Metrics to disk, and plots of them.
+
+train.py appends one JSON line per logged step and per evaluation to RUN_DIR/log.jsonl; anything that
+reads JSON lines can plot it. This file also plots it:
+
+    python logger.py runs/demo                       # -> runs/demo/plots.png
+    python logger.py runs/a runs/b --out cmp.png     # several runs overlaid
+"""
+import argparse
+import json
+import math
+import os
+
+
+class Logger:
+    """Append-only JSONL log plus readable console lines. A resumed run continues the same log: records
+    past the step it resumes from (written after that checkpoint) are dropped, so no step appears twice."""
+
+    def __init__(self, out_dir, enabled=True, resume_step=None):
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_step is None:
+            if os.path.exists(self.path):
+                os.remove(self.path)  # a fresh run in this directory starts a fresh log
+        elif os.path.exists(self.path):
+            kept = [r for r in read_log(self.path) if r.get("step", 0) <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(self.path + ".tmp", self.path)
+
+    def log(self, record, console=True):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            print(" | ".join(format_field(k, v) for k, v in record.items()), flush=True)
+
+
+def format_field(key, value):
+    if isinstance(value, float):
+        return f"{key} {value:.4g}" if abs(value) < 1e4 else f"{key} {value:.3e}"
+    return f"{key} {value}"
+
+
+def read_log(path):
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut short by a crash
+    return records
+
+# -----------------------------------------------------------------------------
+# plots
+
+
+def series(records, kind, key):
+    points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(run_dirs, out_path):
+    import matplotlib
+    matplotlib.use("Agg")  # files only: works on a headless box
+    import matplotlib.pyplot as plt
+
+    runs = {os.path.basename(os.path.normpath(d)) or d: read_log(os.path.join(d, "log.jsonl")) for d in run_dirs}
+    eval_keys = sorted({k for records in runs.values() for r in records if r.get("kind") == "eval"
+                        for k in r if k not in ("kind", "step", "val_loss", "time")})
+    panels = [("loss", [("train", "loss"), ("eval", "val_loss")]), ("learning rate", [("train", "lr")]),
+              ("grad norm", [("train", "grad_norm")]), ("temperature (logit scale)", [("train", "logit_scale")]),
+              ("samples/s", [("train", "samples_per_s")])]
+    panels += [(k, [("eval", k)]) for k in eval_keys]
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for name, records in runs.items():
+            for kind, key in lines:
+                x, y = series(records, kind, key)
+                if x:
+                    label = f"{name} {key}" if len(lines) > 1 else name
+                    ax.plot(x, y, marker="o" if kind == "eval" else None, markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if title == "loss" and any(series(r, "train", "loss")[1] for r in runs.values()):
+            ax.set_yscale("log")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Plot train/val loss, LR, grad norm, temperature and eval metrics.")
+    p.add_argument("run_dirs", nargs="+", help="run directories holding log.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/plots.png of the first run)")
+    args = p.parse_args(argv)
+    for d in args.run_dirs:
+        if not os.path.exists(os.path.join(d, "log.jsonl")):
+            p.error(f"{d} has no log.jsonl: pass a run directory that train.py wrote (its --out_dir)")
+    out = args.out or os.path.join(args.run_dirs[0], "plots.png")
+    print(f"wrote {plot_runs(args.run_dirs, out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+import glob
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import logger
+import prep_dataset
+import train
+from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
+from clip import CLIP, clip_loss, get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    prep_dataset.main(["--source", "shapes", "--out_dir", str(out), "--limit", "240", "--shard_size", "60",
+                       "--val_fraction", "0.2", "--workers", "2"])
+    return str(out)
+
+
+def run_args(data_dir, out_dir, **kw):
+    base = dict(model="tiny", data_dir=data_dir, out_dir=out_dir, batch_size=16, max_steps=6, max_lr=1e-3,
+                num_workers=0, log_interval=1, eval_interval=3, eval_batches=1, checkpoint_interval=3,
+                augment=True, zeroshot="none", retrieval=False)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def read_log(out_dir, kind="train"):
+    return [r for r in logger.read_log(os.path.join(out_dir, "log.jsonl")) if r["kind"] == kind]
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_cli_overrides_named_configs_and_rejects_unknown_keys():
+    cfg = train.parse_args(["--config", "demo", "--batch_size", "64", "--augment", "--max_lr=0.01"])
+    assert cfg.model == "tiny" and cfg.batch_size == 64 and cfg.augment is True and cfg.max_lr == 0.01
+    assert train.parse_args(["--resume"]).resume == "latest"
+    assert train.parse_args(["--resume", "x.pt"]).resume == "x.pt"
+    for name in ("model", "data_dir", "out_dir", "batch_size", "max_steps", "resume", "init_from"):
+        assert hasattr(cfg, name)
+    with pytest.raises(SystemExit, match="unknown setting --batchsize"):
+        train.parse_args(["--batchsize", "3"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max_steps", "ten"])
+
+
+def test_schedule_key_points():
+    cfg = train.TrainConfig(max_steps=1000, max_lr=1.0, min_lr_ratio=0.1, warmup_frac=0.02)
+    assert train.get_lr(0, cfg) == pytest.approx(1 / 20)
+    assert train.get_lr(19, cfg) == pytest.approx(1.0)  # end of the 20 warmup steps
+    assert train.get_lr(20, cfg) == pytest.approx(1.0)
+    assert train.get_lr(20 + 490, cfg) == pytest.approx(0.55)  # halfway through the cosine: the midpoint
+    assert train.get_lr(1000, cfg) == pytest.approx(0.1)
+    lrs = [train.get_lr(s, cfg) for s in range(20, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_weight_matrices():
+    model = CLIP(get_config("tiny"))
+    decay, no_decay = train.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "text.token_embedding.weight" in decayed and "visual.patch_embed.weight" in decayed
+    assert "text.transformer.blocks.0.attn.qkv.weight" in decayed and "visual.proj.weight" in decayed
+    for n in decayed:
+        assert "bias" not in n and "ln" not in n and "pos_embedding" not in n and "class_embedding" not in n
+    assert {"logit_scale", "visual.pos_embedding", "text.pos_embedding", "visual.class_embedding",
+            "visual.ln_f.weight", "text.transformer.blocks.0.attn.qkv.bias"} <= {names[id(p)] for p in no_decay["params"]}
+    assert len(decayed) + len(no_decay["params"]) == len(list(model.parameters()))
+
+# ---------------------------------------------------------------------------- accumulation
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_accumulation_equals_the_full_batch(loss_name):
+    torch.manual_seed(0)
+    cfg = get_config("tiny", vision_layers=2, text_layers=2, loss=loss_name)
+    images = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8)
+    tokens = torch.randint(0, 5000, (32, cfg.context_length))
+    grads = []
+    for micro in (0, 8):  # one batch of 32, then 4 micro-batches of 8
+        torch.manual_seed(0)
+        model = CLIP(cfg)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(20.0))  # away from init, so its gradient is not special
+        loss = train.forward_backward(model, images, tokens, micro, torch.autocast("cpu", enabled=False))
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_full, g_full), (loss_acc, g_acc) = grads
+    torch.testing.assert_close(loss_acc, loss_full)
+    assert g_full["logit_scale"].abs() > 1e-4
+    for name in g_full:
+        torch.testing.assert_close(g_acc[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+# ---------------------------------------------------------------------------- resume, checkpoints, logs
+
+
+def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train.main(run_args(shapes_dir, straight))
+    train.main(run_args(shapes_dir, split))
+    # rewind the second run to its step-3 checkpoint, as if it had stopped there; its log goes on to step 6
+    os.remove(os.path.join(split, "ckpt-00000006.pt"))
+    train.main(run_args(shapes_dir, split) + ["--resume"])
+    a = load_checkpoint(os.path.join(straight, "ckpt-00000006.pt"))
+    b = load_checkpoint(os.path.join(split, "ckpt-00000006.pt"))
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["loader"] == b["loader"] and a["step"] == b["step"] == 6
+    log_a, log_b = read_log(straight), read_log(split)
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6], "a resumed log must not repeat steps"
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert [r["step"] for r in read_log(split, "eval")] == [3, 6]
+
+
+def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
+    """A run killed for real once its step-3 checkpoint exists, then resumed, ends with the weights of an
+    uninterrupted run (the process may have got a little further before the kill: resume goes from the newest)."""
+    straight = str(tmp_path / "straight")
+    train.main(run_args(shapes_dir, straight, checkpoint_interval=1))
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *run_args(shapes_dir, out, checkpoint_interval=1)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(out, "ckpt-00000003.pt")):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train.main(run_args(shapes_dir, out, checkpoint_interval=1) + ["--resume"])
+    a = load_checkpoint(os.path.join(straight, "ckpt-00000006.pt"))["model"]
+    b = load_checkpoint(os.path.join(out, "ckpt-00000006.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+           *run_args(shapes_dir, out, max_steps=50, checkpoint_interval=1, eval_interval=100)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    caught = False
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        tmps = glob.glob(os.path.join(out, "ckpt-*.pt.tmp"))
+        if tmps and glob.glob(os.path.join(out, "ckpt-*.pt")):
+            proc.send_signal(signal.SIGKILL)  # in the middle of writing a checkpoint, with an earlier one on disk
+            caught = True
+            break
+    proc.wait()
+    assert caught, "never saw a checkpoint being written"
+    manager = CheckpointManager(out)
+    state, path = manager.load_latest()
+    assert state is not None and path.endswith(".pt")
+    # a torn newest file (as a crash on a filesystem without atomic rename could leave) is passed over
+    torn = os.path.join(out, "ckpt-99999999.pt")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(torn, "wb") as f:
+        f.write(data[: len(data) // 2])
+    state2, path2 = manager.load_latest()
+    assert path2 == path and state2["step"] == state["step"]
+    os.remove(torn)
+    train.main(run_args(shapes_dir, out, max_steps=state["step"] + 2, checkpoint_interval=1, eval_interval=100)
+               + ["--resume"])
+    assert load_checkpoint(manager.checkpoints()[-1])["step"] == state["step"] + 2
+
+
+def test_keeps_last_k_plus_best(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep=2)
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)]:
+        manager.save(step, {"step": step, "w": torch.full((2,), float(step))}, val)
+    assert [os.path.basename(p) for p in manager.checkpoints()] == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
+    assert load_checkpoint(manager.best_path)["step"] == 2
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Exploit()}, path, pickle_protocol=2)
+    os.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
+    with open(path, "wb") as f:  # a raw pickle, not even torch's format
+        pickle.dump(Exploit(), f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def flaky_loss(*args):
+        calls["n"] += 1
+        loss = clip_loss(*args)
+        return loss * float("nan") if calls["n"] in (2, 3) else loss
+
+    monkeypatch.setattr(train, "clip_loss", flaky_loss)
+    out = str(tmp_path / "run")
+    train.main(run_args(shapes_dir, out, eval_interval=100))
+    log = read_log(out)
+    assert log[-1]["bad_steps"] == 2 and all(math.isfinite(r["loss"]) for r in log)
+    state = load_checkpoint(os.path.join(out, "ckpt-00000006.pt"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["optimizer"]["state"][0]["step"].item() == 4  # 6 steps, 2 skipped
+
+    monkeypatch.setattr(train, "clip_loss", lambda *a: clip_loss(*a) * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite steps in a row"):
+        train.main(run_args(shapes_dir, str(tmp_path / "run2"), max_steps=20, max_bad_steps=3, eval_interval=100))
+
+
+def test_missing_data_says_which_command_makes_it(tmp_path):
+    with pytest.raises(SystemExit, match="prep_dataset.py --out_dir"):
+        train.main(["--data_dir", str(tmp_path / "t2i"), "--out_dir", str(tmp_path / "run")])
+
+
+def test_plot_command_writes_a_png(shapes_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
+    logger.main([out, out, "--out", str(tmp_path / "plots.png")])
+    from PIL import Image
+    img = Image.open(tmp_path / "plots.png")
+    assert img.size[0] > 500 and img.size[1] > 300
+    assert any("zeroshot/shape/top1" in r for r in read_log(out, "eval"))
+
+# ---------------------------------------------------------------------------- DDP
+
+
+WRAPPER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+model = train.main(sys.argv[1:])
+torch.save(model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path):
+    single, multi = str(tmp_path / "single"), str(tmp_path / "ddp")
+    args = dict(max_steps=4, augment=False, checkpoint_interval=100, eval_interval=2)
+    model = train.main(run_args(shapes_dir, single, **args))
+    os.makedirs(multi)
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(root=ROOT, out=multi))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(wrapper), *run_args(shapes_dir, multi, **args)], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    r0, r1 = (torch.load(os.path.join(multi, f"rank{r}.pt")) for r in (0, 1))
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(r0[name], model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    losses_single = [r["loss"] for r in read_log(single)]
+    losses_ddp = [r["loss"] for r in read_log(multi)]
+    assert losses_ddp == pytest.approx(losses_single, abs=1e-5)
+    assert [r["val_loss"] for r in read_log(multi, "eval")] == pytest.approx(
+        [r["val_loss"] for r in read_log(single, "eval")], abs=1e-5)

@@ -1,0 +1,462 @@
+"""
+Trains CLIP. One script for every scale:
+
+    python train.py --config demo                                   # tiny model on the synthetic shapes set, CPU
+    python train.py --data_dir data/text-to-image-2M                # one GPU (or CPU), the base model
+    torchrun --standalone --nproc_per_node=8 train.py               # a node of 8 GPUs
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \\
+             --rdzv_endpoint=HOST:29500 train.py                    # two nodes (run on each, node_rank 0 and 1)
+
+    python train.py --config demo --resume                          # continue from the newest checkpoint
+    python train.py --config demo --resume runs/demo/ckpt-00000300.pt
+    python train.py --init_from runs/demo/best.pt --data_dir ...    # fine-tune: weights only, fresh optimizer
+
+Every field of TrainConfig is a flag of the same name (--batch_size 512, --compile true); --config NAME
+picks a named set of overrides first. Unknown flags are an error.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint_manager import CheckpointManager, load_checkpoint
+from clip import CLIP, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
+from dataloader import ShardLoader
+from logger import Logger
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "base"  # a preset of clip.py: tiny, base, ViT-B/32, ViT-B/16, ViT-L/14
+    loss: str = "clip"  # clip (softmax InfoNCE) or siglip (sigmoid)
+    # data
+    data_dir: str = "data/text-to-image-2M"
+    make_shapes: int = 0  # if data_dir has no shards, generate this many samples of the shapes set there
+    augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
+    crop_scale_min: float = 0.8
+    num_workers: int = 6  # data loader processes per rank
+    # run
+    out_dir: str = "runs/base"
+    seed: int = 0
+    # optimisation
+    batch_size: int = 1024  # global: over all ranks and accumulation micro-batches
+    micro_batch_size: int = 0  # samples per rank per forward pass; 0 = the whole per-rank batch
+    max_steps: int = 10_000
+    max_lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decay to max_lr * min_lr_ratio
+    warmup_frac: float = 0.02  # linear warmup over this fraction of max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    # speed and numerics
+    compile: str = "auto"  # auto (on for CUDA), true, false
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32
+    grad_checkpointing: bool = False
+    # logging, evaluation, checkpoints
+    log_interval: int = 10
+    eval_interval: int = 500
+    eval_batches: int = 50  # val-loss batches per evaluation (0 = the whole val split)
+    zeroshot: str = "auto"  # auto: the tasks in the data's manifest (shapes); none; or datasets, comma-separated
+    retrieval: bool = True  # image<->text recall@k on the val split at every evaluation
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 3
+    resume: str = ""  # "latest" (bare --resume): the newest in out_dir; or a checkpoint's path
+    init_from: str = ""  # a checkpoint whose weights start the run, with a fresh optimizer and schedule
+    max_bad_steps: int = 5  # non-finite steps in a row that stop the run
+
+
+CONFIGS = {
+    # the built-in demo: a few minutes on a laptop CPU, data generated on the fly
+    "demo": dict(model="tiny", data_dir="data/shapes", make_shapes=20_000, out_dir="runs/demo", augment=False,
+                 batch_size=128, max_steps=600, max_lr=2e-3, warmup_frac=0.05, weight_decay=0.05, num_workers=1,
+                 log_interval=20, eval_interval=200, eval_batches=0, checkpoint_interval=200),
+}
+
+# -----------------------------------------------------------------------------
+# configuration from the command line
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv):
+    """--config NAME first, then --field value / --field=value for any TrainConfig field."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            sys.exit(f"unexpected argument {arg!r}: every setting is --name value (see TrainConfig in train.py)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            bare = i + 1 == len(argv) or argv[i + 1].startswith("--")
+            if bare and kinds.get(key) in (bool, "bool"):
+                value = "true"
+            elif bare and key == "resume":
+                value = "latest"
+            elif bare:
+                sys.exit(f"--{key} needs a value")
+            else:
+                value, i = argv[i + 1], i + 1
+        pairs.append((key, value))
+        i += 1
+    overrides = {}
+    for key, value in pairs:
+        if key == "config":
+            if value not in CONFIGS:
+                sys.exit(f"unknown --config {value!r}; choose one of {list(CONFIGS)}")
+            overrides = {**CONFIGS[value], **overrides}
+            continue
+        if key not in kinds:
+            close = [k for k in kinds if key in k or k in key]
+            sys.exit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(kinds[key], kinds[key])
+        try:
+            overrides[key] = parse_bool(value) if kind is bool else kind(value)
+        except ValueError as e:
+            sys.exit(f"--{key}: {e}")
+    return TrainConfig(**overrides)
+
+# -----------------------------------------------------------------------------
+# the schedule and the optimizer
+
+
+def get_lr(step, cfg: TrainConfig):
+    """Linear warmup to max_lr, then cosine decay to max_lr * min_lr_ratio at max_steps."""
+    warmup = max(1, round(cfg.warmup_frac * cfg.max_steps))
+    if step < warmup:
+        return cfg.max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    min_lr = cfg.max_lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.max_lr - min_lr)
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on weight matrices only: not on biases, norms, position/class embeddings, temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "pos_embedding" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+# -----------------------------------------------------------------------------
+# one optimisation step's gradients
+
+
+def forward_backward(model, images, tokens, micro_batch_size, autocast):
+    """Accumulates into .grad the gradient of the loss over the whole (global) batch; returns the loss.
+
+    With micro-batches, naive accumulation would shrink the contrastive negatives to one micro-batch.
+    Instead (feature caching, as in GradCache): 1) embed every micro-batch without gradients; 2) compute
+    the loss over the full batch on those cached embeddings, detached, and backpropagate it to them:
+    that gives d loss / d embedding for every sample, and the exact gradient for the temperature;
+    3) re-run each micro-batch with gradients and backpropagate those embedding gradients through the
+    towers. The step's gradient equals the full batch's, logit_scale included, because the temperature
+    receives its cached gradient exactly once (on the last micro-batch) instead of once per micro-batch."""
+    is_ddp = isinstance(model, DDP)
+    B = images.shape[0]
+    m = micro_batch_size or B
+    if m >= B:
+        with autocast:
+            loss = clip_loss(*model(images, tokens))
+        loss.backward()
+        return loss.detach()
+    chunks = list(zip(images.split(m), tokens.split(m)))
+    with torch.no_grad(), autocast:  # 1) embeddings of the whole batch, no activations kept
+        cached = [model(i, t) for i, t in chunks]
+    leaf = lambda xs: torch.cat(xs).float().requires_grad_()
+    img, txt = leaf([c[0] for c in cached]), leaf([c[1] for c in cached])
+    scale = cached[0][2].detach().requires_grad_()
+    bias = None if cached[0][3] is None else cached[0][3].detach().requires_grad_()
+    loss = clip_loss(img, txt, scale, bias)  # 2) the full-batch loss, gathered over ranks inside
+    loss.backward()
+    for k, (i, t) in enumerate(chunks):  # 3) each micro-batch again, with gradients
+        last = k == len(chunks) - 1
+        if is_ddp:
+            model.require_backward_grad_sync = last  # before forward: DDP prepares its hooks there
+        with autocast:
+            img_k, txt_k, scale_k, bias_k = model(i, t)
+        rows = slice(k * m, k * m + i.shape[0])
+        surrogate = (img_k.float() * img.grad[rows]).sum() + (txt_k.float() * txt.grad[rows]).sum()
+        # every parameter takes part in every backward (DDP expects it), the temperature's gradient counts once
+        surrogate = surrogate + scale_k * (scale.grad if last else 0.0)
+        if bias is not None:
+            surrogate = surrogate + bias_k * (bias.grad if last else 0.0)
+        surrogate.backward()
+    return loss.detach()
+
+# -----------------------------------------------------------------------------
+# state that a checkpoint carries
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                   "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks from the datasheets
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None  # bench.py measures a CPU's own matmul peak; no datasheet figure to use here
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+# -----------------------------------------------------------------------------
+# evaluation during training
+
+
+@torch.no_grad()
+def val_loss(model, loader, max_batches, device, autocast):
+    total, n = torch.zeros((), device=device), 0
+    for b, (images, tokens) in enumerate(loader):
+        if max_batches and b == max_batches:
+            break
+        with autocast:
+            total += clip_loss(*model(images.to(device), tokens.to(device))).float()
+        n += 1
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total.item() / max(n, 1)
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+
+    # ---- processes and devices: DDP whenever torchrun launched us
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo")
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else
+                              "mps" if torch.backends.mps.is_available() else "cpu")
+    master = rank == 0
+    if cfg.batch_size % world:
+        sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes")
+    local_batch = cfg.batch_size // world
+    if cfg.micro_batch_size and local_batch % cfg.micro_batch_size:
+        sys.exit(f"--micro_batch_size {cfg.micro_batch_size} must divide the per-process batch {local_batch}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+
+    # ---- the checkpoint to start from, if any
+    manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
+    start, start_path = None, None
+    if cfg.resume == "latest":
+        start, start_path = manager.load_latest()
+        if start is None:
+            sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
+    elif cfg.resume:
+        start, start_path = load_checkpoint(cfg.resume), cfg.resume
+    elif cfg.init_from:
+        start, start_path = load_checkpoint(cfg.init_from), cfg.init_from
+    if start is not None:
+        model_cfg = CLIPConfig(**start["model_config"])
+        if master:
+            print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")
+    else:
+        model_cfg = get_config(cfg.model, loss=cfg.loss)
+
+    # ---- data
+    if cfg.make_shapes and not os.path.isdir(os.path.join(cfg.data_dir, "train")):
+        if master:
+            import prep_dataset
+            print(f"{cfg.data_dir} has no shards: generating {cfg.make_shapes} samples of the shapes set")
+            prep_dataset.main(["--source", "shapes", "--out_dir", cfg.data_dir, "--limit", str(cfg.make_shapes),
+                               "--image_size", str(model_cfg.image_size), "--shard_size", "2000"])
+        if ddp:
+            dist.barrier()
+    if not os.path.isdir(os.path.join(cfg.data_dir, "train")):
+        hint = ("python prep_dataset.py --source shapes --out_dir " + cfg.data_dir if "shapes" in cfg.data_dir
+                else f"python prep_dataset.py --out_dir {cfg.data_dir} [--limit N]   # text-to-image-2M")
+        sys.exit(f"no training data in {cfg.data_dir}. Make it first:\n  {hint}\n"
+                 "or run the built-in demo, which makes its own: python train.py --config demo")
+    manifest = {}
+    if os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+        with open(os.path.join(cfg.data_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+    loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
+                     encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
+                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
+                               crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
+    val_loader = None
+    if os.path.isdir(os.path.join(cfg.data_dir, "val")):
+        n_val = manifest.get("counts", {}).get("val", cfg.batch_size)
+        val_batch = min(cfg.batch_size, n_val // world * world)
+        if val_batch > 0:
+            val_loader = ShardLoader(cfg.data_dir, "val", val_batch, train=False, **loader_kw)
+
+    # ---- model and optimizer
+    raw_model = CLIP(model_cfg).to(device)
+    if cfg.grad_checkpointing:
+        raw_model.set_grad_checkpointing(True)
+    fused = device.type in ("cuda", "cpu")  # fused AdamW: one kernel for all parameters, and it can skip a step on device
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.max_lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    step = 0
+    if start is not None:
+        raw_model.load_state_dict(start["model"])
+        if cfg.resume:
+            optimizer.load_state_dict(start["optimizer"])
+            train_loader.load_state_dict(start["loader"])
+            set_rng_state(start["rng"])
+            step = start["step"]
+    del start
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if ddp:
+        # the only buffers are the constant image mean/std: nothing to broadcast before each forward
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    eval_model = model.module if ddp else model  # compiled if compiled; no DDP hooks for no-grad passes
+
+    logger = Logger(cfg.out_dir, enabled=master, resume_step=step if cfg.resume else None)
+    if master:
+        resolved = {**asdict(cfg), "model_config": asdict(model_cfg), "world_size": world, "device": str(device),
+                    "precision": "bf16" if use_bf16 else "fp32", "compile": use_compile}
+        print(json.dumps(resolved, indent=2))
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{n_params / 1e6:.1f}M parameters | {train_loader.dataset.num_samples} train samples, "
+              f"{len(train_loader)} steps per epoch | chance-level loss ln(batch) = {math.log(cfg.batch_size):.3f}")
+
+    evaluator = None
+    if cfg.zeroshot != "none" or cfg.retrieval:
+        import evaluate  # downstream of training data, upstream of nothing: the eval hooks
+        evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, cfg.data_dir, manifest, model_cfg,
+                                               device, autocast, num_workers=cfg.num_workers)
+
+    def run_eval():
+        record = {"kind": "eval", "step": step}
+        if val_loader is not None:
+            record["val_loss"] = val_loss(eval_model, val_loader, cfg.eval_batches, device, autocast)
+        if evaluator is not None and master:
+            record.update(evaluator(raw_model))
+        logger.log(record)
+        return record.get("val_loss")
+
+    def save(val):
+        if not master:
+            return
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            sys.exit(f"step {step}: the weights hold NaN/inf; not saving them. Resume from the last good "
+                     f"checkpoint in {cfg.out_dir} with a lower --max_lr.")
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "loader": train_loader.state_dict(), "rng": rng_state(), "config": asdict(cfg),
+                 "model_config": asdict(model_cfg), "encoding": model_cfg.encoding, "val_loss": val}
+        path = manager.save(step, state, val)
+        print(f"saved {path}")
+
+    # ---- the loop
+    flops = flops_per_sample(model_cfg)
+    peak = peak_flops(device)
+    batches = iter(train_loader)
+    zero = lambda: torch.zeros((), device=device)
+    loss_sum, good_steps, bad_run, bad_max_run, bad_total = zero(), zero(), zero(), zero(), zero()
+    t_last, steps_since = time.time(), 0
+    while step < cfg.max_steps:
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, tokens = next(batches)
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        # a non-finite loss or gradient skips the update, decided on the device: no host sync per step
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+        if ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
+        if fused:
+            optimizer.found_inf = bad
+            optimizer.step()
+        elif not bad.item():
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bad_run = (bad_run + bad) * bad
+        bad_max_run, bad_total = torch.maximum(bad_max_run, bad_run), bad_total + bad
+        loss_sum += torch.where(bad > 0, 0.0, loss.float())
+        good_steps += 1 - bad
+        step += 1
+        steps_since += 1
+
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            if ddp:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            stats = torch.stack([loss_sum, grad_norm.float(), bad_total, bad_max_run, good_steps,
+                                 raw_model.logit_scale.detach().exp().float()]).tolist()  # the one sync
+            if stats[3] >= cfg.max_bad_steps:
+                sys.exit(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume from the last "
+                         f"checkpoint in {cfg.out_dir} with a lower --max_lr, or check the data.")
+            dt = time.time() - t_last
+            samples_per_s = steps_since * cfg.batch_size / dt
+            record = {"kind": "train", "step": step, "loss": stats[0] / max(stats[4], 1), "lr": lr,
+                      "grad_norm": stats[1], "logit_scale": stats[5], "samples_per_s": samples_per_s, "bad_steps": int(stats[2]),
+                      "epoch": train_loader.epoch, "skipped_samples": train_loader.skipped}
+            if peak:
+                record["mfu"] = flops * samples_per_s / (peak * world)
+            logger.log(record)
+            loss_sum.zero_()
+            good_steps.zero_()
+            t_last, steps_since = time.time(), 0
+        last = step == cfg.max_steps
+        t_pause = time.time()
+        val = run_eval() if step % cfg.eval_interval == 0 or last else None
+        if step % cfg.checkpoint_interval == 0 or last:
+            save(val)
+        t_last += time.time() - t_pause  # evaluating and saving do not count against training throughput
+
+    if ddp:
+        dist.destroy_process_group()
+    return raw_model
+
+
+if __name__ == "__main__":
+    main()
