@@ -50,8 +50,9 @@ class CLIPConfig:
 
 
 PRESETS = {
-    # a training step at batch 128 takes a fraction of a second on a laptop CPU
-    "tiny": CLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+    # a training step at batch 128 takes a fraction of a second on a laptop CPU. Patch 16 over 64 px
+    # (16 tokens): on the shapes set it learns shape several times faster than patch 8 (measured)
+    "tiny": CLIPConfig(image_size=64, patch_size=16, vision_width=128, vision_layers=4, vision_heads=4,
                        context_length=32, text_width=128, text_layers=4, text_heads=4, embed_dim=128),
     # the reference model for full-scale training on text-to-image-2M
     "base": CLIPConfig(),

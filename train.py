@@ -80,7 +80,7 @@ class TrainConfig:
 CONFIGS = {
     # the built-in demo: a few minutes on a laptop CPU, data generated on the fly
     "demo": dict(model="tiny", data_dir="data/shapes", make_shapes=20_000, out_dir="runs/demo", augment=False,
-                 batch_size=128, max_steps=600, max_lr=2e-3, warmup_frac=0.05, weight_decay=0.05, num_workers=1,
+                 batch_size=128, max_steps=600, max_lr=1e-3, warmup_frac=0.05, weight_decay=0.05, num_workers=1,
                  log_interval=20, eval_interval=200, eval_batches=0, checkpoint_interval=200),
 }
 

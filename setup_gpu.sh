@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Prepares a fresh Linux GPU box for training: checks the NVIDIA driver, creates a virtual environment,
+# installs torch (a CUDA build) and the requirements, lists the GPUs, and runs a one-step training smoke
+# test on the GPU. Safe to run again: it reuses what is already there.
+#
+#   bash setup_gpu.sh                 # everything, venv in .venv
+#   bash setup_gpu.sh --venv ~/envs/clip
+#   bash setup_gpu.sh --dry-run       # print what it would do, change nothing
+#   bash setup_gpu.sh --cpu-smoke     # no GPU needed: the same steps, smoke test on the CPU
+#
+# Then: source .venv/bin/activate && torchrun --standalone --nproc_per_node=gpu train.py
+set -euo pipefail
+
+usage() { grep '^#' "$0" | sed -n '2,11p' | sed 's/^# \{0,1\}//'; }
+
+VENV=".venv"
+DRY=0
+CPU=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --venv) VENV="${2:?--venv needs a directory}"; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    --cpu-smoke) CPU=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")"
+run() {  # echo each step; in a dry run, only echo
+  echo "+ $*"
+  if [ "$DRY" = 0 ]; then "$@"; fi
+}
+
+echo "== 1/5 driver"
+if [ "$CPU" = 1 ]; then
+  echo "--cpu-smoke: not checking for a GPU"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  run nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+elif [ "$DRY" = 1 ]; then
+  echo "(dry run) nvidia-smi not found: a real run would stop here"
+else
+  echo "nvidia-smi not found: install the NVIDIA driver first (e.g. 'sudo apt install nvidia-driver-550'," >&2
+  echo "then reboot), or use --cpu-smoke to check the rest of the setup without a GPU." >&2
+  exit 1
+fi
+
+echo "== 2/5 virtual environment: $VENV"
+PYTHON="${PYTHON:-python3}"
+if [ -x "$VENV/bin/python" ]; then
+  echo "reusing $VENV"
+else
+  run "$PYTHON" -m venv "$VENV"
+  run "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+PY="$VENV/bin/python"
+
+echo "== 3/5 packages"
+# torch==2.13.0 from PyPI is a CUDA build on Linux x86_64; set TORCH_INDEX_URL for another CUDA version,
+# e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  run "$PY" -m pip install -q torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+fi
+run "$PY" -m pip install -q -r requirements.txt  # a no-op when everything is already there
+
+echo "== 4/5 devices"
+run "$PY" -c "import torch; n = torch.cuda.device_count(); print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {n} GPU(s)'); [print(f'  cuda:{i} {torch.cuda.get_device_name(i)}') for i in range(n)]"
+if [ "$CPU" = 0 ] && [ "$DRY" = 0 ]; then
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no GPU: check the driver (nvidia-smi) and that the CUDA build of torch was installed')"
+fi
+
+echo "== 5/5 smoke test: one training step of the tiny model"
+SMOKE="$(mktemp -d)"
+trap 'rm -rf "$SMOKE"' EXIT
+run "$PY" prep_dataset.py --source shapes --out_dir "$SMOKE/shapes" --limit 256 --workers 2
+run "$PY" train.py --model tiny --data_dir "$SMOKE/shapes" --out_dir "$SMOKE/run" --batch_size 32 --max_steps 1 \
+    --num_workers 1 --log_interval 1 --eval_interval 1 --eval_batches 1 --checkpoint_interval 1 --compile false
+echo "ready: source $VENV/bin/activate"

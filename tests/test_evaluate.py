@@ -1,0 +1,95 @@
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate
+import prep_dataset
+import train
+from checkpoint_manager import CheckpointManager
+from clip import CLIP, get_config
+
+
+def naive_topk(logits, targets, k):
+    hits = 0
+    for row, t in zip(logits.tolist(), targets.tolist()):
+        order = sorted(range(len(row)), key=lambda j: -row[j])
+        hits += t in order[:k]
+    return hits / len(targets)
+
+
+def naive_recall(img, txt, k):
+    sim = (img @ txt.T).tolist()
+    i2t = sum(sorted(range(len(r)), key=lambda j: -r[j]).index(i) < k for i, r in enumerate(sim)) / len(sim)
+    cols = [[sim[i][j] for i in range(len(sim))] for j in range(len(sim))]
+    t2i = sum(sorted(range(len(c)), key=lambda i: -c[i]).index(j) < k for j, c in enumerate(cols)) / len(cols)
+    return i2t, t2i
+
+
+def test_metrics_equal_naive_references():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(50, 8), torch.randint(0, 8, (50,))
+    acc = evaluate.topk_accuracy(logits, targets)
+    assert acc["top1"] == pytest.approx(naive_topk(logits, targets, 1))
+    assert acc["top5"] == pytest.approx(naive_topk(logits, targets, 5))
+    img, txt = F.normalize(torch.randn(40, 16), dim=-1), F.normalize(torch.randn(40, 16), dim=-1)
+    txt = F.normalize(txt + 1.5 * img, dim=-1)  # correlated, so recall is neither 0 nor 1
+    got = evaluate.recall_at_k(img, txt)
+    for k in (1, 5, 10):
+        i2t, t2i = naive_recall(img, txt, k)
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+        assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i)
+    assert 0 < got["image_to_text_R@1"] < 1
+
+
+def test_a_perfect_model_scores_100_percent():
+    emb = F.normalize(torch.randn(30, 16), dim=-1)
+    assert all(v == 1.0 for v in evaluate.recall_at_k(emb, emb).values())
+    classes = F.normalize(torch.randn(6, 16), dim=-1)
+    targets = torch.arange(30) % 6
+    assert evaluate.topk_accuracy(classes[targets] @ classes.T, targets) == {"top1": 1.0, "top5": 1.0}
+
+
+def test_imagefolder_loading_and_the_cli(tmp_path):
+    root = tmp_path / "folder"
+    colors = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 60, 230)}
+    for name, rgb in colors.items():
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40 + i, 30), rgb).save(root / name / f"{i}.png")
+    ds, image_col, label_col, classnames = evaluate.load_classification(str(root))
+    assert sorted(classnames) == sorted(colors) and len(ds) == 9
+    assert image_col == "image" and label_col == "label"
+    # a checkpoint from a random tiny model: the numbers are chance, the plumbing is real
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    model = CLIP(cfg)
+    ckpt = CheckpointManager(str(tmp_path / "run")).save(0, {"model": model.state_dict(), "model_config": cfg.__dict__})
+    out = tmp_path / "r.json"
+    results = evaluate.main([ckpt, "--zeroshot", str(root), "--templates", "a {} square", "a photo of {}",
+                             "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["samples"] == 9 and saved["classes"] == 3
+    assert 0 <= saved["top1"] <= 1 and saved["top5"] == 1.0  # 3 classes: the top 5 hold them all
+    assert saved == json.loads(json.dumps(results))
+    # retrieval on shards
+    prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "shapes"), "--limit", "60",
+                       "--val_fraction", "0.5", "--workers", "1"])
+    results = evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes" / "val"), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["retrieval_samples"] == 30
+    for k in (1, 5, 10):
+        assert 0 <= saved[f"image_to_text_R@{k}"] <= 1 and 0 <= saved[f"text_to_image_R@{k}"] <= 1
+
+
+def test_the_demo_learns_shapes_and_colours(tmp_path):
+    """The tiny model trained on the shapes set on CPU must beat chance (1/5 shapes, 1/6 colours) by far."""
+    data, out = str(tmp_path / "shapes"), str(tmp_path / "run")
+    train.main(["--config", "demo", "--data_dir", data, "--out_dir", out, "--eval_interval", "1000",
+                "--checkpoint_interval", "1000"])
+    results = evaluate.main([os.path.join(out, "best.pt"), "--zeroshot", data, "--json", str(tmp_path / "r.json")])
+    print(results)
+    assert results["zeroshot"]["color"]["top1"] >= 0.90
+    assert results["zeroshot"]["shape"]["top1"] >= 0.80
