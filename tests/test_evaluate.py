@@ -36,7 +36,7 @@ def test_metrics_equal_naive_references():
     assert acc["top1"] == pytest.approx(naive_topk(logits, targets, 1))
     assert acc["top5"] == pytest.approx(naive_topk(logits, targets, 5))
     img, txt = F.normalize(torch.randn(40, 16), dim=-1), F.normalize(torch.randn(40, 16), dim=-1)
-    txt = F.normalize(txt + 1.5 * img, dim=-1)  # correlated, so recall is neither 0 nor 1
+    txt = F.normalize(txt + 0.4 * img, dim=-1)  # correlated, so recall is neither 0 nor 1
     got = evaluate.recall_at_k(img, txt)
     for k in (1, 5, 10):
         i2t, t2i = naive_recall(img, txt, k)
@@ -87,8 +87,8 @@ def test_imagefolder_loading_and_the_cli(tmp_path):
 def test_the_demo_learns_shapes_and_colours(tmp_path):
     """The tiny model trained on the shapes set on CPU must beat chance (1/5 shapes, 1/6 colours) by far."""
     data, out = str(tmp_path / "shapes"), str(tmp_path / "run")
-    train.main(["--config", "demo", "--data_dir", data, "--out_dir", out, "--eval_interval", "1000",
-                "--checkpoint_interval", "1000"])
+    train.main(["--config", "demo", "--data_dir", data, "--out_dir", out, "--max_steps", "400",
+                "--eval_interval", "400", "--checkpoint_interval", "400"])
     results = evaluate.main([os.path.join(out, "best.pt"), "--zeroshot", data, "--json", str(tmp_path / "r.json")])
     print(results)
     assert results["zeroshot"]["color"]["top1"] >= 0.90

@@ -199,7 +199,7 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
         load_checkpoint(str(path))
     assert not (tmp_path / "pwned").exists()
     with open(path, "wb") as f:  # a raw pickle, not even torch's format
-        pickle.dump(Exploit(), f)
+        pickle.dump(Exploit(), f, protocol=2)
     with pytest.raises(CheckpointError):
         load_checkpoint(str(path))
     assert not (tmp_path / "pwned").exists()
