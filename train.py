@@ -254,6 +254,10 @@ def val_loss(model, loader, max_batches, device, autocast):
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    for name, allowed in (("compile", ("auto", "true", "false")), ("precision", ("auto", "bf16", "fp32")),
+                          ("loss", ("clip", "siglip"))):
+        if getattr(cfg, name) not in allowed:
+            sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
 
     # ---- processes and devices: DDP whenever torchrun launched us
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -297,6 +301,10 @@ def main(argv=None):
         start, start_path = load_checkpoint(cfg.resume), cfg.resume
     elif cfg.init_from:
         start, start_path = load_checkpoint(cfg.init_from), cfg.init_from
+    elif manager.checkpoints():
+        # never overwrite an earlier run by accident
+        sys.exit(f"{cfg.out_dir} already holds checkpoints of an earlier run: continue it with --resume, "
+                 f"or start over with another --out_dir (or delete {cfg.out_dir}).")
     if start is not None:
         model_cfg = CLIPConfig(**start["model_config"])
         if master:

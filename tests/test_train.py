@@ -227,6 +227,15 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path, mon
         train.main(run_args(shapes_dir, str(tmp_path / "run2"), max_steps=20, max_bad_steps=3, eval_interval=100))
 
 
+def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(run_args(shapes_dir, out, max_steps=3))
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(run_args(shapes_dir, out, max_steps=3))
+    with pytest.raises(SystemExit, match="choose one of"):
+        train.main(run_args(shapes_dir, str(tmp_path / "other"), precision="fp16"))
+
+
 def test_missing_data_says_which_command_makes_it(tmp_path):
     with pytest.raises(SystemExit, match="prep_dataset.py --out_dir"):
         train.main(["--data_dir", str(tmp_path / "t2i"), "--out_dir", str(tmp_path / "run")])
