@@ -66,7 +66,7 @@ def index_shard(path):
 
 def prepare_image(image, size, rng=None, crop_scale=(0.8, 1.0)):
     """Encoded image bytes (or a PIL image) -> (size, size, 3) uint8 array. With an rng: a random resized
-    crop (crop_scale of the area, aspect ratio in [3/4, 4/3]); without: the centre square. Evaluation
+    crop (crop_scale of the area, aspect ratio in [3/4, 4/3]); without: a centre crop. Evaluation
     everywhere (val loss, zero-shot, retrieval) goes through here, so it matches training's eval path."""
     img = Image.open(io.BytesIO(image)) if isinstance(image, (bytes, bytearray)) else image
     w, h = img.size
@@ -76,15 +76,19 @@ def prepare_image(image, size, rng=None, crop_scale=(0.8, 1.0)):
         cw, ch = min(w, np.sqrt(area * ratio)), min(h, np.sqrt(area / ratio))
         left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
     else:
-        cw = ch = min(w, h)
-        left, top = (w - cw) / 2, (h - ch) / 2
+        # the centre square; when the image is at most 8/7 of the target (256-px shards for a 224-px model)
+        # just the centre size x size pixels, as they are: the usual 224-of-256 crop, with no resampling
+        cw = ch = size if size <= min(w, h) <= size * 8 / 7 else min(w, h)
+        left, top = (w - cw) // 2, (h - ch) // 2
     if img.format == "JPEG" and min(cw, ch) >= 2 * size:
         # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free: the cheapest way to shrink big images
         img.draft("RGB", (max(size, round(w * size / cw)), max(size, round(h * size / ch))))
         s = img.size[0] / w
         left, top, cw, ch, w, h = left * s, top * s, cw * s, ch * s, *img.size
     img = img.convert("RGB")
-    if (w, h) != (size, size) or (cw, ch) != (w, h):
+    if (cw, ch) == (size, size) and left == int(left) and top == int(top):
+        img = img.crop((left, top, left + size, top + size)) if (w, h) != (size, size) else img
+    else:
         img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
     return np.asarray(img)
 

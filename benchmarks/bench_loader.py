@@ -1,7 +1,7 @@
 """
 Data loader throughput: decoded images per second per worker, ours against a plain webdataset + PIL
 pipeline (decode, resize the shorter side, centre crop, to a float tensor), side by side on the same
-shards in the same run. One process each (num_workers=0), so the figure is per worker (per core).
+shards in the same run (interleaved repeats, medians). One process each (num_workers=0), so the figure is per worker (per core).
 
     python benchmarks/bench_loader.py                      # makes 256-px shards of photo-like images, then measures
     python benchmarks/bench_loader.py --data_dir data/t2i  # your own prepared shards (its train split)
@@ -86,6 +86,7 @@ def main():
     p.add_argument("--data_dir", default=None)
     p.add_argument("--n", type=int, default=2000, help="images timed per measurement")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 64])
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +95,9 @@ def main():
             make_shards(tmp, args.n + 200)
         paths = sorted(glob.glob(os.path.join(data_dir, "train", "*.tar")))
         for size in args.sizes:
-            plain, ours = time_plain(paths, size, args.n), time_ours(paths, size, args.n)
+            # interleaved repeats, median of each: a shared or throttled machine skews a single pair
+            runs = [(time_plain(paths, size, args.n), time_ours(paths, size, args.n)) for _ in range(args.repeats)]
+            plain, ours = (float(np.median([r[i] for r in runs])) for i in (0, 1))
             print(f"{size:>4} px: ours {ours:7.0f} img/s/worker | plain webdataset+PIL {plain:7.0f} img/s/worker "
                   f"| ratio {ours / plain:.2f}x")
 

@@ -308,3 +308,19 @@ def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(tmp_path):
 def test_missing_data_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="prep_dataset.py --source shapes"):
         ShardLoader(tmp_path / "nope", "train", batch_size=4, image_size=32, context_length=8)
+
+
+def test_eval_crop_is_the_centre_crop_or_a_resized_square():
+    from dataloader import prepare_image
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (256, 300, 3), dtype=np.uint8))
+    # within 8/7 of the target: the centre 224x224 pixels, untouched (the usual 224-of-256 crop)
+    assert np.array_equal(prepare_image(img, 224), np.asarray(img)[16:240, 38:262])
+    # the same size: the image itself
+    small = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert np.array_equal(prepare_image(small, 64), np.asarray(small))
+    # larger: the whole centre square, resized (a uniform image stays uniform, a half-split one stays split)
+    halves = np.zeros((300, 400, 3), dtype=np.uint8)
+    halves[:, 200:] = 255
+    out = prepare_image(Image.fromarray(halves), 100)
+    assert out.shape == (100, 100, 3) and out[:, :45].max() < 10 and out[:, 55:].min() > 245
