@@ -262,10 +262,13 @@ torch.save(model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}
 """
 
 
-def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path):
+@pytest.mark.parametrize("micro_batch_size", [0, 4])
+def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_size):
+    """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching) against one process with 16."""
     single, multi = str(tmp_path / "single"), str(tmp_path / "ddp")
     args = dict(max_steps=4, augment=False, checkpoint_interval=100, eval_interval=2)
     model = train.main(run_args(shapes_dir, single, **args))
+    args["micro_batch_size"] = micro_batch_size
     os.makedirs(multi)
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(root=ROOT, out=multi))
