@@ -100,7 +100,6 @@ class Tokenizer:
         self.context_length = context_length
         self.eot = self.enc.eot_token
         self.pad = self.eot
-        self.vocab_size = self.enc.n_vocab
 
     def __call__(self, captions):
         if isinstance(captions, str):

@@ -15,7 +15,6 @@ resize to the checkpoint's image_size; the model normalises). train.py runs the 
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -254,4 +253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -323,7 +323,6 @@ def write_shards(args, stage_dir):
             skipped[reason] = skipped.get(reason, 0) + n
     if not samples:
         sys.exit("no usable samples were found: check --source/--input (skipped: %s)" % skipped)
-    # the key is the sample's position in the source, so keys stay unique across sources' own keys
     order = np.random.default_rng(args.seed).permutation(len(samples))
     n_val = min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
     splits = {"val": order[:n_val], "train": order[n_val:]}
@@ -342,7 +341,8 @@ def write_shards(args, stage_dir):
                     continue
                 batch = []
                 for i in idx[s:s + args.shard_size]:
-                    c, key, offset, size, caption, labels = samples[i]
+                    # the new key is the sample's position in the source: unique, whatever the source's keys were
+                    c, _, offset, size, caption, labels = samples[i]
                     bins[c].seek(offset)
                     batch.append((f"{i:09d}", bins[c].read(size), caption, labels))
                 atomic_write(path, tar_bytes(batch))
