@@ -132,12 +132,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x, pool=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        # is_causal instead of a float mask keeps the fused flash / memory-efficient kernels eligible
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if pool is None:
+            q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+            # is_causal instead of a float mask keeps the fused flash / memory-efficient kernels eligible
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        # only the query of row pool[b] of each sequence: keys and values still come from every row
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[torch.arange(B, device=x.device), pool], w[:C], b[:C]).view(B, 1, self.heads, C // self.heads)
+        k, v = F.linear(x, w[C:], b[C:]).view(B, T, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # the causal mask of that one row: it sees positions 0..pool[b]
+        mask = (torch.arange(T, device=x.device) <= pool[:, None]).view(B, 1, 1, T) if self.causal else None
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)  # (B, nh, 1, hs)
+        return self.proj(y.reshape(B, C))
 
 
 class Block(nn.Module):
@@ -151,7 +160,12 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(),
                                  nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x):
+    def forward(self, x, pool=None):
+        """x: (B, T, W) -> (B, T, W); or, given pool (B,) positions, only those rows: (B, W)."""
+        if pool is not None:
+            x, h = x[torch.arange(x.shape[0], device=x.device), pool], self.ln_1(x)
+            x = x + self.attn(h, pool)
+            return x + self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -162,11 +176,18 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, causal) for _ in range(layers)])
         self.grad_checkpointing = False
 
-    def forward(self, x):
-        for block in self.blocks:
+    def forward(self, x, pool):
+        """(B, T, W) -> (B, W): the output at position pool[b] of each sequence, the only one CLIP reads.
+        Every other row of the last layer feeds nothing, so that layer computes just the pooled row
+        (its keys and values still come from every row): the same result for ~(1 - 1/T) of a layer less."""
+        for i, block in enumerate(self.blocks):
+            rows = pool if i == len(self.blocks) - 1 else None
             # recompute activations in backward instead of storing them: ~1/3 more compute, far less memory
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and x.requires_grad else block(x)
-        return x
+            if self.grad_checkpointing and x.requires_grad:
+                x = checkpoint(block, x, rows, use_reentrant=False)
+            else:
+                x = block(x, rows)
+        return x if len(self.blocks) else x[torch.arange(x.shape[0], device=x.device), pool]
 
 # -----------------------------------------------------------------------------
 # the two towers
@@ -206,8 +227,9 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(self.patchify(x))  # (B, N, W)
         cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (B, N+1, W)
-        x = self.transformer(x)
-        return self.proj(self.ln_f(x[:, 0]))  # the class token summarises the image: (B, embed_dim)
+        # the class token summarises the image
+        x = self.transformer(x, pool=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))  # (B, W)
+        return self.proj(self.ln_f(x))  # (B, embed_dim)
 
 
 class TextTransformer(nn.Module):
@@ -222,10 +244,9 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens):
         x = self.token_embedding(tokens) + self.pos_embedding[: tokens.shape[1]]  # (B, T, W)
-        x = self.transformer(x)
         # under the causal mask only the end-of-text position has read the whole caption
         eot_pos = (tokens == self.eot).int().argmax(dim=1)  # the first <|endoftext|>
-        x = x[torch.arange(x.shape[0], device=x.device), eot_pos]  # (B, W)
+        x = self.transformer(x, pool=eot_pos)  # (B, W)
         return self.proj(self.ln_f(x))  # (B, embed_dim)
 
 # -----------------------------------------------------------------------------
@@ -365,13 +386,20 @@ def count_parameters(cfg: CLIPConfig):
             "token_embedding": model.text.token_embedding.weight.numel(), "total": count(model)}
 
 
-def flops_per_sample(cfg: CLIPConfig):
-    """Training FLOPs for one (image, caption) pair: 3x the forward (backward costs twice the forward),
-    counting 2 FLOPs per multiply-add of every matmul; the token lookup is free. Attention scores are
-    counted in full for the causal tower too, the usual convention (PaLM, nanoGPT)."""
+def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True):
+    """Training FLOPs for one (image, caption) pair, as the model runs them: 3x the forward (backward
+    costs twice the forward), counting 2 FLOPs per multiply-add of every matmul; the token lookup is
+    free. Attention scores are counted in full for the causal tower too, the usual convention (PaLM,
+    nanoGPT). The last layer of each tower computes only its pooled row, and is counted so; with
+    pooled_last_layer=False, in full, as models that run every row there do (for comparisons)."""
     def tower(tokens, width, layers):
+        if layers == 0:
+            return 0
         matmul = (4 + 2 * cfg.mlp_ratio) * width * width  # per token and layer: qkv 3w^2 + proj w^2 + mlp 2*r*w^2
-        return layers * (2 * tokens * matmul + 2 * 2 * tokens * tokens * width)  # + QK^T and AV
+        layer = 2 * tokens * matmul + 2 * 2 * tokens * tokens * width  # + QK^T and AV
+        # last layer: keys and values of every row, then query, attention, proj and mlp of one row
+        last = 2 * tokens * 2 * width * width + 2 * (matmul - 2 * width * width) + 2 * 2 * tokens * width
+        return (layers - 1) * layer + (last if pooled_last_layer else layer)
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
     vision = (2 * n_patches * 3 * cfg.patch_size ** 2 * cfg.vision_width
               + tower(n_patches + 1, cfg.vision_width, cfg.vision_layers)

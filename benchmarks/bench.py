@@ -20,10 +20,12 @@ Without open_clip installed, only our side is measured.
 import argparse
 import os
 import resource
+import statistics
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip import CLIP, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
@@ -76,17 +78,15 @@ def openclip(cfg, device, fused):
     return model, opt, step_loss
 
 
-def measure(name, build, cfg, args, device, autocast):
+def prepare(name, build, cfg, args, device, autocast):
+    """Build one side, run its first step (compiling, if asked) and the warm-up; return its step function."""
     torch.manual_seed(0)
     model, opt, loss_of = build(cfg, device, fused=True)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device)
     tokens = torch.randint(0, 50_000, (args.batch_size, cfg.context_length), generator=g).to(device)
-    tokens[:, -1] = 100257
-    step_fn = loss_of
-    compile_s = 0.0
-    if args.compiled:
-        step_fn = torch.compile(loss_of)
+    tokens[:, -1] = 100257  # every caption runs the full context: the worst case for neither side
+    step_fn = torch.compile(loss_of) if args.compiled else loss_of
 
     def step():
         with autocast:
@@ -96,23 +96,30 @@ def measure(name, build, cfg, args, device, autocast):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     t = time.perf_counter()
     step()  # the first step compiles
     sync(device)
-    compile_s = time.perf_counter() - t
+    first_step_s = time.perf_counter() - t
     for _ in range(args.warmup - 1):
         step()
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    # on a GPU: this side's own peak (the other sides' weights and optimizer states excluded); on a CPU
+    # only the process-wide peak RSS is known, which includes the sides measured before it
+    memory = (torch.cuda.max_memory_allocated() - base if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"name": name, "step": step, "first_step_s": first_step_s, "peak_memory_gb": memory / 1e9, "rates": []}
+
+
+def time_steps(step, n, device):
+    sync(device)
     t = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(n):
         step()
     sync(device)
-    samples_per_s = args.steps * args.batch_size / (time.perf_counter() - t)
-    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"name": name, "samples_per_s": samples_per_s, "first_step_s": compile_s, "peak_memory_gb": memory / 1e9}
+    return time.perf_counter() - t
 
 
 def main():
@@ -121,7 +128,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", default="false", choices=["false", "true", "both"])
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved; the median is reported")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sides", default="ours,openclip")
     args = p.parse_args()
@@ -130,6 +138,8 @@ def main():
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     cfg = get_config(args.model)
     flops = flops_per_sample(cfg)
+    # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
+    side_flops = {"ours": flops, "openclip": flops_per_sample(cfg, pooled_last_layer=False)}
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
@@ -141,7 +151,7 @@ def main():
           f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
           f"GFLOP/s ({peak_note})")
     builders = {"ours": ours, "openclip": openclip}
-    results = []
+    runs = []
     for side in args.sides.split(","):
         if side == "openclip":
             try:
@@ -151,11 +161,23 @@ def main():
                 continue
         for compiled in {"false": [False], "true": [True], "both": [False, True]}[args.compile]:
             args.compiled = compiled
-            r = measure(f"{side}{' compiled' if compiled else ''}", builders[side], cfg, args, device, autocast)
-            r["mfu"] = flops * r["samples_per_s"] / peak if peak else float("nan")
-            results.append(r)
-            print(f"{r['name']:<20} {r['samples_per_s']:8.1f} samples/s | {flops * r['samples_per_s'] / 1e9:7.1f} GFLOP/s | "
-                  f"MFU {r['mfu']:.1%} | first step {r['first_step_s']:.1f}s | peak memory {r['peak_memory_gb']:.2f} GB")
+            run = prepare(f"{side}{' compiled' if compiled else ''}", builders[side], cfg, args, device, autocast)
+            run["flops"] = side_flops[side]
+            runs.append(run)
+    # the sides take turns, round after round, and each reports its median round: a machine that
+    # slows down for a while (other work, clocks, a noisy neighbour) then weighs on every side alike
+    for _ in tqdm(range(args.rounds), desc="rounds", disable=args.rounds < 2):
+        for run in runs:
+            run["rates"].append(args.steps * args.batch_size / time_steps(run["step"], args.steps, device))
+    results = []
+    for run in runs:
+        r = {k: v for k, v in run.items() if k != "step"}
+        r["samples_per_s"] = statistics.median(r["rates"])
+        r["gflops"] = r["flops"] * r["samples_per_s"] / 1e9
+        r["mfu"] = r["gflops"] * 1e9 / peak if peak else float("nan")
+        results.append(r)
+        print(f"{r['name']:<20} {r['samples_per_s']:8.1f} samples/s | {r['gflops']:7.1f} GFLOP/s | "
+              f"MFU {r['mfu']:.1%} | first step {r['first_step_s']:.1f}s | peak memory {r['peak_memory_gb']:.2f} GB")
     best = {side: max((r["samples_per_s"] for r in results if r["name"].startswith(side)), default=None)
             for side in ("ours", "openclip")}
     if best["ours"] and best["openclip"]:

@@ -74,8 +74,12 @@ def test_cost_estimate_matches_parameter_count():
     cfg = get_config("tiny", image_size=32, patch_size=32, vision_layers=0)  # one patch, no vision blocks
     counts = count_parameters(cfg)
     w, T = cfg.text_width, cfg.context_length
-    block_matmul = sum(p.numel() for n, p in CLIP(cfg).text.transformer.named_parameters() if n.endswith("weight") and p.dim() == 2)
-    text = 2 * T * block_matmul + cfg.text_layers * 4 * T * T * w + 2 * w * cfg.embed_dim
+    blocks = CLIP(cfg).text.transformer.blocks
+    matmul = lambda block: sum(p.numel() for n, p in block.named_parameters() if n.endswith("weight") and p.dim() == 2)
+    # every block but the last: all T rows; the last: keys and values (2w^2 per row) of all T rows, the rest for one row
+    text = sum(2 * T * matmul(b) + 4 * T * T * w for b in blocks[:-1])
+    text += 2 * T * 2 * w * w + 2 * (matmul(blocks[-1]) - 2 * w * w) + 4 * T * w
+    text += 2 * w * cfg.embed_dim
     vision = 2 * 3 * 32 * 32 * cfg.vision_width + 2 * cfg.vision_width * cfg.embed_dim
     assert flops_per_sample(cfg) == 3 * (text + vision)
     assert counts["total"] == counts["vision"] + counts["text"] + 1
@@ -106,6 +110,48 @@ def test_text_tower_is_causal():
     before = tokens.clone()
     before[0, 1] = (before[0, 1] + 7) % 1000
     assert (model.encode_text(before) - base).abs().max() > 1e-3
+
+
+
+def test_pooled_last_layer_equals_every_row_of_every_layer():
+    # the towers compute only the pooled row (class token, end of text) in their last layer; the plain
+    # path runs every row through every block and reads the pooled row out after: same features, same grads
+    torch.manual_seed(0)
+    cfg = small_config(loss="siglip")
+    model = CLIP(cfg)
+    images, tokens = random_batch(cfg, 6)
+
+    def plain(model):
+        v, t = model.visual, model.text
+        x = v.patch_embed(v.patchify((images.float() / 255 - v.mean) / v.std))
+        x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], dim=1) + v.pos_embedding
+        for block in v.transformer.blocks:
+            x = block(x)
+        img = F.normalize(v.proj(v.ln_f(x[:, 0])), dim=-1)
+        x = t.token_embedding(tokens) + t.pos_embedding
+        for block in t.transformer.blocks:
+            x = block(x)
+        eot = (tokens == t.eot).int().argmax(dim=1)
+        txt = F.normalize(t.proj(t.ln_f(x[torch.arange(len(x)), eot])), dim=-1)
+        scale = model.logit_scale.exp()
+        return img, txt, scale, model.logit_bias
+
+    def grads(outputs):
+        model.zero_grad()
+        clip_loss(*outputs).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast, ref = model(images, tokens), plain(model)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-6)
+    assert (fast[1][0] - fast[1][1]).abs().max() > 1e-3  # the captions differ, so the features do
+    fast_grads, ref_grads = grads(model(images, tokens)), grads(plain(model))
+    for name in ref_grads:
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    model.set_grad_checkpointing(True)
+    name = "text.transformer.blocks.1.attn.qkv.weight"
+    torch.testing.assert_close(grads(model(images, tokens))[name], ref_grads[name], rtol=1e-4, atol=1e-5)
 
 # ---------------------------------------------------------------------------- tokenizer
 
