@@ -14,6 +14,7 @@ Trains CLIP. One script for every scale:
 Every field of TrainConfig is a flag of the same name (--batch_size 512, --compile true); --config NAME
 picks a named set of overrides first. Unknown flags are an error.
 """
+import ctypes
 import json
 import math
 import os
@@ -233,6 +234,21 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
+def keep_freed_memory():
+    """CPU training: ask glibc to keep freed memory for the next step instead of handing it back.
+    By default every freed block over 32 MB goes back to the OS and the next step faults it in again,
+    page by page: the token embedding's fresh gradient in every backward alone (100k x 128 floats,
+    51 MB) costs 17 ms that way and 4 ms from kept memory, on a 2-core machine. Other C libraries (or
+    a jemalloc/tcmalloc preloaded by the user) are left as they are. Returns whether it took effect."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # blocks under 1 GB come from the heap, and its top is never trimmed below 2 GB of free space
+    return mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+
 # -----------------------------------------------------------------------------
 # evaluation during training
 
@@ -283,6 +299,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip import CLIP, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
-from train import PEAK_BF16_FLOPS, param_groups  # noqa: E402
+from train import PEAK_BF16_FLOPS, keep_freed_memory, param_groups  # noqa: E402
 
 
 def matmul_peak(device, dtype):
@@ -145,8 +145,10 @@ def main():
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         peak_note = f"datasheet bf16 peak of {name}"
     else:
+        # as train.py does on a CPU; process-wide, so both sides run with it
+        allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
         peak = matmul_peak(device, torch.float32)
-        peak_note = "measured 2048^3 fp32 torch.mm"
+        peak_note = f"measured 2048^3 fp32 torch.mm; {allocator}"
     print(f"{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
           f"GFLOP/s ({peak_note})")
@@ -176,7 +178,7 @@ def main():
         r["gflops"] = r["flops"] * r["samples_per_s"] / 1e9
         r["mfu"] = r["gflops"] * 1e9 / peak if peak else float("nan")
         results.append(r)
-        print(f"{r['name']:<20} {r['samples_per_s']:8.1f} samples/s | {r['gflops']:7.1f} GFLOP/s | "
+        print(f"{r['name']:<20} {r['samples_per_s']:8.2f} samples/s | {r['gflops']:7.1f} GFLOP/s | "
               f"MFU {r['mfu']:.1%} | first step {r['first_step_s']:.1f}s | peak memory {r['peak_memory_gb']:.2f} GB")
     best = {side: max((r["samples_per_s"] for r in results if r["name"].startswith(side)), default=None)
             for side in ("ours", "openclip")}

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import signal
 import subprocess
 import sys
@@ -53,6 +54,29 @@ def test_cli_overrides_named_configs_and_rejects_unknown_keys():
         train.parse_args(["--batchsize", "3"])
     with pytest.raises(SystemExit):
         train.parse_args(["--max_steps", "ten"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
+                    reason="Linux with glibc only")
+def test_cpu_training_keeps_freed_memory_for_the_next_step():
+    # a freed 64 MB block (the size of a big gradient) goes back to the OS by default, and is faulted in
+    # again on the next step; after keep_freed_memory() it stays with the process for reuse
+    code = """
+import os, sys, torch, train
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+kept = train.keep_freed_memory() if sys.argv[1] == "keep" else False
+x = torch.ones(16 << 20)
+before = rss()
+del x
+print(kept, (before - rss()) >> 20)
+"""
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True, check=True)
+        kept, returned_mb = out.stdout.split()
+        return kept == "True", int(returned_mb)
+    assert run("default") == (False, 64)
+    kept, returned_mb = run("keep")
+    assert kept and returned_mb < 8
 
 
 def test_schedule_key_points():
