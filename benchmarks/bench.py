@@ -147,11 +147,8 @@ def main():
     else:
         # as train.py does on a CPU; process-wide, so both sides run with it
         allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
-        peak = matmul_peak(device, torch.float32)
-        peak_note = f"measured 2048^3 fp32 torch.mm; {allocator}"
-    print(f"{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
-          f"GFLOP/s ({peak_note})")
+        peak = None  # measured below, a round at a time, beside the steps
+        peak_note = f"measured 2048^3 fp32 torch.mm, median of the rounds; {allocator}"
     builders = {"ours": ours, "openclip": openclip}
     runs = []
     for side in args.sides.split(","):
@@ -168,9 +165,18 @@ def main():
             runs.append(run)
     # the sides take turns, round after round, and each reports its median round: a machine that
     # slows down for a while (other work, clocks, a noisy neighbour) then weighs on every side alike
+    # the CPU's matmul rate too is measured once a round, under the same conditions as the steps
+    matmul_rates = []
     for _ in tqdm(range(args.rounds), desc="rounds", disable=args.rounds < 2):
         for run in runs:
             run["rates"].append(args.steps * args.batch_size / time_steps(run["step"], args.steps, device))
+        if device.type == "cpu":
+            matmul_rates.append(matmul_peak(device, torch.float32))
+    if device.type == "cpu":
+        peak = statistics.median(matmul_rates)
+    print(f"{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
+          f"GFLOP/s ({peak_note})")
     results = []
     for run in runs:
         r = {k: v for k, v in run.items() if k != "step"}
