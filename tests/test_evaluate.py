@@ -87,8 +87,8 @@ def test_imagefolder_loading_and_the_cli(tmp_path):
 def test_the_demo_learns_shapes_and_colours(tmp_path):
     """The tiny model trained on the shapes set on CPU must beat chance (1/5 shapes, 1/6 colours) by far."""
     data, out = str(tmp_path / "shapes"), str(tmp_path / "run")
-    train.main(["--config", "demo", "--data_dir", data, "--out_dir", out, "--max_steps", "450",
-                "--eval_interval", "450", "--checkpoint_interval", "450"])
+    train.main(["--config", "demo", "--data_dir", data, "--out_dir", out,
+                "--eval_interval", "600", "--checkpoint_interval", "600"])
     results = evaluate.main([os.path.join(out, "best.pt"), "--zeroshot", data, "--json", str(tmp_path / "r.json")])
     print(results)
     assert results["zeroshot"]["color"]["top1"] >= 0.90
