@@ -237,9 +237,10 @@ def peak_flops(device):
 def keep_freed_memory():
     """CPU training: ask glibc to keep freed memory for the next step instead of handing it back.
     By default every freed block over 32 MB goes back to the OS and the next step faults it in again,
-    page by page: the token embedding's fresh gradient in every backward alone (100k x 128 floats,
-    51 MB) costs 17 ms that way and 4 ms from kept memory, on a 2-core machine. Other C libraries (or
-    a jemalloc/tcmalloc preloaded by the user) are left as they are. Returns whether it took effect."""
+    page by page: the backward of the token table alone (its fresh 100k x 128 gradient, 51 MB) takes
+    33 ms that way and 9 ms from kept memory on a 2-core machine (benchmarks/bench_embedding.py).
+    Other C libraries, or a jemalloc/tcmalloc preloaded by the user, are left as they are.
+    Returns whether it took effect."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
