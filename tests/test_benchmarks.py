@@ -1,0 +1,35 @@
+import os
+import platform
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_training_step_benchmark_reports_throughput_and_mfu():
+    # our side only (OpenCLIP lives in a separate environment); one short round
+    out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours", "--rounds", "1",
+              "--steps", "1", "--warmup", "1")
+    line = next(l for l in out.splitlines() if l.startswith("ours"))
+    samples_per_s, mfu = re.search(r"([\d.]+) samples/s .* MFU ([\d.]+)%", line).groups()
+    assert float(samples_per_s) > 0 and 0 < float(mfu) < 200
+    assert "GFLOP per sample" in out
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the kept-memory allocator setting is glibc's")
+def test_token_table_benchmark_reports_every_part():
+    out = run("bench_embedding.py", "--width", "16", "--tokens", "64", "--rounds", "1", "--reps", "1")
+    parts = dict(re.findall(r"^(.+?)\s+([\d.]+) ms a step", out, flags=re.M))
+    assert set(parts) == {"gradient, default allocator", "gradient, freed memory kept", "AdamW fused",
+                          "AdamW foreach", "AdamW per-tensor loop"}
+    assert all(float(v) > 0 for v in parts.values())
