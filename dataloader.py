@@ -184,7 +184,12 @@ class ShardDataset(torch.utils.data.Dataset):
             captions.append(caption)
             labels.append(label)
         images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-        return images, self.tokenizer(captions), skipped, labels
+        tokens = self.tokenizer(captions)
+        # the text tower reads each caption at its first end-of-text token and, being causal, never
+        # looks past it: the columns after the batch's longest caption are padding that changes
+        # nothing, so they are dropped. A batch of short captions then costs their length, not context_length.
+        longest = int((tokens == self.tokenizer.eot).int().argmax(dim=1).max()) + 1
+        return images, tokens[:, :longest].contiguous(), skipped, labels
 
 
 class ShardLoader:

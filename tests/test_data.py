@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import prep_dataset
-from clip import Tokenizer
+from clip import CLIP, Tokenizer, get_config
 from dataloader import ShardLoader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,7 +270,32 @@ def test_images_come_out_at_the_model_size(tmp_path, shard_size, model_size):
                              num_workers=0, train=train, augment=augment)
         images, tokens = next(iter(loader))
         assert images.shape == (4, 3, model_size, model_size) and images.dtype == torch.uint8
-        assert tokens.shape == (4, 8) and tokens.dtype == torch.int32
+        assert tokens.shape[0] == 4 and 2 <= tokens.shape[1] <= 8 and tokens.dtype == torch.int32
+
+
+def test_batches_drop_the_padding_after_the_longest_caption(tmp_path):
+    # captions of 1 to 12 words; the batch keeps the columns up to its longest caption's end-of-text,
+    # which leaves every caption's text features as they are with the full context_length of padding
+    os.makedirs(tmp_path / "train")
+    words = "a small red circle in the top left corner of a white square".split()
+    members = []
+    for i in range(12):
+        members += [(f"{i:03d}.jpg", jpeg((i, i, i))), (f"{i:03d}.txt", " ".join(words[: i + 1]).encode())]
+    write_tar(tmp_path / "train" / "a.tar", members)
+    cfg = get_config("tiny", vision_layers=1, text_layers=2, context_length=32)
+    tok = Tokenizer(cfg.encoding, cfg.context_length)
+    loader = ShardLoader(tmp_path, "train", batch_size=4, image_size=32, context_length=32, num_workers=0, train=False)
+    model = CLIP(cfg).eval()
+    widths = []
+    for _, tokens in loader:
+        captions = [tok.decode(t) for t in tokens]
+        full = tok(captions)
+        widths.append(tokens.shape[1])
+        assert tokens.shape[1] == max(len(tok.enc.encode_ordinary(c)) for c in captions) + 1
+        assert torch.equal(tokens, full[:, : tokens.shape[1]]) and (full[:, tokens.shape[1]:] == tok.eot).all()
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_text(tokens), model.encode_text(full), rtol=1e-5, atol=1e-6)
+    assert widths == sorted(widths) and widths[0] < widths[-1] < 32  # captions grow with the sample number
 
 
 def test_eval_loader_is_ordered_and_can_keep_the_partial_batch(tmp_path):
