@@ -386,12 +386,14 @@ def count_parameters(cfg: CLIPConfig):
             "token_embedding": model.text.token_embedding.weight.numel(), "total": count(model)}
 
 
-def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True):
+def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True, text_length=None):
     """Training FLOPs for one (image, caption) pair, as the model runs them: 3x the forward (backward
     costs twice the forward), counting 2 FLOPs per multiply-add of every matmul; the token lookup is
     free. Attention scores are counted in full for the causal tower too, the usual convention (PaLM,
     nanoGPT). The last layer of each tower computes only its pooled row, and is counted so; with
-    pooled_last_layer=False, in full, as models that run every row there do (for comparisons)."""
+    pooled_last_layer=False, in full, as models that run every row there do (for comparisons).
+    text_length: the caption positions a batch runs (the loader cuts batches after their longest
+    caption); context_length if not given."""
     def tower(tokens, width, layers):
         if layers == 0:
             return 0
@@ -404,5 +406,5 @@ def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True):
     vision = (2 * n_patches * 3 * cfg.patch_size ** 2 * cfg.vision_width
               + tower(n_patches + 1, cfg.vision_width, cfg.vision_layers)
               + 2 * cfg.vision_width * cfg.embed_dim)
-    text = tower(cfg.context_length, cfg.text_width, cfg.text_layers) + 2 * cfg.text_width * cfg.embed_dim
+    text = tower(text_length or cfg.context_length, cfg.text_width, cfg.text_layers) + 2 * cfg.text_width * cfg.embed_dim
     return 3 * (vision + text)

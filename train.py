@@ -422,18 +422,19 @@ def main(argv=None):
         print(f"saved {path}")
 
     # ---- the loop
-    flops = flops_per_sample(model_cfg)
     peak = peak_flops(device)
     batches = iter(train_loader)
     zero = lambda: torch.zeros((), device=device)
     loss_sum, good_steps, bad_run, bad_max_run, bad_total = zero(), zero(), zero(), zero(), zero()
-    t_last, steps_since = time.time(), 0
+    t_last, steps_since, flops_since = time.time(), 0, 0.0
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, tokens = next(batches)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        # this rank's work: its batch's captions run only up to the longest one (see dataloader.py)
+        flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
         loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         # a non-finite loss or gradient skips the update, decided on the device: no host sync per step
@@ -468,11 +469,11 @@ def main(argv=None):
                       "grad_norm": stats[1], "logit_scale": stats[5], "samples_per_s": samples_per_s, "bad_steps": int(stats[2]),
                       "epoch": train_loader.epoch, "skipped_samples": train_loader.skipped}
             if peak:
-                record["mfu"] = flops * samples_per_s / (peak * world)
+                record["mfu"] = flops_since / dt / peak
             logger.log(record)
             loss_sum.zero_()
             good_steps.zero_()
-            t_last, steps_since = time.time(), 0
+            t_last, steps_since, flops_since = time.time(), 0, 0.0
         last = step == cfg.max_steps
         t_pause = time.time()
         val = run_eval() if step % cfg.eval_interval == 0 or last else None

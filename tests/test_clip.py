@@ -73,15 +73,18 @@ def test_cost_estimate_matches_parameter_count():
     # for a transformer, forward FLOPs per token ~ 2 x (matmul parameters); check the text tower exactly
     cfg = get_config("tiny", image_size=32, patch_size=32, vision_layers=0)  # one patch, no vision blocks
     counts = count_parameters(cfg)
-    w, T = cfg.text_width, cfg.context_length
+    w = cfg.text_width
     blocks = CLIP(cfg).text.transformer.blocks
     matmul = lambda block: sum(p.numel() for n, p in block.named_parameters() if n.endswith("weight") and p.dim() == 2)
-    # every block but the last: all T rows; the last: keys and values (2w^2 per row) of all T rows, the rest for one row
-    text = sum(2 * T * matmul(b) + 4 * T * T * w for b in blocks[:-1])
-    text += 2 * T * 2 * w * w + 2 * (matmul(blocks[-1]) - 2 * w * w) + 4 * T * w
-    text += 2 * w * cfg.embed_dim
     vision = 2 * 3 * 32 * 32 * cfg.vision_width + 2 * cfg.vision_width * cfg.embed_dim
-    assert flops_per_sample(cfg) == 3 * (text + vision)
+    for T in (cfg.context_length, 5):  # full length, and a batch the loader cut after 5 positions
+        # every block but the last: all T rows; the last: keys and values (2w^2 per row) of all T rows, the rest for one row
+        text = sum(2 * T * matmul(b) + 4 * T * T * w for b in blocks[:-1])
+        text += 2 * T * 2 * w * w + 2 * (matmul(blocks[-1]) - 2 * w * w) + 4 * T * w
+        text += 2 * w * cfg.embed_dim
+        assert flops_per_sample(cfg, text_length=T) == 3 * (text + vision)
+        if T == cfg.context_length:
+            assert flops_per_sample(cfg) == 3 * (text + vision)
     assert counts["total"] == counts["vision"] + counts["text"] + 1
 
 

@@ -11,12 +11,13 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import logger
 import prep_dataset
 import train
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
-from clip import CLIP, clip_loss, get_config
+from clip import CLIP, Tokenizer, clip_loss, flops_per_sample, get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,6 +250,28 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path, mon
     monkeypatch.setattr(train, "clip_loss", lambda *a: clip_loss(*a) * float("nan"))
     with pytest.raises(SystemExit, match="non-finite steps in a row"):
         train.main(run_args(shapes_dir, str(tmp_path / "run2"), max_steps=20, max_bad_steps=3, eval_interval=100))
+
+
+def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch):
+    # every caption is "a red circle": the loader cuts each batch after 4 positions, not 32, and the
+    # logged MFU must count those 4, or it would overstate the hardware's use about 3x on the text tower
+    src = tmp_path / "src"
+    os.makedirs(src)
+    for i in range(24):
+        Image.new("RGB", (40, 40), (10 * i, 0, 0)).save(src / f"{i}.jpg")
+        (src / f"{i}.txt").write_text("a red circle")
+    data = str(tmp_path / "data")
+    prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", data, "--image_size", "64",
+                       "--val_fraction", "0.25", "--workers", "1"])
+    peak = 1e12
+    monkeypatch.setattr(train, "peak_flops", lambda device: peak)
+    out = str(tmp_path / "run")
+    train.main(run_args(data, out, batch_size=8, max_steps=2, eval_interval=100))
+    cfg = get_config("tiny")
+    T = len(Tokenizer(cfg.encoding, cfg.context_length).enc.encode_ordinary("a red circle")) + 1
+    for r in read_log(out):
+        assert r["mfu"] == pytest.approx(flops_per_sample(cfg, text_length=T) * r["samples_per_s"] / peak, rel=1e-9)
+        assert r["mfu"] < flops_per_sample(cfg) * r["samples_per_s"] / peak
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
