@@ -5,6 +5,8 @@ side by side in one run (same batch, precision, thread count, torch).
     python benchmarks/bench.py --model tiny --batch_size 128
     python benchmarks/bench.py --model ViT-B/32 --batch_size 16 --compile both
     python benchmarks/bench.py --model base --batch_size 256 --precision bf16 --compile true   # one GPU
+    python benchmarks/bench.py --model tiny --patch_size 8 --vision_width 192 --text_width 192 \
+        --vision_layers 6 --text_layers 6 --vision_heads 3 --text_heads 3 --embed_dim 192        # any size field
 
 MFU = achieved FLOP/s / peak. The peak is, on a CPU, this machine's own fp32 matmul rate measured in the
 same run (a 2048^3 torch.mm); on a GPU, the datasheet's dense bf16 figure (train.PEAK_BF16_FLOPS).
@@ -18,6 +20,7 @@ needs a torch of its own release, so keep it in a separate environment and run b
 Without open_clip installed, only our side is measured.
 """
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
@@ -28,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clip import CLIP, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
+from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from train import PEAK_BF16_FLOPS, keep_freed_memory, param_groups  # noqa: E402
 
 
@@ -132,11 +135,15 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved; the median is reported")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sides", default="ours,openclip")
+    # the architecture's size fields override the preset's (both sides are built from the same config)
+    sizes = [f.name for f in dataclasses.fields(CLIPConfig) if f.type in (int, "int")]
+    for name in sizes:
+        p.add_argument(f"--{name}", type=int, help="overrides the preset")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    cfg = get_config(args.model)
+    cfg = get_config(args.model, **{k: getattr(args, k) for k in sizes if getattr(args, k) is not None})
     flops = flops_per_sample(cfg)
     # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
     side_flops = {"ours": flops, "openclip": flops_per_sample(cfg, pooled_last_layer=False)}
@@ -174,7 +181,7 @@ def main():
             matmul_rates.append(matmul_peak(device, torch.float32))
     if device.type == "cpu":
         peak = statistics.median(matmul_rates)
-    print(f"{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
+    print(f"{cfg}\n{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
           f"GFLOP/s ({peak_note})")
     results = []

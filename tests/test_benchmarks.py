@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from clip import get_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,9 +19,10 @@ def run(script, *args):
 
 
 def test_training_step_benchmark_reports_throughput_and_mfu():
-    # our side only (OpenCLIP lives in a separate environment); one short round
+    # our side only (OpenCLIP lives in a separate environment); one short round, with size overrides
     out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours", "--rounds", "1",
-              "--steps", "1", "--warmup", "1")
+              "--steps", "1", "--warmup", "1", "--patch_size", "32", "--text_layers", "2")
+    assert repr(get_config("tiny", patch_size=32, text_layers=2)) in out.splitlines()
     line = next(l for l in out.splitlines() if l.startswith("ours"))
     samples_per_s, mfu = re.search(r"([\d.]+) samples/s .* MFU ([\d.]+)%", line).groups()
     assert float(samples_per_s) > 0 and 0 < float(mfu) < 200
