@@ -28,7 +28,7 @@ from itertools import islice
 from multiprocessing import Pool
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -200,13 +200,15 @@ SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder,
 
 
 def resize_and_crop(img, size):
-    """Shorter side to `size`, then the centre square."""
+    """An opened, not yet decoded image -> its centre square at size x size, upright, RGB."""
+    w, h = img.size
+    if img.format == "JPEG" and size / min(w, h) < 0.5:
+        # let the JPEG decoder downscale by 1/2, 1/4 or 1/8 for free: possible only before it decodes
+        img.draft("RGB", (int(w * size / min(w, h)) + 1, int(h * size / min(w, h)) + 1))
+    img.load()  # truncated or corrupt files fail here, not later
+    img = ImageOps.exif_transpose(img)  # phone photos store their pixels sideways plus a rotation tag
     w, h = img.size
     scale = size / min(w, h)
-    if img.format == "JPEG" and scale < 0.5:
-        img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))  # let the JPEG decoder downscale for free
-        w, h = img.size
-        scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     left, top = (nw - size) // 2, (nh - size) // 2
     # resize straight to the crop: PIL's box= crops in source coordinates and resamples in one go
@@ -236,9 +238,7 @@ def process_sample(item, image_size, quality):
         if isinstance(image, tuple):  # the shapes set renders its own image
             img = render_shape(image[1], image[2], image_size)
         else:
-            img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
-            img.load()  # truncated or corrupt files fail here, not later
-            img = resize_and_crop(img, image_size)
+            img = resize_and_crop(Image.open(io.BytesIO(image) if isinstance(image, bytes) else image), image_size)
         out = io.BytesIO()
         img.save(out, "JPEG", quality=quality)
     except Exception:  # PIL raises many types for bad files; any of them means "skip this one"

@@ -36,3 +36,10 @@ def test_token_table_benchmark_reports_every_part():
     assert set(parts) == {"gradient, default allocator", "gradient, freed memory kept", "AdamW fused",
                           "AdamW foreach", "AdamW per-tensor loop"}
     assert all(float(v) > 0 for v in parts.values())
+
+
+def test_prep_benchmark_reports_both_decodes():
+    out = run("bench_prep.py", "--sizes", "640x480", "--image_size", "64", "--images", "2", "--rounds", "1")
+    fast, slow, ratio = re.search(r"640x480 -> 64 px: reduced-scale decode\s+([\d.]+) img/s \| full-size decode\s+"
+                                  r"([\d.]+) img/s \| ([\d.]+)x", out).groups()
+    assert float(fast) > 0 and float(slow) > 0 and float(ratio) > 0

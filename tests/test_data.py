@@ -173,6 +173,34 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
 
 
+def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
+    src = tmp_path / "src"
+    os.makedirs(src)
+    # stored 120x80, red left and blue right, tagged "rotate 90 degrees clockwise to display" (EXIF 6),
+    # as phones save portrait photos: shown upright it is 80x120, red on top and blue below
+    sideways = np.zeros((80, 120, 3), np.uint8)
+    sideways[:, :60], sideways[:, 60:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(sideways).save(src / "phone.jpg", exif=exif)
+    (src / "phone.txt").write_text("a portrait photo")
+    # a big JPEG, which the decoder may shrink 8x on the way in: the result must match a full-size decode
+    rng = np.random.default_rng(0)
+    big = (np.linspace(0, 200, 1024)[None, :, None] + np.linspace(0, 50, 768)[:, None, None]
+           + rng.integers(0, 6, (768, 1024, 3))).astype(np.uint8)
+    Image.fromarray(big).save(src / "big.jpg", quality=95)
+    (src / "big.txt").write_text("a big photo")
+    prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
+                       "--image_size", "64", "--val_fraction", "0", "--workers", "1"])
+    by_caption = {c: np.asarray(img, dtype=float) for img, c in
+                  tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
+    upright = by_caption["a portrait photo"]
+    assert upright[:24, :, 0].mean() > 200 and upright[:24, :, 2].mean() < 60  # red on top
+    assert upright[-24:, :, 2].mean() > 200 and upright[-24:, :, 0].mean() < 60  # blue below
+    full = Image.open(src / "big.jpg").convert("RGB").resize((64, 64), Image.BICUBIC, box=(128, 0, 896, 768))
+    assert np.abs(by_caption["a big photo"] - np.asarray(full, dtype=float)).mean() < 3
+
+
 def test_webdataset_source_and_truncated_tar(tmp_path):
     members = [("k1.jpg", jpeg((1, 2, 3))), ("k1.txt", b"first"),
                ("k2.png", jpeg((1, 2, 3))), ("k2.json", json.dumps({"caption": "second"}).encode()),
