@@ -101,14 +101,17 @@ class Tokenizer:
         self.eot = self.enc.eot_token
         self.pad = self.eot
 
-    def __call__(self, captions):
+    def __call__(self, captions, trim=False):
+        """trim=True: only as many columns as the longest caption needs (with its end-of-text). The text
+        tower is causal and reads each caption at its end-of-text, so the padding after it changes nothing:
+        a batch of 8-token captions then costs 8 positions instead of context_length."""
         if isinstance(captions, str):
             captions = [captions]
         # encode_ordinary: text that looks like a special token is just text, never a control token
-        ids = self.enc.encode_ordinary_batch(list(captions))
-        out = torch.full((len(ids), self.context_length), self.pad, dtype=torch.int32)
+        ids = [seq[: self.context_length - 1] + [self.eot] for seq in self.enc.encode_ordinary_batch(list(captions))]
+        width = max(map(len, ids), default=1) if trim else self.context_length
+        out = torch.full((len(ids), width), self.pad, dtype=torch.int32)
         for i, seq in enumerate(ids):
-            seq = seq[: self.context_length - 1] + [self.eot]
             out[i, : len(seq)] = torch.tensor(seq, dtype=torch.int32)
         return out
 

@@ -184,12 +184,8 @@ class ShardDataset(torch.utils.data.Dataset):
             captions.append(caption)
             labels.append(label)
         images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-        tokens = self.tokenizer(captions)
-        # the text tower reads each caption at its first end-of-text token and, being causal, never
-        # looks past it: the columns after the batch's longest caption are padding that changes
-        # nothing, so they are dropped. A batch of short captions then costs their length, not context_length.
-        longest = int((tokens == self.tokenizer.eot).int().argmax(dim=1).max()) + 1
-        return images, tokens[:, :longest].contiguous(), skipped, labels
+        # trim: the columns after the batch's longest caption are padding the causal text tower never reads
+        return images, self.tokenizer(captions, trim=True), skipped, labels
 
 
 class ShardLoader:

@@ -60,7 +60,8 @@ def class_embeddings(model, tokenizer, classnames, templates, device, autocast):
     """(C, embed_dim): per class, the normalised mean of its templates' normalised text embeddings."""
     rows = []
     for name in classnames:
-        tokens = tokenizer([t.format(name) if "{}" in t else f"{t} {name}" for t in templates]).to(device)
+        prompts = [t.format(name) if "{}" in t else f"{t} {name}" for t in templates]
+        tokens = tokenizer(prompts, trim=True).to(device)  # prompts are short: no need to run the padding
         with autocast:
             emb = model.encode_text(tokens).float()
         rows.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=0))

@@ -177,6 +177,21 @@ def test_tokenizer_round_trip_and_edge_cases():
     assert int((ids[5] == tok.eot).nonzero()[0]) > 1
 
 
+def test_trimmed_tokens_give_the_same_text_features():
+    torch.manual_seed(0)
+    cfg = small_config()
+    model = CLIP(cfg).eval()
+    tok = Tokenizer(cfg.encoding, cfg.context_length)
+    short = ["a red circle", "a large blue triangle in the bottom right", ""]
+    full, trimmed = tok(short), tok(short, trim=True)
+    width = max(len(tok.enc.encode_ordinary(c)) for c in short) + 1
+    assert trimmed.shape == (3, width) and width < cfg.context_length and torch.equal(trimmed, full[:, :width])
+    assert (full[:, width:] == tok.eot).all()
+    torch.testing.assert_close(model.encode_text(trimmed), model.encode_text(full), rtol=1e-5, atol=1e-6)
+    assert tok(short + ["word " * 500], trim=True).shape == (4, cfg.context_length)  # truncated: full width
+    assert tok([], trim=True).shape[0] == 0
+
+
 def test_default_encoding_is_offline_cl100k():
     tok = Tokenizer()
     assert tok.enc.n_vocab == 100277 and tok.eot == 100257
