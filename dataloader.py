@@ -97,13 +97,13 @@ class ShardDataset(torch.utils.data.Dataset):
     """Item k is the k-th local batch from the start of epoch 0 (epochs of `batches_per_epoch`)."""
 
     def __init__(self, paths, batch_size, image_size, context_length, encoding, train, seed, rank,
-                 world_size, augment, crop_scale, shuffle_buffer, drop_last, with_labels):
+                 world_size, augment, crop_scale, shuffle_buffer, drop_last, with_labels, trim_tokens):
         assert batch_size % world_size == 0, f"batch_size {batch_size} must divide by the {world_size} ranks"
         self.paths, self.image_size, self.train, self.seed, self.rank = paths, image_size, train, seed, rank
         self.global_batch, self.local_batch = batch_size, batch_size // world_size
         self.augment, self.crop_scale, self.shuffle_buffer = augment, crop_scale, shuffle_buffer
         self.context_length, self.encoding, self.tokenizer = context_length, encoding, None
-        self.with_labels = with_labels
+        self.with_labels, self.trim_tokens = with_labels, trim_tokens
         # the index: one row per complete sample: shard, then (offset, size) of its image, caption and labels
         rows, self.shard_rows, self.skipped_at_index = [], [], 0
         for s, path in enumerate(paths):
@@ -184,21 +184,22 @@ class ShardDataset(torch.utils.data.Dataset):
             captions.append(caption)
             labels.append(label)
         images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-        # trim: the columns after the batch's longest caption are padding the causal text tower never reads
-        return images, self.tokenizer(captions, trim=True), skipped, labels
+        return images, self.tokenizer(captions, trim=self.trim_tokens), skipped, labels
 
 
 class ShardLoader:
     """Iterating a train loader goes on forever, epoch after epoch, from its state; an eval loader
-    (train=False) makes one pass in order, with no augmentation."""
+    (train=False) makes one pass in order, with no augmentation. Token ids come as (B, context_length);
+    with trim_tokens=True only up to the batch's longest caption, which is all the causal text tower
+    reads (training and evaluation use that: short captions then cost their own length)."""
 
     def __init__(self, data_dir, split, batch_size, image_size, context_length, encoding="cl100k_base",
                  train=True, seed=0, rank=0, world_size=1, num_workers=2, augment=False, crop_scale=(0.8, 1.0),
-                 shuffle_buffer=10_000, pin_memory=False, drop_last=True, with_labels=False):
+                 shuffle_buffer=10_000, pin_memory=False, drop_last=True, with_labels=False, trim_tokens=False):
         assert drop_last or world_size == 1, "a partial last batch would differ across ranks"
         self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
                                     encoding, train, seed, rank, world_size, augment, crop_scale,
-                                    shuffle_buffer, drop_last, with_labels)
+                                    shuffle_buffer, drop_last, with_labels, trim_tokens)
         self.train, self.num_workers, self.pin_memory, self.with_labels = train, num_workers, pin_memory, with_labels
         self.step = 0  # batches handed out since the start of epoch 0
         self.skipped_in_batches = 0

@@ -83,7 +83,7 @@ def shard_split(path):
 def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None, batch_size=256, num_workers=2):
     """One ordered pass over shards -> image embeddings, caption embeddings, and the samples' labels."""
     loader = ShardLoader(data_dir, split, batch_size, cfg.image_size, cfg.context_length, cfg.encoding,
-                         train=False, drop_last=False, with_labels=True, num_workers=num_workers)
+                         train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True)
     images, texts, labels = [], [], []
     total = min(len(loader), -(-max_samples // batch_size)) if max_samples else len(loader)
     for b, (img, tok, lab) in enumerate(tqdm(loader, total=total, desc="embed", leave=False, disable=total < 5)):

@@ -351,7 +351,7 @@ def main(argv=None):
             manifest = json.load(f)
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
-                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda", trim_tokens=True)
     train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
     val_loader = None

@@ -298,7 +298,7 @@ def test_images_come_out_at_the_model_size(tmp_path, shard_size, model_size):
                              num_workers=0, train=train, augment=augment)
         images, tokens = next(iter(loader))
         assert images.shape == (4, 3, model_size, model_size) and images.dtype == torch.uint8
-        assert tokens.shape[0] == 4 and 2 <= tokens.shape[1] <= 8 and tokens.dtype == torch.int32
+        assert tokens.shape == (4, 8) and tokens.dtype == torch.int32
 
 
 def test_batches_drop_the_padding_after_the_longest_caption(tmp_path):
@@ -312,7 +312,8 @@ def test_batches_drop_the_padding_after_the_longest_caption(tmp_path):
     write_tar(tmp_path / "train" / "a.tar", members)
     cfg = get_config("tiny", vision_layers=1, text_layers=2, context_length=32)
     tok = Tokenizer(cfg.encoding, cfg.context_length)
-    loader = ShardLoader(tmp_path, "train", batch_size=4, image_size=32, context_length=32, num_workers=0, train=False)
+    loader = ShardLoader(tmp_path, "train", batch_size=4, image_size=32, context_length=32, num_workers=0, train=False,
+                         trim_tokens=True)
     model = CLIP(cfg).eval()
     widths = []
     for _, tokens in loader:
@@ -324,6 +325,8 @@ def test_batches_drop_the_padding_after_the_longest_caption(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model.encode_text(tokens), model.encode_text(full), rtol=1e-5, atol=1e-6)
     assert widths == sorted(widths) and widths[0] < widths[-1] < 32  # captions grow with the sample number
+    plain = ShardLoader(tmp_path, "train", batch_size=4, image_size=32, context_length=32, num_workers=0, train=False)
+    assert all(tokens.shape == (4, 32) for _, tokens in plain)  # by default: the full context_length
 
 
 def test_eval_loader_is_ordered_and_can_keep_the_partial_batch(tmp_path):
