@@ -433,7 +433,7 @@ def main(argv=None):
             group["lr"] = lr
         images, tokens = next(batches)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        # this rank's work: its batch's captions run only up to the longest one (see dataloader.py)
+        # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
         flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
         loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)

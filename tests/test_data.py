@@ -199,6 +199,10 @@ def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
     assert upright[-24:, :, 2].mean() > 200 and upright[-24:, :, 0].mean() < 60  # blue below
     full = Image.open(src / "big.jpg").convert("RGB").resize((64, 64), Image.BICUBIC, box=(128, 0, 896, 768))
     assert np.abs(by_caption["a big photo"] - np.asarray(full, dtype=float)).mean() < 3
+    # and the decoder did shrink it: 1/8 scale is the smallest that still covers 64 px
+    opened = Image.open(src / "big.jpg")
+    prep_dataset.resize_and_crop(opened, 64)
+    assert opened.size == (128, 96)
 
 
 def test_webdataset_source_and_truncated_tar(tmp_path):

@@ -254,7 +254,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path, mon
 
 def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch):
     # every caption is "a red circle": the loader cuts each batch after 4 positions, not 32, and the
-    # logged MFU must count those 4, or it would overstate the hardware's use about 3x on the text tower
+    # logged MFU must count those 4, or it would count text-tower work that never ran
     src = tmp_path / "src"
     os.makedirs(src)
     for i in range(24):
