@@ -189,15 +189,17 @@ def load_model(path, device):
     return model.to(device).eval(), cfg
 
 
-def print_table(results):
-    print(f"{'metric':<40} {'value':>8}")
+def print_table(results, prefix=""):
+    """One row per figure; nested results (the shapes set's tasks) as task/metric."""
+    if not prefix:
+        print(f"{'metric':<40} {'value':>8}")
     for key, value in results.items():
-        if isinstance(value, float):
-            print(f"{key:<40} {100 * value:>7.2f}%")
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if isinstance(v, float):
-                    print(f"{key + '/' + k:<40} {100 * v:>7.2f}%")
+        if isinstance(value, dict):
+            print_table(value, f"{prefix}{key}/")
+        elif isinstance(value, float):
+            print(f"{prefix + key:<40} {100 * value:>7.2f}%")
+        else:
+            print(f"{prefix + key:<40} {value:>8}")
 
 
 def main(argv=None):

@@ -53,7 +53,7 @@ def test_a_perfect_model_scores_100_percent():
     assert evaluate.topk_accuracy(classes[targets] @ classes.T, targets) == {"top1": 1.0, "top5": 1.0}
 
 
-def test_imagefolder_loading_and_the_cli(tmp_path):
+def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     root = tmp_path / "folder"
     colors = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 60, 230)}
     for name, rgb in colors.items():
@@ -82,6 +82,14 @@ def test_imagefolder_loading_and_the_cli(tmp_path):
     assert saved["retrieval_samples"] == 30
     for k in (1, 5, 10):
         assert 0 <= saved[f"image_to_text_R@{k}"] <= 1 and 0 <= saved[f"text_to_image_R@{k}"] <= 1
+    # the shapes set's own tasks: each task's figures are printed, not only their mean
+    capsys.readouterr()
+    results = evaluate.main([ckpt, "--zeroshot", str(tmp_path / "shapes")])
+    printed = capsys.readouterr().out
+    for task in ("shape", "color"):
+        for k in ("top1", "top5"):
+            assert f"zeroshot/{task}/{k}" in printed
+            assert f"{100 * results['zeroshot'][task][k]:.2f}%" in printed
 
 
 def test_the_demo_learns_shapes_and_colours(tmp_path):
