@@ -8,7 +8,8 @@ Trains CLIP. One script for every scale:
              --rdzv_endpoint=HOST:29500 train.py                    # two nodes (run on each, node_rank 0 and 1)
 
     python train.py --config demo --resume                          # continue from the newest checkpoint
-    python train.py --config demo --resume runs/demo/ckpt-00000300.pt
+    python train.py --resume runs/demo/ckpt-00000300.pt             # with the settings that run had
+    python train.py --resume runs/demo/ckpt-00000600.pt --max_steps 1000   # ... but for longer
     python train.py --init_from runs/demo/best.pt --data_dir ...    # fine-tune: weights only, fresh optimizer
 
 Every field of TrainConfig is a flag of the same name (--batch_size 512, --compile true); --config NAME
@@ -97,8 +98,9 @@ def parse_bool(text):
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-def parse_args(argv):
-    """--config NAME first, then --field value / --field=value for any TrainConfig field."""
+def parse_args(argv, resumed=None):
+    """--config NAME first, then --field value / --field=value for any TrainConfig field. resumed: the
+    settings of the run being resumed; they take precedence over the named config, the flags over them."""
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     pairs, i = [], 0
     while i < len(argv):
@@ -118,12 +120,12 @@ def parse_args(argv):
                 value, i = argv[i + 1], i + 1
         pairs.append((key, value))
         i += 1
-    overrides = {}
+    preset, overrides = {}, {}
     for key, value in pairs:
         if key == "config":
             if value not in CONFIGS:
                 sys.exit(f"unknown --config {value!r}; choose one of {list(CONFIGS)}")
-            overrides = {**CONFIGS[value], **overrides}
+            preset = CONFIGS[value]
             continue
         if key not in kinds:
             close = [k for k in kinds if key in k or k in key]
@@ -133,7 +135,8 @@ def parse_args(argv):
             overrides[key] = parse_bool(value) if kind is bool else kind(value)
         except ValueError as e:
             sys.exit(f"--{key}: {e}")
-    return TrainConfig(**overrides)
+    resumed = {k: v for k, v in (resumed or {}).items() if k in kinds and k not in ("resume", "init_from")}
+    return TrainConfig(**{**preset, **resumed, **overrides})
 
 # -----------------------------------------------------------------------------
 # the schedule and the optimizer
@@ -270,7 +273,31 @@ def val_loss(model, loader, max_batches, device, autocast):
 
 
 def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    # ---- the checkpoint to start from, if any. A resumed run keeps its own settings (batch, schedule,
+    # data, seed); flags given now override them, e.g. a larger --max_steps to train on
+    manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
+    start, start_path = None, None
+    if cfg.resume == "latest":
+        start, start_path = manager.load_latest()
+        if start is None:
+            sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
+    elif cfg.resume:
+        start, start_path = load_checkpoint(cfg.resume), cfg.resume
+    elif cfg.init_from:
+        start, start_path = load_checkpoint(cfg.init_from), cfg.init_from
+    elif manager.checkpoints():
+        # never overwrite an earlier run by accident
+        sys.exit(f"{cfg.out_dir} already holds checkpoints of an earlier run: continue it with --resume, "
+                 f"or start over with another --out_dir (or delete {cfg.out_dir}).")
+    if cfg.resume:
+        # the run lives where its checkpoint is, wherever it was first started
+        resumed = {**start.get("config", {}), "out_dir": os.path.dirname(start_path) or "."}
+        cfg = parse_args(argv, resumed)
+        manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
+        changed = [f"{k} {resumed[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
+                   if k in resumed and k not in ("out_dir", "resume") and resumed[k] != v]
     for name, allowed in (("compile", ("auto", "true", "false")), ("precision", ("auto", "bf16", "fp32")),
                           ("loss", ("clip", "siglip"))):
         if getattr(cfg, name) not in allowed:
@@ -309,25 +336,12 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
 
-    # ---- the checkpoint to start from, if any
-    manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
-    start, start_path = None, None
-    if cfg.resume == "latest":
-        start, start_path = manager.load_latest()
-        if start is None:
-            sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
-    elif cfg.resume:
-        start, start_path = load_checkpoint(cfg.resume), cfg.resume
-    elif cfg.init_from:
-        start, start_path = load_checkpoint(cfg.init_from), cfg.init_from
-    elif manager.checkpoints():
-        # never overwrite an earlier run by accident
-        sys.exit(f"{cfg.out_dir} already holds checkpoints of an earlier run: continue it with --resume, "
-                 f"or start over with another --out_dir (or delete {cfg.out_dir}).")
     if start is not None:
         model_cfg = CLIPConfig(**start["model_config"])
         if master:
             print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")
+            if cfg.resume and changed:
+                print("  with settings changed from the run's own: " + ", ".join(changed))
     else:
         model_cfg = get_config(cfg.model, loss=cfg.loss)
 
@@ -420,6 +434,10 @@ def main(argv=None):
                  "model_config": asdict(model_cfg), "encoding": model_cfg.encoding, "val_loss": val}
         path = manager.save(step, state, val)
         print(f"saved {path}")
+
+    if step >= cfg.max_steps and master:
+        print(f"the run is already at step {step} of --max_steps {cfg.max_steps}: nothing to train. Resume with "
+              "a larger --max_steps to train on (the cosine schedule then stretches to the new end).")
 
     # ---- the loop
     peak = peak_flops(device)

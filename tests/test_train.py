@@ -131,13 +131,14 @@ def test_accumulation_equals_the_full_batch(loss_name):
 # ---------------------------------------------------------------------------- resume, checkpoints, logs
 
 
-def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path):
+def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path, capsys):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train.main(run_args(shapes_dir, straight))
     train.main(run_args(shapes_dir, split))
-    # rewind the second run to its step-3 checkpoint, as if it had stopped there; its log goes on to step 6
+    # rewind the second run to its step-3 checkpoint, as if it had stopped there; its log goes on to step 6.
+    # Only the checkpoint is named: the run's settings (model, data, batch, schedule) come from it
     os.remove(os.path.join(split, "ckpt-00000006.pt"))
-    train.main(run_args(shapes_dir, split) + ["--resume"])
+    train.main(["--resume", os.path.join(split, "ckpt-00000003.pt")])
     a = load_checkpoint(os.path.join(straight, "ckpt-00000006.pt"))
     b = load_checkpoint(os.path.join(split, "ckpt-00000006.pt"))
     for name in a["model"]:
@@ -147,6 +148,13 @@ def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path):
     assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6], "a resumed log must not repeat steps"
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     assert [r["step"] for r in read_log(split, "eval")] == [3, 6]
+    # resuming a finished run says so and trains nothing; a flag given with --resume overrides the run's setting
+    capsys.readouterr()
+    train.main(["--out_dir", split, "--resume"])
+    assert "nothing to train" in capsys.readouterr().out and len(read_log(split)) == 6
+    train.main(["--out_dir", split, "--resume", "--max_steps", "7"])
+    assert "max_steps 6 -> 7" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(split)][-1] == 7
 
 
 def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
