@@ -56,7 +56,10 @@ def index_shard(path):
                 if m.offset_data + m.size > size:  # cut off by a truncated file
                     truncated += 1
                     continue
-                key, _, ext = os.path.basename(m.name).partition(".")
+                # webdataset's convention: the key is the path up to the first dot of the file name
+                folder, _, name = m.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
                 samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
     except (tarfile.TarError, EOFError, OSError) as e:
         print(f"warning: {path} is damaged ({e}); using the samples before that point", file=sys.stderr)

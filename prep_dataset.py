@@ -178,8 +178,10 @@ def read_tar_samples(path):
             for member in tf:
                 if not member.isfile():
                     continue
-                name = os.path.basename(member.name)
-                k, _, ext = name.partition(".")
+                # webdataset's convention: the key is the path up to the first dot of the file name
+                folder, _, name = member.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                k = f"{folder}/{stem}" if folder else stem
                 if k != key and files:
                     yield key, files
                     files = {}

@@ -208,7 +208,10 @@ def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
 def test_webdataset_source_and_truncated_tar(tmp_path):
     members = [("k1.jpg", jpeg((1, 2, 3))), ("k1.txt", b"first"),
                ("k2.png", jpeg((1, 2, 3))), ("k2.json", json.dumps({"caption": "second"}).encode()),
-               ("k3.jpg", jpeg((1, 2, 3))), ("k3.txt", b"third")]
+               ("k3.jpg", jpeg((1, 2, 3))), ("k3.txt", b"third"),
+               # the same file names in two folders are two samples (webdataset keys hold the folder)
+               ("x/k6.jpg", jpeg((1, 2, 3))), ("x/k6.txt", b"sixth"),
+               ("y/k6.jpg", jpeg((1, 2, 3))), ("y/k6.txt", b"seventh")]
     write_tar(tmp_path / "a.tar", members)
     write_tar(tmp_path / "b.tar", [("k4.jpg", jpeg((1, 2, 3))), ("k4.txt", b"fourth"),
                                    ("k5.jpg", jpeg((1, 2, 3), (400, 400))), ("k5.txt", b"fifth")])
@@ -217,8 +220,15 @@ def test_webdataset_source_and_truncated_tar(tmp_path):
     m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "*.tar"), "--out_dir",
                            str(tmp_path / "out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     captions = sorted(c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values())
-    assert captions == ["first", "fourth", "second", "third"]
-    assert m["counts"]["train"] == 4
+    assert captions == ["first", "fourth", "second", "seventh", "sixth", "third"]
+    assert m["counts"]["train"] == 6
+    # the loader reads such shards directly, by the same convention
+    os.makedirs(tmp_path / "direct" / "train")
+    write_tar(tmp_path / "direct" / "train" / "a.tar", [(n, d) for n, d in members if n[0] in "xy"])
+    loader = ShardLoader(tmp_path / "direct", "train", batch_size=2, image_size=32, context_length=8,
+                         num_workers=0, train=False)
+    tok = Tokenizer("cl100k_base", 8)
+    assert sorted(tok.decode(t) for _, tokens in loader for t in tokens) == ["seventh", "sixth"]
 
 
 def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
