@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 T2I_FILES = "hf://datasets/jackyhate/text-to-image-2M/data_512_2M/*.tar"
+MAX_OPEN_CHUNKS = 256
 
 # -----------------------------------------------------------------------------
 # the shapes set: synthetic, compositional, generated from a seed; the demo's and the tests' data
@@ -328,7 +329,18 @@ def write_shards(args, stage_dir):
     order = np.random.default_rng(args.seed).permutation(len(samples))
     n_val = min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
     splits = {"val": order[:n_val], "train": order[n_val:]}
-    bins = [open(p[:-5] + ".bin", "rb") for p in chunks]
+    bins = {}  # chunk -> open file; bounded, as a full-size run stages hundreds of chunks
+
+    def read_staged(c, offset, size):
+        if c not in bins:
+            if len(bins) >= MAX_OPEN_CHUNKS:  # stay well under the usual 1024 open files per process
+                for f in bins.values():
+                    f.close()
+                bins.clear()
+            bins[c] = open(chunks[c][:-5] + ".bin", "rb")
+        bins[c].seek(offset)
+        return bins[c].read(size)
+
     shards = {}
     try:
         for split, idx in splits.items():
@@ -345,11 +357,10 @@ def write_shards(args, stage_dir):
                 for i in idx[s:s + args.shard_size]:
                     # the new key is the sample's position in the source: unique, whatever the source's keys were
                     c, _, offset, size, caption, labels = samples[i]
-                    bins[c].seek(offset)
-                    batch.append((f"{i:09d}", bins[c].read(size), caption, labels))
+                    batch.append((f"{i:09d}", read_staged(c, offset, size), caption, labels))
                 atomic_write(path, tar_bytes(batch))
     finally:
-        for f in bins:
+        for f in bins.values():
             f.close()
     return {"counts": {"train": len(splits["train"]), "val": len(splits["val"]),
                        "skipped": sum(skipped.values()), "seen": len(samples) + sum(skipped.values())},
