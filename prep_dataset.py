@@ -210,6 +210,8 @@ def resize_and_crop(img, size):
         img.draft("RGB", (int(w * size / min(w, h)) + 1, int(h * size / min(w, h)) + 1))
     img.load()  # truncated or corrupt files fail here, not later
     img = ImageOps.exif_transpose(img)  # phone photos store their pixels sideways plus a rotation tag
+    if img.mode.startswith("I;16"):  # 16-bit greyscale (PNG, TIFF): RGB conversion would clip it to white
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
