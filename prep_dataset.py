@@ -212,6 +212,10 @@ def resize_and_crop(img, size):
     img = ImageOps.exif_transpose(img)  # phone photos store their pixels sideways plus a rotation tag
     if img.mode.startswith("I;16"):  # 16-bit greyscale (PNG, TIFF): RGB conversion would clip it to white
         img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        # transparent pixels keep arbitrary colours, often black: show the image on white, as viewers do
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

@@ -165,12 +165,18 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (src / "e.txt").write_text("   \n")
     Image.fromarray(np.full((40, 40), 100 * 256, dtype=np.uint16)).save(src / "g.png")  # 16-bit greyscale
     (src / "g.txt").write_text("a grey thing")
+    logo = np.zeros((40, 40, 4), dtype=np.uint8)  # transparent black, with an opaque red square inside
+    logo[10:30, 10:30] = (255, 0, 0, 255)
+    Image.fromarray(logo).save(src / "logo.png")
+    (src / "logo.txt").write_text("a red logo")
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1}
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
     by_caption = {c: img for img, c in samples.values()}
-    assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing"}
+    assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing", "a red logo"}
+    logo = np.asarray(by_caption["a red logo"], dtype=float)
+    assert logo[:4, :4].min() > 240 and logo[14:18, 14:18, 0].mean() > 240 and logo[14:18, 14:18, 1].mean() < 20
     assert np.abs(np.asarray(by_caption["a grey thing"], dtype=float) - 100).max() <= 2
     red = np.asarray(by_caption["a red thing\nsomething else red"])
     assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
