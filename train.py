@@ -227,8 +227,9 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                   "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks from the datasheets
+# dense bf16 tensor-core peaks from the datasheets; the first name contained in the device's name wins
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 def peak_flops(device):

@@ -282,6 +282,16 @@ def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch)
         assert r["mfu"] < flops_per_sample(cfg) * r["samples_per_s"] / peak
 
 
+def test_the_gpu_peak_is_the_datasheet_figure_of_that_exact_model(monkeypatch):
+    cuda, expected = torch.device("cuda", 0), {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+                                                "NVIDIA H100 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+                                                "NVIDIA A10": 125e12, "Some Future GPU": None}
+    for name, peak in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert train.peak_flops(cuda) == peak, name
+    assert train.peak_flops(torch.device("cpu")) is None
+
+
 def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, max_steps=3))
