@@ -46,7 +46,7 @@ class TrainConfig:
     make_shapes: int = 0  # if data_dir has no shards, generate this many samples of the shapes set there
     augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
     crop_scale_min: float = 0.8
-    num_workers: int = 6  # data loader processes per rank
+    num_workers: int = -1  # data loader processes per rank; -1: this machine's cores per rank, less one
     # run
     out_dir: str = "runs/base"
     seed: int = 0
@@ -320,6 +320,12 @@ def main(argv=None):
         device = torch.device("cuda" if torch.cuda.is_available() else
                               "mps" if torch.backends.mps.is_available() else "cpu")
     master = rank == 0
+    num_workers = cfg.num_workers
+    if num_workers < 0:
+        # decoding and cropping images is the CPU's whole job here: a base model on an H100 takes thousands
+        # of images a second, a core decodes about a thousand; one core per rank stays with the training loop
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_workers = max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
     if cfg.batch_size % world:
         sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes")
     local_batch = cfg.batch_size // world
@@ -366,7 +372,7 @@ def main(argv=None):
             manifest = json.load(f)
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
-                     num_workers=cfg.num_workers, pin_memory=device.type == "cuda", trim_tokens=True)
+                     num_workers=num_workers, pin_memory=device.type == "cuda", trim_tokens=True)
     train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
     val_loader = None
@@ -401,7 +407,8 @@ def main(argv=None):
     logger = Logger(cfg.out_dir, enabled=master, resume_step=step if cfg.resume else None)
     if master:
         resolved = {**asdict(cfg), "model_config": asdict(model_cfg), "world_size": world, "device": str(device),
-                    "precision": "bf16" if use_bf16 else "fp32", "compile": use_compile}
+                    "precision": "bf16" if use_bf16 else "fp32", "compile": use_compile,
+                    "loader_workers": num_workers}
         print(json.dumps(resolved, indent=2))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
@@ -413,7 +420,7 @@ def main(argv=None):
     if cfg.zeroshot != "none" or cfg.retrieval:
         import evaluate  # downstream of training data, upstream of nothing: the eval hooks
         evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, cfg.data_dir, manifest, model_cfg,
-                                               device, autocast, num_workers=cfg.num_workers)
+                                               device, autocast, num_workers=num_workers)
 
     def run_eval():
         record = {"kind": "eval", "step": step}
