@@ -43,3 +43,10 @@ def test_prep_benchmark_reports_both_decodes():
     fast, slow, ratio = re.search(r"640x480 -> 64 px: reduced-scale decode\s+([\d.]+) img/s \| full-size decode\s+"
                                   r"([\d.]+) img/s \| ([\d.]+)x", out).groups()
     assert float(fast) > 0 and float(slow) > 0 and float(ratio) > 0
+
+
+def test_loader_benchmark_reports_ours_the_plain_pipeline_and_training_crops():
+    out = run("bench_loader.py", "--n", "64", "--sizes", "64", "--repeats", "1")
+    figures = re.search(r"64 px: ours\s+([\d.]+) img/s/worker \| plain webdataset\+PIL\s+([\d.]+) img/s/worker \| "
+                        r"ratio ([\d.]+)x \| ours with training's random crop\s+([\d.]+) img/s/worker", out)
+    assert figures and all(float(v) > 0 for v in figures.groups())
