@@ -12,8 +12,9 @@ Trains CLIP. One script for every scale:
     python train.py --resume runs/demo/ckpt-00000600.pt --max_steps 1000   # ... but for longer
     python train.py --init_from runs/demo/best.pt --data_dir ...    # fine-tune: weights only, fresh optimizer
 
-Every field of TrainConfig is a flag of the same name (--batch_size 512, --compile true); --config NAME
-picks a named set of overrides first. Unknown flags are an error.
+Every field of TrainConfig is a flag of the same name (--batch_size 512, --compile true), and so is every
+field of clip.CLIPConfig (--image_size 128), over the --model preset; --config NAME picks a named set of
+overrides first. Unknown flags are an error.
 """
 import ctypes
 import json
@@ -23,7 +24,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointManager, load_checkpoint
-from clip import CLIP, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
+from clip import CLIP, PRESETS, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
 from dataloader import ShardLoader
 from logger import Logger
 
@@ -41,6 +42,8 @@ class TrainConfig:
     # model
     model: str = "base"  # a preset of clip.py: tiny, base, ViT-B/32, ViT-B/16, ViT-L/14
     loss: str = "clip"  # clip (softmax InfoNCE) or siglip (sigmoid)
+    # any field of clip.CLIPConfig given as a flag overrides the preset's: --image_size 128 --context_length 64
+    model_args: dict = field(default_factory=dict)
     # data
     data_dir: str = "data/text-to-image-2M"
     make_shapes: int = 0  # if data_dir has no shards, generate this many samples of the shapes set there
@@ -120,23 +123,27 @@ def parse_args(argv, resumed=None):
                 value, i = argv[i + 1], i + 1
         pairs.append((key, value))
         i += 1
-    preset, overrides = {}, {}
+    model_kinds = {f.name: f.type for f in fields(CLIPConfig) if f.name not in kinds}
+    preset, overrides, model_args = {}, {}, {}
     for key, value in pairs:
         if key == "config":
             if value not in CONFIGS:
                 sys.exit(f"unknown --config {value!r}; choose one of {list(CONFIGS)}")
             preset = CONFIGS[value]
             continue
-        if key not in kinds:
-            close = [k for k in kinds if key in k or k in key]
+        if key not in kinds and key not in model_kinds or key == "model_args":
+            close = [k for k in [*kinds, *model_kinds] if key in k or k in key]
             sys.exit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
-        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(kinds[key], kinds[key])
+        kind = kinds.get(key) or model_kinds[key]
+        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(kind, kind)
         try:
-            overrides[key] = parse_bool(value) if kind is bool else kind(value)
+            (overrides if key in kinds else model_args)[key] = parse_bool(value) if kind is bool else kind(value)
         except ValueError as e:
             sys.exit(f"--{key}: {e}")
     resumed = {k: v for k, v in (resumed or {}).items() if k in kinds and k not in ("resume", "init_from")}
-    return TrainConfig(**{**preset, **resumed, **overrides})
+    cfg = TrainConfig(**{**preset, **resumed, **overrides})
+    cfg.model_args = {**cfg.model_args, **model_args}
+    return cfg
 
 # -----------------------------------------------------------------------------
 # the schedule and the optimizer
@@ -300,9 +307,26 @@ def main(argv=None):
         changed = [f"{k} {resumed[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
                    if k in resumed and k not in ("out_dir", "resume") and resumed[k] != v]
     for name, allowed in (("compile", ("auto", "true", "false")), ("precision", ("auto", "bf16", "fp32")),
-                          ("loss", ("clip", "siglip"))):
+                          ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:
             sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for name, ok, what in (("batch_size", cfg.batch_size >= 1, "at least 1"), ("max_steps", cfg.max_steps >= 1, "at least 1"),
+                           ("max_lr", cfg.max_lr > 0, "positive"), ("warmup_frac", 0 <= cfg.warmup_frac < 1, "in [0, 1)"),
+                           ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more")):
+        if not ok:
+            sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
+    if start is not None:
+        # the checkpoint fixes the model's shape: a model flag that contradicts it would be silently lost
+        model_cfg = CLIPConfig(**start["model_config"])
+        clash = [f"--{k} {v!r} (the checkpoint's: {getattr(model_cfg, k)!r})" for k, v in cfg.model_args.items()
+                 if getattr(model_cfg, k) != v]
+        if clash:
+            sys.exit(f"{start_path} fixes the model's shape; drop " + ", ".join(clash))
+    else:
+        try:
+            model_cfg = get_config(cfg.model, loss=cfg.loss, **cfg.model_args)
+        except AssertionError as e:
+            sys.exit(f"model settings {cfg.model_args}: {e}")
 
     # ---- processes and devices: DDP whenever torchrun launched us
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -343,14 +367,10 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
 
-    if start is not None:
-        model_cfg = CLIPConfig(**start["model_config"])
-        if master:
-            print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")
-            if cfg.resume and changed:
-                print("  with settings changed from the run's own: " + ", ".join(changed))
-    else:
-        model_cfg = get_config(cfg.model, loss=cfg.loss)
+    if start is not None and master:
+        print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")
+        if cfg.resume and changed:
+            print("  with settings changed from the run's own: " + ", ".join(changed))
 
     # ---- data
     if cfg.make_shapes and not os.path.isdir(os.path.join(cfg.data_dir, "train")):

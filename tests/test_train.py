@@ -55,6 +55,20 @@ def test_cli_overrides_named_configs_and_rejects_unknown_keys():
         train.parse_args(["--batchsize", "3"])
     with pytest.raises(SystemExit):
         train.parse_args(["--max_steps", "ten"])
+    # a field of the model's config is a flag too, kept apart from the training settings
+    cfg = train.parse_args(["--config", "demo", "--image_size", "32", "--context_length=16"])
+    assert cfg.model_args == {"image_size": 32, "context_length": 16} and cfg.model == "tiny"
+
+
+def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
+    out = ["--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "none")]
+    for flags, message in ((["--model", "vit-b/32"], "choose one of tiny, base"),
+                           (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+                           (["--max_lr", "-1"], "must be positive"),
+                           (["--warmup_frac", "1.5"], r"must be in \[0, 1\)"),
+                           (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(out + flags)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
@@ -208,6 +222,24 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     train.main(run_args(shapes_dir, out, max_steps=state["step"] + 2, checkpoint_interval=1, eval_interval=100)
                + ["--resume"])
     assert load_checkpoint(manager.checkpoints()[-1])["step"] == state["step"] + 2
+
+
+def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shapes_dir, tmp_path):
+    first = str(tmp_path / "first")
+    train.main(run_args(shapes_dir, first, max_steps=2, image_size=32, patch_size=8, context_length=16))
+    ckpt = os.path.join(first, "ckpt-00000002.pt")
+    state = load_checkpoint(ckpt)
+    assert {k: state["model_config"][k] for k in ("image_size", "patch_size", "context_length")} == \
+        {"image_size": 32, "patch_size": 8, "context_length": 16}
+    # fine-tuning: the checkpoint's weights and shape, a fresh optimizer and schedule (a learning rate
+    # this small leaves the weights where they start)
+    ft = str(tmp_path / "ft")
+    model = train.main(run_args(shapes_dir, ft, max_steps=1, max_lr=1e-12) + ["--init_from", ckpt])
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
+    assert [r["step"] for r in read_log(ft)] == [1]
+    with pytest.raises(SystemExit, match="fixes the model's shape; drop --image_size 64"):
+        train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1) + ["--init_from", ckpt, "--image_size", "64"])
 
 
 def test_keeps_last_k_plus_best(tmp_path):
