@@ -7,6 +7,8 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
     python prep_dataset.py --out_dir data/t2i-100k --limit 100000                  # a subset
     python prep_dataset.py --source folder --input ~/pics --out_dir data/pics      # x.jpg + x.txt pairs
     python prep_dataset.py --source webdataset --input 'shards/*.tar' --out_dir data/mine
+    python prep_dataset.py --source table --input pairs.csv --out_dir data/mine    # image path + caption columns
+    python prep_dataset.py --source hub --input NAME --split train --out_dir data/x # any datasets image+text set
 
 It works in two passes, each resumable (rerun the same command after an interrupt):
   1. process: read the source in chunks, decode + resize + centre-crop + re-encode in parallel, and
@@ -171,6 +173,71 @@ def source_webdataset(args):
             yield key, image, caption, None
 
 
+# column names that usually hold the caption, or the image, in tables and hub datasets
+CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description")
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "image_path", "path", "file")
+
+
+def pick_column(names, wanted, given, what):
+    """The column to read: --{what}_column if given, else the first of `wanted` present."""
+    found = given if given in names else next((n for n in wanted if n in names), None)
+    if found is None:
+        sys.exit(f"no {what} column among {list(names)}: name it with --{what}_column")
+    return found
+
+
+def source_table(args):
+    """A CSV, TSV or JSON-lines file with an image path and a caption per row; relative paths are taken
+    from the file's folder. A caption cell may hold several captions, one per line."""
+    import csv
+    path = args.input or ""
+    if not os.path.isfile(path):
+        sys.exit(f"--source table needs --input FILE, a .csv, .tsv or .jsonl file (got {path!r})")
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.endswith((".jsonl", ".json")):
+            rows = (json.loads(line) for line in f if line.strip())
+        else:
+            rows = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        image_col = caption_col = None
+        for i, row in enumerate(rows):
+            if image_col is None:  # the first row names the columns
+                image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
+                caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
+            image = row.get(image_col) or ""
+            if image.startswith(("http://", "https://")):
+                yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}  # download first, e.g. with img2dataset
+                continue
+            image = os.path.join(root, os.path.expanduser(image))
+            if not os.path.isfile(image):
+                yield f"{i:09d}", None, None, {"skip": "missing_image"}
+                continue
+            yield f"{i:09d}", image, row.get(caption_col), None
+
+
+def source_hub(args):
+    """Any `datasets` dataset with an image column and a caption column: a hub name (streamed) or a local
+    dataset folder, e.g. an imagefolder with a metadata.jsonl of captions."""
+    from datasets import Image as HFImage
+    from datasets import load_dataset
+    try:
+        ds = load_dataset(args.input, split=args.split, streaming=True)
+    except Exception as e:
+        sys.exit(f"could not load {args.input!r} with datasets ({type(e).__name__}: {e}). Give a hub name "
+                 "(with a network) or a local dataset folder, and --split")
+    features = ds.features or dict(next(iter(ds)))  # some streamed sets only show their columns in a row
+    image_col = args.image_column or next((n for n, f in features.items() if isinstance(f, HFImage)), None)
+    image_col = pick_column(features, IMAGE_COLUMNS, image_col, "image")
+    caption_col = pick_column(features, CAPTION_COLUMNS, args.caption_column, "caption")
+    if isinstance(features[image_col], HFImage):
+        ds = ds.cast_column(image_col, HFImage(decode=False))  # raw bytes (or a path): decoded in the workers
+    for i, ex in enumerate(ds):
+        image = ex.get(image_col)
+        if isinstance(image, dict):
+            image = image.get("bytes") or image.get("path")
+        yield f"{i:09d}", image, ex.get(caption_col), None
+
+
 def read_tar_samples(path):
     """(key, {extension: bytes}) for each sample of a tar, in order; a truncated tar ends early."""
     key, files = None, {}
@@ -195,8 +262,8 @@ def read_tar_samples(path):
         yield key, files
 
 
-SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder,
-           "webdataset": source_webdataset, "shapes": source_shapes}
+SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder, "webdataset": source_webdataset,
+           "table": source_table, "hub": source_hub, "shapes": source_shapes}
 
 # -----------------------------------------------------------------------------
 # processing one sample (in a worker process)
@@ -237,6 +304,8 @@ def process_sample(item, image_size, quality):
             return "skip", "caption_not_utf8"
     if caption is None:
         return "skip", "missing_caption"
+    if isinstance(caption, (list, tuple)):  # a list of captions (hub datasets): one per line, as in .txt
+        caption = "\n".join(str(c) for c in caption)
     # several lines are several captions of the same image; the loader picks one per epoch
     caption = "\n".join(line.strip() for line in str(caption).splitlines() if line.strip())
     if not caption:
@@ -246,6 +315,8 @@ def process_sample(item, image_size, quality):
     try:
         if isinstance(image, tuple):  # the shapes set renders its own image
             img = render_shape(image[1], image[2], image_size)
+        elif isinstance(image, Image.Image):  # already decoded (some hub datasets)
+            img = resize_and_crop(image, image_size)
         else:
             img = resize_and_crop(Image.open(io.BytesIO(image) if isinstance(image, bytes) else image), image_size)
         out = io.BytesIO()
@@ -376,7 +447,11 @@ def write_shards(args, stage_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="text-to-image-2M", choices=list(SOURCES))
-    p.add_argument("--input", default=None, help="folder (folder), tar glob (webdataset, text-to-image-2M)")
+    p.add_argument("--input", default=None, help="folder (folder), tar glob (webdataset, text-to-image-2M), "
+                   ".csv/.tsv/.jsonl file (table), dataset name or folder (hub)")
+    p.add_argument("--split", default="train", help="hub: the dataset split to read")
+    p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
+    p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed)")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")
@@ -392,6 +467,8 @@ def main(argv=None):
     manifest_path = os.path.join(args.out_dir, "manifest.json")
     settings = {k: getattr(args, k) for k in ("source", "input", "image_size", "limit", "val_fraction",
                                               "shard_size", "chunk_size", "seed", "jpeg_quality")}
+    if args.source in ("table", "hub"):
+        settings.update(split=args.split, image_column=args.image_column, caption_column=args.caption_column)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             done = json.load(f)

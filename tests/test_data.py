@@ -182,6 +182,58 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
 
 
+def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
+    src = tmp_path / "src"
+    (src / "imgs").mkdir(parents=True)
+    for name, rgb in (("r", (250, 0, 0)), ("g", (0, 250, 0)), ("b", (0, 0, 250))):
+        Image.new("RGB", (50, 40), rgb).save(src / "imgs" / f"{name}.png")
+    elsewhere = tmp_path / "elsewhere.jpg"
+    elsewhere.write_bytes(jpeg((250, 250, 250)))
+    # OpenCLIP's CSV layout (filepath, title): relative and absolute paths, a quoted two-line caption,
+    # a missing file, a URL (not downloaded: counted), an empty caption
+    with open(src / "pairs.csv", "w", newline="") as f:
+        f.write('filepath,title\nimgs/r.png,a red card\nimgs/g.png,"a green card\nanother green caption"\n'
+                f"{elsewhere},a white card\nimgs/nope.png,lost\nhttps://example.com/x.jpg,a url\nimgs/b.png,\n")
+    m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "csv"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert m["skipped"] == {"missing_image": 1, "image_is_a_url": 1, "empty_caption": 1}
+    samples = tar_samples(tmp_path / "csv" / "train" / "shard-000000.tar")
+    by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
+    assert set(by_caption) == {"a red card", "a green card\nanother green caption", "a white card"}
+    assert by_caption["a red card"][..., 0].mean() > 200 and by_caption["a red card"][..., 1].mean() < 40
+    # TSV and JSON lines, with other column names, a list of captions, and columns named by flag
+    (src / "pairs.tsv").write_text("image\tcaption\nimgs/b.png\ta blue card\n")
+    m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.tsv"), "--out_dir", str(tmp_path / "tsv"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "tsv" / "train" / "shard-000000.tar").values()] == ["a blue card"]
+    (src / "pairs.jsonl").write_text(json.dumps({"pic": "imgs/g.png", "alt": ["green", "also green"]}) + "\n")
+    m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "jl"),
+                           "--image_column", "pic", "--caption_column", "alt", "--image_size", "32",
+                           "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "jl" / "train" / "shard-000000.tar").values()] == ["green\nalso green"]
+    with pytest.raises(SystemExit, match=r"no image column among \[.pic., .alt.\]: name it with --image_column"):
+        prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "x"),
+                           "--workers", "1"])
+
+
+def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
+    # a local dataset in a layout `datasets` reads like a hub one: an imagefolder with a metadata.jsonl
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [("r.png", (250, 0, 0), "a red card"), ("g.jpg", (0, 250, 0), "a green card"), ("b.png", (0, 0, 250), "")]
+    with open(src / "metadata.jsonl", "w") as f:
+        for name, rgb, text in rows:
+            Image.new("RGB", (60, 45), rgb).save(src / name)
+            f.write(json.dumps({"file_name": name, "text": text}) + "\n")
+    m = prep_dataset.main(["--source", "hub", "--input", str(src), "--out_dir", str(tmp_path / "out"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert m["counts"]["train"] == 2 and m["skipped"] == {"empty_caption": 1}
+    samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
+    by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
+    assert set(by_caption) == {"a red card", "a green card"}
+    assert by_caption["a green card"].shape == (32, 32, 3) and by_caption["a green card"][..., 1].mean() > 200
+
+
 def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
     src = tmp_path / "src"
     os.makedirs(src)
