@@ -152,6 +152,10 @@ def parse_args(argv, resumed=None):
 def get_lr(step, cfg: TrainConfig):
     """Linear warmup to max_lr, then cosine decay to max_lr * min_lr_ratio at max_steps."""
     warmup = max(1, round(cfg.warmup_frac * cfg.max_steps))
+    if cfg.warmup_frac > 0:
+        # at least 10 steps (half the run at most): the demo's settings cut to 30 or 60 steps, so 2 or 3
+        # warmup steps, collapse the embeddings at once and stay at chance loss; 10 steps learn (measured)
+        warmup = max(warmup, min(10, cfg.max_steps // 2))
     if step < warmup:
         return cfg.max_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))

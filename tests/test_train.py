@@ -103,6 +103,11 @@ def test_schedule_key_points():
     assert train.get_lr(1000, cfg) == pytest.approx(0.1)
     lrs = [train.get_lr(s, cfg) for s in range(20, 1001)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # a short run still warms up over 10 steps (half of a run shorter than 20); warmup_frac 0 means none
+    short = train.TrainConfig(max_steps=60, max_lr=1.0, warmup_frac=0.05)
+    assert train.get_lr(0, short) == pytest.approx(0.1) and train.get_lr(9, short) == pytest.approx(1.0)
+    assert train.get_lr(0, train.TrainConfig(max_steps=6, max_lr=1.0, warmup_frac=0.05)) == pytest.approx(1 / 3)
+    assert train.get_lr(0, train.TrainConfig(max_steps=60, max_lr=1.0, warmup_frac=0.0)) == pytest.approx(1.0)
 
 
 def test_weight_decay_only_on_weight_matrices():
