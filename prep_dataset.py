@@ -26,7 +26,7 @@ import shutil
 import sys
 import tarfile
 import time
-from itertools import islice
+from itertools import chain, islice
 from multiprocessing import Pool
 
 import numpy as np
@@ -180,7 +180,9 @@ IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "image_p
 
 def pick_column(names, wanted, given, what):
     """The column to read: --{what}_column if given, else the first of `wanted` present."""
-    found = given if given in names else next((n for n in wanted if n in names), None)
+    if given is not None and given not in names:
+        sys.exit(f"--{what}_column {given!r} is not among the columns {list(names)}")
+    found = given or next((n for n in wanted if n in names), None)
     if found is None:
         sys.exit(f"no {what} column among {list(names)}: name it with --{what}_column")
     return found
@@ -204,7 +206,7 @@ def source_table(args):
             if image_col is None:  # the first row names the columns
                 image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
                 caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
-            image = row.get(image_col) or ""
+            image = str(row.get(image_col) or "")
             if image.startswith(("http://", "https://")):
                 yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}  # download first, e.g. with img2dataset
                 continue
@@ -358,9 +360,8 @@ def tar_bytes(samples):
     return buf.getvalue()
 
 
-def stage_chunks(args, stage_dir):
+def stage_chunks(args, stage_dir, items):
     """Pass 1: process the source chunk by chunk; each finished chunk is a .bin of JPEGs plus a .json index."""
-    items = SOURCES[args.source](args)
     if args.limit:
         items = islice(items, args.limit)
     bar = tqdm(desc="process", unit=" samples", total=args.limit, dynamic_ncols=True)
@@ -477,6 +478,10 @@ def main(argv=None):
                      f"or delete it.\n  there: {done.get('settings')}\n  asked: {settings}")
         print(f"{args.out_dir} is already complete: {done['counts']}")
         return done
+    # the source checks its input as it starts: a mistake there stops the run before anything is written
+    items = SOURCES[args.source](args)
+    first = next(items, None)
+    items = chain([first] if first is not None else [], items)
     stage_dir = os.path.join(args.out_dir, ".stage")
     os.makedirs(stage_dir, exist_ok=True)
     settings_path = os.path.join(stage_dir, "settings.json")
@@ -489,7 +494,7 @@ def main(argv=None):
         atomic_write(settings_path, json.dumps(settings).encode())
 
     t0 = time.time()
-    stage_chunks(args, stage_dir)
+    stage_chunks(args, stage_dir, items)
     result = write_shards(args, stage_dir)
     manifest = {"source": args.source, "input": args.input, "image_size": args.image_size, "seed": args.seed,
                 **result, "settings": settings}

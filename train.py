@@ -131,7 +131,7 @@ def parse_args(argv, resumed=None):
                 sys.exit(f"unknown --config {value!r}; choose one of {list(CONFIGS)}")
             preset = CONFIGS[value]
             continue
-        if key not in kinds and key not in model_kinds or key == "model_args":
+        if (key not in kinds and key not in model_kinds) or key == "model_args":
             close = [k for k in [*kinds, *model_kinds] if key in k or k in key]
             sys.exit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
         kind = kinds.get(key) or model_kinds[key]
@@ -351,7 +351,7 @@ def main(argv=None):
     num_workers = cfg.num_workers
     if num_workers < 0:
         # decoding and cropping images is the CPU's whole job here: a base model on an H100 takes thousands
-        # of images a second, a core decodes about a thousand; one core per rank stays with the training loop
+        # of images a second, a core makes a few hundred training crops; one core per rank runs the loop
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         num_workers = max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
     if cfg.batch_size % world:

@@ -214,6 +214,10 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     with pytest.raises(SystemExit, match=r"no image column among \[.pic., .alt.\]: name it with --image_column"):
         prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "x"),
                            "--workers", "1"])
+    with pytest.raises(SystemExit, match="--caption_column 'alt_text' is not among the columns"):
+        prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "y"),
+                           "--caption_column", "alt_text", "--workers", "1"])
+    assert not (tmp_path / "y").exists()  # nothing was started, so the corrected command runs as new
 
 
 def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
