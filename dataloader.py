@@ -219,13 +219,19 @@ class ShardLoader:
         return self.dataset.skipped_at_index + self.skipped_in_batches
 
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.step % len(self.dataset), "num_samples": self.dataset.num_samples}
+        return {"epoch": self.epoch, "position": self.step % len(self.dataset), "num_samples": self.dataset.num_samples,
+                "batch_size": self.dataset.global_batch}
 
     def load_state_dict(self, state):
         if state.get("num_samples", self.dataset.num_samples) != self.dataset.num_samples:
             print(f"warning: the data changed since this state was saved ({state['num_samples']} samples, now "
                   f"{self.dataset.num_samples}): the order will not match the original run", file=sys.stderr)
-        self.step = state["epoch"] * len(self.dataset) + state["position"]
+        position = state["position"]
+        if state.get("batch_size", self.dataset.global_batch) != self.dataset.global_batch:
+            # a run resumed with another batch size goes on from the same sample of the epoch's order
+            # (to a whole batch): the order does not depend on the batch size
+            position = position * state["batch_size"] // self.dataset.global_batch
+        self.step = state["epoch"] * len(self.dataset) + position
 
     def __iter__(self):
         steps = count(self.step) if self.train else range(len(self.dataset))

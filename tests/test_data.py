@@ -368,6 +368,13 @@ def test_loader_resume_is_exact(tmp_path):
     for images, tokens in expected[7:]:
         got_images, got_tokens = next(it)
         assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
+    # resumed with half the batch size, it goes on from the same sample of the epoch's order: the 32 samples
+    # of epoch 1 already seen are 4 batches of 8, and the next batch of 8 is the first half of the next 16
+    halves = ShardLoader(tmp_path, "train", **{**kw, "batch_size": 8})
+    halves.load_state_dict(state)
+    assert halves.state_dict()["epoch"] == 1 and halves.state_dict()["position"] == 4
+    images, tokens = next(iter(halves))
+    assert torch.equal(tokens, expected[7][1][:8]) and torch.equal(images, expected[7][0][:8])
 
 
 @pytest.mark.parametrize("shard_size,model_size", [(32, 64), (256, 224)])
