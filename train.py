@@ -25,6 +25,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -284,6 +285,11 @@ def val_loss(model, loader, max_batches, device, autocast):
     return total.item() / max(n, 1)
 
 
+# rank 0 evaluates zero-shot and retrieval alone while the other ranks wait in their next collective; a
+# large zero-shot set can take longer than NCCL's default 10 minutes, which would kill a healthy run
+DDP_TIMEOUT = timedelta(minutes=60)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
@@ -339,10 +345,10 @@ def main(argv=None):
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=DDP_TIMEOUT)
         else:
             device = torch.device("cpu")
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=DDP_TIMEOUT)
     else:
         rank, world = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else
