@@ -66,18 +66,28 @@ def series(records, kind, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def eval_panels(records):
+    """One panel per family of evaluation metrics, its k's as lines in order: zeroshot/color holds top1
+    and top5; retrieval/image_to_text holds R@1, R@5, R@10."""
+    keys = {k for r in records if r.get("kind") == "eval" for k in r if k not in ("kind", "step", "val_loss", "time")}
+    families = {}
+    for key in keys:
+        family = (key.rpartition("_R@") if "_R@" in key else key.rpartition("/"))[0]
+        families.setdefault(family or key, []).append(key)
+    by_k = lambda key: (len(key), key)  # top1 < top5, R@5 < R@10
+    return [(family, [("eval", key) for key in sorted(members, key=by_k)]) for family, members in sorted(families.items())]
+
+
 def plot_runs(run_dirs, out_path):
     import matplotlib
     matplotlib.use("Agg")  # files only: works on a headless box
     import matplotlib.pyplot as plt
 
     runs = {os.path.basename(os.path.normpath(d)) or d: read_log(os.path.join(d, "log.jsonl")) for d in run_dirs}
-    eval_keys = sorted({k for records in runs.values() for r in records if r.get("kind") == "eval"
-                        for k in r if k not in ("kind", "step", "val_loss", "time")})
     panels = [("loss", [("train", "loss"), ("eval", "val_loss")]), ("learning rate", [("train", "lr")]),
               ("grad norm", [("train", "grad_norm")]), ("temperature (logit scale)", [("train", "logit_scale")]),
               ("samples/s", [("train", "samples_per_s")])]
-    panels += [(k, [("eval", k)]) for k in eval_keys]
+    panels += eval_panels([r for records in runs.values() for r in records])
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
@@ -86,7 +96,8 @@ def plot_runs(run_dirs, out_path):
             for kind, key in lines:
                 x, y = series(records, kind, key)
                 if x:
-                    label = f"{name} {key}" if len(lines) > 1 else name
+                    metric = key.rpartition("_")[2] if "_R@" in key else key.rpartition("/")[2]
+                    label = f"{name} {metric}" if len(lines) > 1 else name
                     ax.plot(x, y, marker="o" if kind == "eval" else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -351,6 +351,11 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path):
     img = Image.open(tmp_path / "plots.png")
     assert img.size[0] > 500 and img.size[1] > 300
     assert any("zeroshot/shape/top1" in r for r in read_log(out, "eval"))
+    # one panel per family of metrics, its k's in order
+    panels = dict(logger.eval_panels(read_log(out, "eval")))
+    assert panels["retrieval/image_to_text"] == [("eval", f"retrieval/image_to_text_R@{k}") for k in (1, 5, 10)]
+    assert panels["zeroshot/shape"] == [("eval", "zeroshot/shape/top1"), ("eval", "zeroshot/shape/top5")]
+    assert set(panels) == {"retrieval/image_to_text", "retrieval/text_to_image", "zeroshot/shape", "zeroshot/color"}
 
 # ---------------------------------------------------------------------------- DDP
 
