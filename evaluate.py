@@ -6,6 +6,7 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
     python evaluate.py CKPT --zeroshot cifar10 --split test                     # a dataset by hub name
     python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
+    python evaluate.py CKPT --images a.jpg b.png --texts "a red circle" "a blue square"   # your own images
 
 Zero-shot: each class name is put into every prompt template, the text embeddings are averaged and
 normalised (the CLIP paper's prompt ensembling), and an image's class is the nearest such embedding.
@@ -18,6 +19,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from checkpoint_manager import load_checkpoint
@@ -147,6 +149,19 @@ def zeroshot_tasks(image_emb, labels, tasks, model, cfg, device, autocast):
         out[task] = topk_accuracy(image_emb[keep] @ weights.T, targets)
     return out
 
+@torch.no_grad()
+def match_images_to_texts(model, cfg, paths, texts, device, autocast):
+    """(images, texts) probabilities, each image against the given texts, as the model was trained to
+    score them: a softmax over the texts of the scaled cosine similarities (CLIP), or each pair's own
+    sigmoid (SigLIP). Images go through the evaluation crop, upright by their EXIF orientation."""
+    arrays = [prepare_image(ImageOps.exif_transpose(Image.open(p)), cfg.image_size) for p in paths]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
+    tokens = Tokenizer(cfg.encoding, cfg.context_length)(texts, trim=True).to(device)
+    with autocast:
+        img, txt = model.encode_image(images).float(), model.encode_text(tokens).float()
+    logits = model.logit_scale.exp().clamp(max=100).float() * img @ txt.T
+    return logits.softmax(dim=1) if model.logit_bias is None else torch.sigmoid(logits + model.logit_bias.float())
+
 # -----------------------------------------------------------------------------
 # during training
 
@@ -214,10 +229,17 @@ def main(argv=None):
     p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples (default: all)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--json", default=None, help="write the results here as a JSON object")
+    p.add_argument("--images", nargs="+", default=None, help="image files to match against --texts")
+    p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if not args.zeroshot and not args.retrieval:
-        p.error("nothing to do: give --zeroshot DIR_OR_NAME and/or --retrieval SHARDS_DIR")
+    if not args.zeroshot and not args.retrieval and not args.images:
+        p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
+    if bool(args.images) != bool(args.texts):
+        p.error("--images and --texts go together: the images are scored against the texts")
+    for path in args.images or []:
+        if not os.path.isfile(path):
+            p.error(f"--images: no file {path}")
     templates = args.templates
     if templates and len(templates) == 1 and os.path.isfile(templates[0]):
         with open(templates[0]) as f:
@@ -242,12 +264,20 @@ def main(argv=None):
             acc = zeroshot_classification(model, args.zeroshot, cfg, device, autocast, templates, args.split,
                                           args.batch_size)
             results.update(acc)
+    if args.images:
+        probs = match_images_to_texts(model, cfg, args.images, args.texts, device, autocast)
+        results["images"] = {path: dict(zip(args.texts, row.tolist())) for path, row in zip(args.images, probs)}
+        for path, scores in results["images"].items():
+            print(path)
+            for text, prob in sorted(scores.items(), key=lambda kv: -kv[1]):
+                print(f"  {100 * prob:6.2f}%  {text}")
     if args.retrieval:
         data_dir, split = shard_split(args.retrieval)
         img, txt, _ = embed_shards(model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size)
         results.update(recall_at_k(img, txt))
         results["retrieval_samples"] = len(img)
-    print_table(results)
+    if any(k != "images" for k in results):
+        print_table({k: v for k, v in results.items() if k != "images"})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

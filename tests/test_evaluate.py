@@ -82,6 +82,11 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     assert saved["retrieval_samples"] == 30
     for k in (1, 5, 10):
         assert 0 <= saved[f"image_to_text_R@{k}"] <= 1 and 0 <= saved[f"text_to_image_R@{k}"] <= 1
+    # images given as files are scored against texts; both are needed
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--images", str(root / "red" / "0.png")])
+    probs = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", "red", "blue"])["images"]
+    assert list(probs) == [str(root / "red" / "0.png")] and sum(probs[str(root / "red" / "0.png")].values()) == pytest.approx(1)
     # the shapes set's own tasks: each task's figures are printed, not only their mean
     capsys.readouterr()
     results = evaluate.main([ckpt, "--zeroshot", str(tmp_path / "shapes")])
@@ -101,3 +106,17 @@ def test_the_demo_learns_shapes_and_colours(tmp_path):
     print(results)
     assert results["zeroshot"]["color"]["top1"] >= 0.90
     assert results["zeroshot"]["shape"]["top1"] >= 0.80
+    # the trained model matches new images, given as files, to their own captions among the others
+    texts, paths = [], []
+    for i in range(8):
+        _, labels = prep_dataset.shapes_sample(seed=123, index=i)
+        text = f"a {labels['color']} {labels['shape']}"
+        if text not in texts:
+            texts.append(text)
+            paths.append(str(tmp_path / f"new{i}.png"))
+            prep_dataset.render_shape(123, i, 64).save(paths[-1])
+    assert len(texts) >= 4
+    matched = evaluate.main([os.path.join(out, "best.pt"), "--images", *paths, "--texts", *texts])["images"]
+    for path, text in zip(paths, texts):
+        assert max(matched[path], key=matched[path].get) == text, (path, matched[path])
+        assert sum(matched[path].values()) == pytest.approx(1.0)
