@@ -17,6 +17,7 @@ field of clip.CLIPConfig (--image_size 128), over the --model preset; --config N
 overrides first. Unknown flags are an error.
 """
 import ctypes
+import inspect
 import json
 import math
 import os
@@ -106,6 +107,14 @@ def parse_args(argv, resumed=None):
     """--config NAME first, then --field value / --field=value for any TrainConfig field. resumed: the
     settings of the run being resumed; they take precedence over the named config, the flags over them."""
     kinds = {f.name: f.type for f in fields(TrainConfig)}
+    if "-h" in argv or "--help" in argv:
+        # the settings as the dataclass declares them, defaults and comments included
+        body = [line for line in inspect.getsource(TrainConfig).splitlines()[2:] if "model_args:" not in line]
+        print(f"{__doc__.strip()}\n\nsettings (TrainConfig), with their defaults:\n" + "\n".join(body) +
+              f"\n\nmodel settings (clip.CLIPConfig, over the --model preset): "
+              f"{', '.join('--' + f.name for f in fields(CLIPConfig) if f.name not in kinds)}"
+              f"\nnamed configs (--config): {', '.join(CONFIGS)}")
+        sys.exit(0)
     pairs, i = [], 0
     while i < len(argv):
         arg = argv[i]

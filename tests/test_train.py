@@ -44,7 +44,7 @@ def read_log(out_dir, kind="train"):
 # ---------------------------------------------------------------------------- configuration
 
 
-def test_cli_overrides_named_configs_and_rejects_unknown_keys():
+def test_cli_overrides_named_configs_and_rejects_unknown_keys(capsys):
     cfg = train.parse_args(["--config", "demo", "--batch_size", "64", "--augment", "--max_lr=0.01"])
     assert cfg.model == "tiny" and cfg.batch_size == 64 and cfg.augment is True and cfg.max_lr == 0.01
     assert train.parse_args(["--resume"]).resume == "latest"
@@ -55,6 +55,13 @@ def test_cli_overrides_named_configs_and_rejects_unknown_keys():
         train.parse_args(["--batchsize", "3"])
     with pytest.raises(SystemExit):
         train.parse_args(["--max_steps", "ten"])
+    # --help lists every setting with its default, and the model's fields
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as stop:
+            train.parse_args(["--config", "demo", flag])
+        assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert "batch_size: int = 1024" in printed and "--image_size" in printed and "named configs (--config): demo" in printed
     # a field of the model's config is a flag too, kept apart from the training settings
     cfg = train.parse_args(["--config", "demo", "--image_size", "32", "--context_length=16"])
     assert cfg.model_args == {"image_size": 32, "context_length": 16} and cfg.model == "tiny"
