@@ -334,12 +334,11 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
-def gather_features(image_features, text_features):
-    """-> (all image features, all text features, offset of this rank's rows in them)."""
+def gather_features(features):
+    """-> (every rank's features, stacked in rank order; the offset of this rank's rows in them)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return image_features, text_features, 0  # one process: no communication at all
-    offset = dist.get_rank() * image_features.shape[0]
-    return _GatherWithGrad.apply(image_features), _GatherWithGrad.apply(text_features), offset
+        return features, 0  # one process: no communication at all
+    return _GatherWithGrad.apply(features), dist.get_rank() * features.shape[0]
 
 
 def at_least_fp32(x):
@@ -349,7 +348,8 @@ def at_least_fp32(x):
 
 def contrastive_loss(image_features, text_features, logit_scale):
     """Symmetric InfoNCE: cross-entropy over images -> texts and texts -> images."""
-    all_image, all_text, offset = gather_features(image_features, text_features)
+    all_image, offset = gather_features(image_features)
+    all_text, _ = gather_features(text_features)
     logits_per_image = at_least_fp32(logit_scale * image_features @ all_text.T)  # (B, N*B)
     logits_per_text = at_least_fp32(logit_scale * text_features @ all_image.T)  # (B, N*B)
     # the positive of local row i is global column offset + i, so cross-entropy with labels
@@ -362,7 +362,7 @@ def contrastive_loss(image_features, text_features, logit_scale):
 def sigmoid_loss(image_features, text_features, logit_scale, logit_bias):
     """SigLIP: every (image, text) pair is an independent binary problem, label +1 on the matching pair
     and -1 elsewhere; summed over the pairs and divided by the batch size, as in the paper."""
-    _, all_text, offset = gather_features(image_features, text_features)
+    all_text, offset = gather_features(text_features)  # the images' side stays local: one gather, not two
     logits = at_least_fp32(logit_scale * image_features @ all_text.T + logit_bias)  # (B, N*B)
     positives = logits.diagonal(offset)
     # sum over all pairs of -log sigmoid(-z), then swap the positives' term for -log sigmoid(+z)
