@@ -12,6 +12,7 @@ a checkpoint can only hold tensors and plain containers, never code that runs on
 import glob
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -69,7 +70,10 @@ class CheckpointManager:
         os.replace(tmp, path)  # atomic: the name points at the whole old file or the whole new one
         if val_loss is not None and val_loss < self.best_val_loss():
             # the best is a hard link to this file: no copy, and it outlives the file's pruning
-            os.link(path, tmp)
+            try:
+                os.link(path, tmp)
+            except OSError:  # a filesystem without hard links: a copy, still renamed into place whole
+                shutil.copyfile(path, tmp)
             os.replace(tmp, self.best_path)
             with open(self.best_info + ".tmp", "w") as f:
                 json.dump({"step": step, "val_loss": val_loss, "file": os.path.basename(path)}, f)

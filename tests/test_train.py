@@ -254,7 +254,12 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
         train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1) + ["--init_from", ckpt, "--image_size", "64"])
 
 
-def test_keeps_last_k_plus_best(tmp_path):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_keeps_last_k_plus_best(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # as on a filesystem that has none: the best is then a copy
+        def no_link(src, dst):
+            raise OSError("hard links not supported")
+        monkeypatch.setattr(os, "link", no_link)
     manager = CheckpointManager(str(tmp_path), keep=2)
     for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)]:
         manager.save(step, {"step": step, "w": torch.full((2,), float(step))}, val)
