@@ -409,6 +409,10 @@ def main(argv=None):
     if os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
         with open(os.path.join(cfg.data_dir, "manifest.json")) as f:
             manifest = json.load(f)
+    if master and manifest.get("image_size", model_cfg.image_size) < model_cfg.image_size:
+        print(f"warning: {cfg.data_dir} holds {manifest['image_size']}-px images and the model takes "
+              f"{model_cfg.image_size} px: every image is upscaled. Prepare the data with --image_size "
+              f"{model_cfg.image_size} or more for full detail.", file=sys.stderr)
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
                      num_workers=num_workers, pin_memory=device.type == "cuda", trim_tokens=True)

@@ -236,9 +236,13 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     assert load_checkpoint(manager.checkpoints()[-1])["step"] == state["step"] + 2
 
 
-def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shapes_dir, tmp_path):
+def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shapes_dir, tmp_path, capsys):
     first = str(tmp_path / "first")
     train.main(run_args(shapes_dir, first, max_steps=2, image_size=32, patch_size=8, context_length=16))
+    assert "upscaled" not in capsys.readouterr().err
+    # a model larger than the shards' 64-px images is warned about
+    train.main(run_args(shapes_dir, str(tmp_path / "big"), max_steps=1, image_size=128, patch_size=32))
+    assert "holds 64-px images and the model takes 128 px" in capsys.readouterr().err
     ckpt = os.path.join(first, "ckpt-00000002.pt")
     state = load_checkpoint(ckpt)
     assert {k: state["model_config"][k] for k in ("image_size", "patch_size", "context_length")} == \
