@@ -122,7 +122,11 @@ def source_text_to_image_2m(args):
     from datasets import Image as HFImage
     from datasets import load_dataset
     data_files = args.input or T2I_FILES
-    ds = load_dataset("webdataset", data_files={"train": data_files}, split="train", streaming=True)
+    try:
+        ds = load_dataset("webdataset", data_files={"train": data_files}, split="train", streaming=True)
+    except Exception as e:  # no network, no such files: say what to check, not a stack trace
+        sys.exit(f"could not open {data_files} ({type(e).__name__}: {str(e)[:300]}). Check the network "
+                 "(the full set streams from the Hugging Face hub), or give local copies with --input 'dir/*.tar'.")
     ds = ds.cast_column("jpg", HFImage(decode=False))  # raw bytes: we decode in parallel, and survive bad ones
     for ex in ds:
         meta = ex.get("json") or {}

@@ -146,6 +146,10 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     captions = sorted(c for _, c in samples.values())
     assert any(c.startswith("photo number 1-7") and len(c) > 2000 for c in captions)  # long captions are kept
     assert all(img.size == (64, 64) for img, _ in samples.values())
+    # files that cannot be opened (offline, a wrong glob) stop with what to check, before anything is written
+    with pytest.raises(SystemExit, match="could not open .*give local copies with --input"):
+        prep_dataset.main(["--input", str(tmp_path / "missing" / "*.tar"), "--out_dir", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
 
 
 def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
