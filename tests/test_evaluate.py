@@ -120,3 +120,14 @@ def test_the_demo_learns_shapes_and_colours(tmp_path):
     for path, text in zip(paths, texts):
         assert max(matched[path], key=matched[path].get) == text, (path, matched[path])
         assert sum(matched[path].values()) == pytest.approx(1.0)
+
+
+def test_a_zero_shot_set_out_of_reach_is_dropped_not_fatal(tmp_path, capsys):
+    # during training, a named zero-shot set that fails to load (no network, an empty folder) is warned
+    # about and dropped; the run goes on
+    (tmp_path / "empty").mkdir()
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    evaluator = evaluate.TrainingEvaluator(str(tmp_path / "empty"), False, str(tmp_path), {}, cfg, "cpu",
+                                           torch.autocast("cpu", enabled=False))
+    assert evaluator(CLIP(cfg)) == {}
+    assert "zero-shot on" in capsys.readouterr().err and evaluator.datasets == []
