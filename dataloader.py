@@ -20,9 +20,9 @@ good one in the epoch's order and counted; a truncated tar keeps the samples it 
 import glob
 import io
 import json
+import mmap
 import os
 import sys
-import tarfile
 from itertools import count
 
 import numpy as np
@@ -45,25 +45,58 @@ def find_shards(data_dir, split):
 
 
 def index_shard(path):
-    """-> ({key: {ext: (offset, size)}}, n_truncated): where each file's bytes sit inside the tar."""
+    """-> ({key: {ext: (offset, size)}}, n_truncated): where each file's bytes sit inside the tar.
+    It reads the 512-byte tar headers itself (ustar, GNU long names, pax paths) through a memory map:
+    about 3x faster than listing with the tarfile module (benchmarks/bench_loader.py), which counts with
+    millions of samples indexed at every start.
+    A damaged header ends the shard there, like a truncated file."""
     samples, truncated = {}, 0
     size = os.path.getsize(path)
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                if m.offset_data + m.size > size:  # cut off by a truncated file
+    if size == 0:
+        return samples, 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as tar:
+        offset, next_name = 0, None
+        while True:
+            if offset + 512 > size:  # no end-of-archive marker: the file was cut, maybe inside a header
+                if offset != size:
+                    print(f"warning: {path} is cut short; using the samples before the cut", file=sys.stderr)
                     truncated += 1
-                    continue
+                break
+            header = tar[offset:offset + 512]
+            if header == bytes(512):  # the end-of-archive marker
+                break
+            try:
+                checksum = int(header[148:156].strip(b"\0 ") or b"0", 8)
+                length = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            except ValueError:
+                checksum, length = -1, 0
+            unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
+            # some old tar programs sum the bytes as signed
+            if checksum != unsigned and checksum != unsigned - 256 * sum(b > 127 for b in header):
+                print(f"warning: {path} is damaged at byte {offset}; using the samples before it", file=sys.stderr)
+                truncated += 1
+                break
+            kind, data = header[156:157], offset + 512
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:263] == b"ustar\0" and header[345]:  # POSIX: a path prefix for long names
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            if kind == b"L":  # GNU: the next entry's long name
+                next_name = tar[data:data + length].split(b"\0", 1)[0]
+            elif kind == b"x":  # pax: "LEN key=value\n" records, of which the path names the next entry
+                for record in tar[data:data + length].split(b"\n"):
+                    key, _, value = record.partition(b" ")[2].partition(b"=")
+                    if key == b"path":
+                        next_name = value
+            elif kind in (b"0", b"\0"):  # a regular file; anything else (folders, links) holds no sample
+                name, next_name = next_name or name, None
+                if data + length > size:  # cut off by a truncated file: nothing after it either
+                    truncated += 1
+                    break
                 # webdataset's convention: the key is the path up to the first dot of the file name
-                folder, _, name = m.name.rpartition("/")
-                stem, _, ext = name.partition(".")
-                key = f"{folder}/{stem}" if folder else stem
-                samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        print(f"warning: {path} is damaged ({e}); using the samples before that point", file=sys.stderr)
-        truncated += 1
+                folder, _, base = name.decode("utf-8", "replace").rpartition("/")
+                stem, _, ext = base.partition(".")
+                samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = (data, length)
+            offset = data + (length + 511) // 512 * 512
     return samples, truncated
 
 

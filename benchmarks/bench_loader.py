@@ -6,6 +6,9 @@ shards in the same run (interleaved repeats, medians). One process each (num_wor
     python benchmarks/bench_loader.py                      # makes 256-px shards of photo-like images, then measures
     python benchmarks/bench_loader.py --data_dir data/t2i  # your own prepared shards (its train split)
 
+First it times indexing the shards (where every sample's bytes sit, read from the tar headers), ours
+against listing them with the tarfile module.
+
 Ours also tokenises the captions, which the plain pipeline does not do. A third figure is ours as
 training reads (augment: a random resized crop, so every image is resampled; shuffled order).
 """
@@ -23,7 +26,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataloader import ShardDataset  # noqa: E402
+from dataloader import ShardDataset, index_shard  # noqa: E402
 
 
 def make_shards(out_dir, n, size=256, shard_size=500):
@@ -83,6 +86,18 @@ def time_ours(paths, size, n, batch=64, augment=False):
     return count / (time.perf_counter() - t)
 
 
+def time_index(paths):
+    """(ours, tarfile) seconds to find every file of every shard."""
+    t = time.perf_counter()
+    n = sum(len(index_shard(p)[0]) for p in paths)
+    ours = time.perf_counter() - t
+    t = time.perf_counter()
+    for p in paths:
+        with tarfile.open(p) as tf:
+            [(m.offset_data, m.size) for m in tf if m.isfile()]
+    return ours, time.perf_counter() - t, n
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=None)
@@ -96,6 +111,9 @@ def main():
         if not args.data_dir:
             make_shards(tmp, args.n + 200)
         paths = sorted(glob.glob(os.path.join(data_dir, "train", "*.tar")))
+        runs = [time_index(paths) for _ in range(args.repeats)]
+        ours, plain = (float(np.median([r[i] for r in runs])) for i in (0, 1))
+        print(f"index {runs[0][2]} samples: ours {ours:.3f} s | tarfile {plain:.3f} s | ratio {plain / ours:.2f}x")
         for size in args.sizes:
             # interleaved repeats, median of each: a shared or throttled machine skews a single pair
             runs = [(time_plain(paths, size, args.n), time_ours(paths, size, args.n),

@@ -452,6 +452,54 @@ def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(tmp_path):
     assert 2 not in ids and 100 in ids and len(ids) == 8  # bad ones replaced by the next good sample
 
 
+def tarfile_index(path):
+    """The reference: where tarfile says each regular file's bytes are, keyed the webdataset way."""
+    out = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if m.isfile():
+                folder, _, base = m.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                out.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = (m.offset_data, m.size)
+    return out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_index_agrees_with_tarfile(tmp_path, fmt):
+    from dataloader import index_shard
+    long_dir = "d" * 120  # past the 100 bytes of a header's name field: prefix, GNU long name or pax path
+    names = ["a.jpg", "a.txt", "sub/b.jpg", "sub/b.txt", f"{long_dir}/c.jpg", f"{long_dir}/c.txt", "d.tar.gz.jpg"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["é.jpg", "é.txt", f"{'e' * 150}.jpg"]  # non-ASCII; a file name that alone is too long for ustar
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+        for i, name in enumerate(names):
+            data = bytes([i]) * (100 + 700 * i)  # some over a 512-byte block, some under
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tf.addfile(link)
+    samples, truncated = index_shard(str(path))
+    assert samples == tarfile_index(path) and truncated == 0
+    assert samples["d"] == {"tar.gz.jpg": samples["d"]["tar.gz.jpg"]}  # the extension runs from the first dot
+    # cut inside the last file: every file but that one, and a count
+    data = path.read_bytes()
+    files = sorted((offset, key, ext) for key, exts in samples.items() for ext, (offset, _) in exts.items())
+    (tmp_path / "cut.tar").write_bytes(data[:files[-1][0] + 10])
+    cut, truncated = index_shard(str(tmp_path / "cut.tar"))
+    assert truncated == 1 and sorted((o, k, e) for k, exts in cut.items() for e, (o, _) in exts.items()) == files[:-1]
+    # garbage over the second file's header: only the first file, and a count
+    second_header = files[1][0] - 512
+    (tmp_path / "bad.tar").write_bytes(data[:second_header] + b"garbage!" * 64 + data[second_header + 512:])
+    bad, truncated = index_shard(str(tmp_path / "bad.tar"))
+    assert truncated == 1 and bad == {files[0][1]: {files[0][2]: samples[files[0][1]][files[0][2]]}}
+
+
 def test_missing_data_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="prep_dataset.py --source shapes"):
         ShardLoader(tmp_path / "nope", "train", batch_size=4, image_size=32, context_length=8)
