@@ -260,6 +260,9 @@ def main(argv=None):
         if os.path.isfile(manifest_path):
             with open(manifest_path) as f:
                 tasks = json.load(f).get("tasks", {})
+            if not tasks:  # its train/ and val/ folders are not classes
+                p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "
+                        f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
         if tasks:
             img, _, labels = embed_shards(model, args.zeroshot, "val", cfg, device, autocast, batch_size=args.batch_size)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)

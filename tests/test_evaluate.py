@@ -80,6 +80,16 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     results = evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes" / "val"), "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["retrieval_samples"] == 30
+    # a prepared dataset without zero-shot tasks is refused for --zeroshot: its split folders are not classes
+    (tmp_path / "pairs").mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(tmp_path / "pairs" / f"{i}.png")
+        (tmp_path / "pairs" / f"{i}.txt").write_text(f"picture {i}")
+    prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "pairs"), "--out_dir", str(tmp_path / "plain"),
+                       "--val_fraction", "0.5", "--workers", "1"])
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--zeroshot", str(tmp_path / "plain")])
+    assert "no zero-shot tasks" in capsys.readouterr().err
     for k in (1, 5, 10):
         assert 0 <= saved[f"image_to_text_R@{k}"] <= 1 and 0 <= saved[f"text_to_image_R@{k}"] <= 1
     # images given as files are scored against texts; both are needed
