@@ -50,5 +50,7 @@ def test_loader_benchmark_reports_ours_the_plain_pipeline_and_training_crops():
     figures = re.search(r"64 px: ours\s+([\d.]+) img/s/worker \| plain webdataset\+PIL\s+([\d.]+) img/s/worker \| "
                         r"ratio ([\d.]+)x \| ours with training's random crop\s+([\d.]+) img/s/worker", out)
     assert figures and all(float(v) > 0 for v in figures.groups())
+    tokenise = re.search(r"tokenise 256 captions: ours ([\d.]+) ms \| encode_ordinary_batch ([\d.]+) ms", out)
+    assert tokenise and float(tokenise.group(1)) > 0
     index = re.search(r"index (\d+) samples: ours ([\d.]+) s \| tarfile ([\d.]+) s", out)
     assert index and int(index.group(1)) > 64 and float(index.group(3)) > 0
