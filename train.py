@@ -536,7 +536,8 @@ def main(argv=None):
             samples_per_s = steps_since * cfg.batch_size / dt
             record = {"kind": "train", "step": step, "loss": stats[0] / max(stats[4], 1), "lr": lr,
                       "grad_norm": stats[1], "logit_scale": stats[5], "samples_per_s": samples_per_s, "bad_steps": int(stats[2]),
-                      "epoch": train_loader.epoch, "skipped_samples": train_loader.skipped}
+                      "epoch": train_loader.epoch, "skipped_samples": train_loader.skipped,
+                      "eta_min": (cfg.max_steps - step) * dt / steps_since / 60}  # at this interval's pace, no evals
             if peak:
                 record["mfu"] = flops_since / dt / peak
             logger.log(record)

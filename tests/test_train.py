@@ -333,6 +333,8 @@ def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch)
     for r in read_log(out):
         assert r["mfu"] == pytest.approx(flops_per_sample(cfg, text_length=T) * r["samples_per_s"] / peak, rel=1e-9)
         assert r["mfu"] < flops_per_sample(cfg) * r["samples_per_s"] / peak
+        # the time left at this pace: the steps to go, at 8 samples each
+        assert r["eta_min"] == pytest.approx((2 - r["step"]) * 8 / r["samples_per_s"] / 60, rel=1e-9)
 
 
 def test_the_gpu_peak_is_the_datasheet_figure_of_that_exact_model(monkeypatch):
