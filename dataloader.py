@@ -87,8 +87,9 @@ def index_shard(path):
                     key, _, value = record.partition(b" ")[2].partition(b"=")
                     if key == b"path":
                         next_name = value
-            elif kind in (b"0", b"\0"):  # a regular file; anything else (folders, links) holds no sample
-                name, next_name = next_name or name, None
+            else:
+                name, next_name = next_name or name, None  # a long name belongs to this entry, whatever it is
+            if kind in (b"0", b"\0"):  # a regular file; anything else (folders, links) holds no sample
                 if data + length > size:  # cut off by a truncated file: nothing after it either
                     truncated += 1
                     break

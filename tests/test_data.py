@@ -473,9 +473,11 @@ def test_the_tar_index_agrees_with_tarfile(tmp_path, fmt):
         names += ["é.jpg", "é.txt", f"{'e' * 150}.jpg"]  # non-ASCII; a file name that alone is too long for ustar
     path = tmp_path / "x.tar"
     with tarfile.open(path, "w", format=fmt) as tf:
-        folder = tarfile.TarInfo("sub")
-        folder.type = tarfile.DIRTYPE
-        tf.addfile(folder)
+        # folders hold no sample; a long folder name (its own long-name header) must not rename the next file
+        for folder_name in ["sub"] + (["f" * 150] if fmt != tarfile.USTAR_FORMAT else []):
+            folder = tarfile.TarInfo(folder_name)
+            folder.type = tarfile.DIRTYPE
+            tf.addfile(folder)
         for i, name in enumerate(names):
             data = bytes([i]) * (100 + 700 * i)  # some over a 512-byte block, some under
             info = tarfile.TarInfo(name)
