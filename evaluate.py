@@ -274,7 +274,10 @@ def main(argv=None):
                                           args.batch_size)
             results.update(acc)
     if args.images:
-        probs = match_images_to_texts(model, cfg, args.images, args.texts, device, autocast)
+        try:
+            probs = match_images_to_texts(model, cfg, args.images, args.texts, device, autocast)
+        except OSError as e:  # PIL cannot read one of them
+            p.error(f"--images: {e}")
         results["images"] = {path: dict(zip(args.texts, row.tolist())) for path, row in zip(args.images, probs)}
         for path, scores in results["images"].items():
             print(path)

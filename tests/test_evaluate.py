@@ -95,6 +95,10 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     # images given as files are scored against texts; both are needed
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--images", str(root / "red" / "0.png")])
+    (tmp_path / "not_an_image.png").write_bytes(b"text, not pixels")
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--images", str(tmp_path / "not_an_image.png"), "--texts", "red"])
+    assert "cannot identify image file" in capsys.readouterr().err
     probs = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", "red", "blue"])["images"]
     assert list(probs) == [str(root / "red" / "0.png")] and sum(probs[str(root / "red" / "0.png")].values()) == pytest.approx(1)
     # the shapes set's own tasks: each task's figures are printed, not only their mean
