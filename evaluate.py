@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from checkpoint_manager import load_checkpoint
+from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer
 from dataloader import ShardLoader, prepare_image
 
@@ -252,7 +252,10 @@ def main(argv=None):
             templates = [line.strip() for line in f if line.strip()]
     device = torch.device(args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    model, cfg = load_model(args.checkpoint, device)
+    try:
+        model, cfg = load_model(args.checkpoint, device)
+    except CheckpointError as e:
+        p.error(str(e))
     results = {}
     if args.zeroshot:
         manifest_path = os.path.join(args.zeroshot, "manifest.json")

@@ -95,6 +95,9 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     # images given as files are scored against texts; both are needed
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--images", str(root / "red" / "0.png")])
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / "run" / "missing.pt"), "--retrieval", str(tmp_path)])
+    assert "no checkpoint at" in capsys.readouterr().err
     (tmp_path / "not_an_image.png").write_bytes(b"text, not pixels")
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--images", str(tmp_path / "not_an_image.png"), "--texts", "red"])
