@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint_manager import CheckpointManager, load_checkpoint
+from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
 from clip import CLIP, PRESETS, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
 from dataloader import ShardLoader
 from logger import Logger
@@ -310,10 +310,12 @@ def main(argv=None):
         start, start_path = manager.load_latest()
         if start is None:
             sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
-    elif cfg.resume:
-        start, start_path = load_checkpoint(cfg.resume), cfg.resume
-    elif cfg.init_from:
-        start, start_path = load_checkpoint(cfg.init_from), cfg.init_from
+    elif cfg.resume or cfg.init_from:
+        start_path = cfg.resume or cfg.init_from
+        try:
+            start = load_checkpoint(start_path)
+        except CheckpointError as e:
+            sys.exit(str(e))
     elif manager.checkpoints():
         # never overwrite an earlier run by accident
         sys.exit(f"{cfg.out_dir} already holds checkpoints of an earlier run: continue it with --resume, "

@@ -254,6 +254,8 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
     assert [r["step"] for r in read_log(ft)] == [1]
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        train.main(run_args(shapes_dir, str(tmp_path / "ft3"), max_steps=1) + ["--init_from", ckpt + ".missing"])
     with pytest.raises(SystemExit, match="fixes the model's shape; drop --image_size 64"):
         train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1) + ["--init_from", ckpt, "--image_size", "64"])
 
