@@ -8,8 +8,9 @@ side by side in one run (same batch, precision, thread count, torch).
     python benchmarks/bench.py --model tiny --patch_size 8 --vision_width 192 --text_width 192 \
         --vision_layers 6 --text_layers 6 --vision_heads 3 --text_heads 3 --embed_dim 192        # any size field
 
-MFU = achieved FLOP/s / peak. The peak is, on a CPU, this machine's own fp32 matmul rate measured in the
-same run (a 2048^3 torch.mm); on a GPU, the datasheet's dense bf16 figure (train.PEAK_BF16_FLOPS).
+MFU = achieved FLOP/s / peak. The peak is, on a CPU, this machine's own matmul rate in the run's precision
+(fp32, or bf16 with --precision bf16) measured in the same run (a 2048^3 torch.mm); on a GPU, the
+datasheet's dense bf16 figure (train.PEAK_BF16_FLOPS).
 Throughput is the steady state after warm-up steps; compile time is reported on its own.
 
 OpenCLIP (random init, nothing downloaded) is a benchmark-only dependency. It imports torchvision, which
@@ -155,7 +156,7 @@ def main():
         # as train.py does on a CPU; process-wide, so both sides run with it
         allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
         peak = None  # measured below, a round at a time, beside the steps
-        peak_note = f"measured 2048^3 fp32 torch.mm, median of the rounds; {allocator}"
+        peak_note = f"measured 2048^3 {'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
     builders = {"ours": ours, "openclip": openclip}
     runs = []
     for side in args.sides.split(","):
@@ -178,7 +179,8 @@ def main():
         for run in runs:
             run["rates"].append(args.steps * args.batch_size / time_steps(run["step"], args.steps, device))
         if device.type == "cpu":
-            matmul_rates.append(matmul_peak(device, torch.float32))
+            # in the precision the steps run in: a CPU with bf16 units multiplies bf16 faster than fp32
+            matmul_rates.append(matmul_peak(device, torch.bfloat16 if bf16 else torch.float32))
     if device.type == "cpu":
         peak = statistics.median(matmul_rates)
     print(f"{cfg}\n{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "

@@ -26,7 +26,11 @@ def test_training_step_benchmark_reports_throughput_and_mfu():
     line = next(l for l in out.splitlines() if l.startswith("ours"))
     samples_per_s, mfu = re.search(r"([\d.]+) samples/s .* MFU ([\d.]+)%", line).groups()
     assert float(samples_per_s) > 0 and 0 < float(mfu) < 200
-    assert "GFLOP per sample" in out
+    assert "GFLOP per sample" in out and "measured 2048^3 fp32 torch.mm" in out
+    # bf16 steps on a CPU are measured against the CPU's bf16 matmul rate, not its fp32 one
+    out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours", "--rounds", "1", "--steps", "1",
+              "--warmup", "1", "--patch_size", "32", "--text_layers", "1", "--vision_layers", "1", "--precision", "bf16")
+    assert "bf16" in out.splitlines()[1] and "measured 2048^3 bf16 torch.mm" in out
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the kept-memory allocator setting is glibc's")
