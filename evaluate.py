@@ -101,6 +101,12 @@ def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None
     return images[:n], texts[:n], labels[:n]
 
 
+def image_batch(images, size, device):
+    """PIL images -> (B, 3, size, size) uint8 on the device, through the evaluation crop."""
+    arrays = np.stack([prepare_image(img, size) for img in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(device)
+
+
 def load_classification(name_or_dir, split=None):
     """An image-classification dataset through `datasets`: a local folder (imagefolder: class = folder
     name) or a hub name. -> (dataset, image column, label column, class names)."""
@@ -129,10 +135,8 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     logits, targets = [], []
     for start in tqdm(range(0, len(ds), batch_size), desc=f"zero-shot {os.path.basename(name_or_dir)}"):
         rows = ds[start:start + batch_size]
-        arrays = np.stack([prepare_image(img, cfg.image_size) for img in rows[image_col]])
-        images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(device)
         with autocast:
-            logits.append(model.encode_image(images).float() @ weights.T)
+            logits.append(model.encode_image(image_batch(rows[image_col], cfg.image_size, device)).float() @ weights.T)
         targets.append(torch.tensor(rows[label_col], device=device))
     return {**topk_accuracy(torch.cat(logits), torch.cat(targets)), "classes": len(classnames), "samples": len(ds)}
 
@@ -155,13 +159,12 @@ def match_images_to_texts(model, cfg, paths, texts, device, autocast):
     """(images, texts) probabilities, each image against the given texts, as the model was trained to
     score them: a softmax over the texts of the scaled cosine similarities (CLIP), or each pair's own
     sigmoid (SigLIP). Images go through the evaluation crop, upright by their EXIF orientation."""
-    arrays = [prepare_image(ImageOps.exif_transpose(Image.open(p)), cfg.image_size) for p in paths]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
+    images = image_batch([ImageOps.exif_transpose(Image.open(p)) for p in paths], cfg.image_size, device)
     tokens = Tokenizer(cfg.encoding, cfg.context_length)(texts, trim=True).to(device)
     with autocast:
-        img, txt = model.encode_image(images).float(), model.encode_text(tokens).float()
-    logits = model.logit_scale.exp().clamp(max=100).float() * img @ txt.T
-    return logits.softmax(dim=1) if model.logit_bias is None else torch.sigmoid(logits + model.logit_bias.float())
+        img, txt, scale, bias = model(images, tokens)  # the model's own temperature (and SigLIP bias)
+    logits = scale.float() * img.float() @ txt.float().T
+    return logits.softmax(dim=1) if bias is None else torch.sigmoid(logits + bias.float())
 
 # -----------------------------------------------------------------------------
 # during training

@@ -66,14 +66,22 @@ def series(records, kind, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def split_metric(key):
+    """zeroshot/color/top1 -> (zeroshot/color, top1); retrieval/image_to_text_R@5 -> (retrieval/image_to_text, R@5)."""
+    if "_R@" in key:
+        family, _, k = key.rpartition("_R@")
+        return family, "R@" + k
+    family, _, k = key.rpartition("/")
+    return (family, k) if family else (key, key)
+
+
 def eval_panels(records):
     """One panel per family of evaluation metrics, its k's as lines in order: zeroshot/color holds top1
     and top5; retrieval/image_to_text holds R@1, R@5, R@10."""
     keys = {k for r in records if r.get("kind") == "eval" for k in r if k not in ("kind", "step", "val_loss", "time")}
     families = {}
     for key in keys:
-        family = (key.rpartition("_R@") if "_R@" in key else key.rpartition("/"))[0]
-        families.setdefault(family or key, []).append(key)
+        families.setdefault(split_metric(key)[0], []).append(key)
     by_k = lambda key: (len(key), key)  # top1 < top5, R@5 < R@10
     return [(family, [("eval", key) for key in sorted(members, key=by_k)]) for family, members in sorted(families.items())]
 
@@ -96,8 +104,7 @@ def plot_runs(run_dirs, out_path):
             for kind, key in lines:
                 x, y = series(records, kind, key)
                 if x:
-                    metric = key.rpartition("_")[2] if "_R@" in key else key.rpartition("/")[2]
-                    label = f"{name} {metric}" if len(lines) > 1 else name
+                    label = f"{name} {split_metric(key)[1]}" if len(lines) > 1 else name
                     ax.plot(x, y, marker="o" if kind == "eval" else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")

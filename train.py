@@ -326,7 +326,7 @@ def main(argv=None):
         cfg = parse_args(argv, resumed)
         manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
         changed = [f"{k} {resumed[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
-                   if k in resumed and k not in ("out_dir", "resume") and resumed[k] != v]
+                   if k in resumed and k not in ("out_dir", "resume", "init_from") and resumed[k] != v]
     for name, allowed in (("compile", ("auto", "true", "false")), ("precision", ("auto", "bf16", "fp32")),
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:

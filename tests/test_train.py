@@ -254,6 +254,11 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
     assert [r["step"] for r in read_log(ft)] == [1]
+    # resuming the fine-tuned run reports what the flags change, not the init_from it started with
+    capsys.readouterr()
+    train.main(["--out_dir", ft, "--resume", "--max_steps", "2"])
+    changes = next(line for line in capsys.readouterr().out.splitlines() if "settings changed" in line)
+    assert "max_steps 1 -> 2" in changes and "init_from" not in changes
     with pytest.raises(SystemExit, match="no checkpoint at"):
         train.main(run_args(shapes_dir, str(tmp_path / "ft3"), max_steps=1) + ["--init_from", ckpt + ".missing"])
     with pytest.raises(SystemExit, match="fixes the model's shape; drop --image_size 64"):
