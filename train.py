@@ -87,7 +87,7 @@ class TrainConfig:
 CONFIGS = {
     # the built-in demo: a few minutes on a laptop CPU, data generated on the fly
     "demo": dict(model="tiny", data_dir="data/shapes", make_shapes=20_000, out_dir="runs/demo", augment=False,
-                 batch_size=128, max_steps=600, max_lr=1e-3, warmup_frac=0.05, weight_decay=0.05, num_workers=1,
+                 batch_size=128, max_steps=600, max_lr=1e-3, warmup_frac=0.05, weight_decay=0.05,
                  log_interval=20, eval_interval=200, eval_batches=0, checkpoint_interval=200),
 }
 
@@ -443,6 +443,10 @@ def main(argv=None):
             set_rng_state(start["rng"])
             step = start["step"]
     del start
+    if use_compile:
+        # a fresh compile cache: shapes that an earlier run in this process compiled (a notebook that trains
+        # twice, at two image sizes) would otherwise be taken for dynamic ones and compiled as such
+        torch.compiler.reset()
     model = torch.compile(raw_model) if use_compile else raw_model
     if ddp:
         # the only buffers are the constant image mean/std: nothing to broadcast before each forward

@@ -96,7 +96,8 @@ print(kept, (before - rss()) >> 20)
         out = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True, check=True)
         kept, returned_mb = out.stdout.split()
         return kept == "True", int(returned_mb)
-    assert run("default") == (False, 64)
+    kept, returned_mb = run("default")
+    assert not kept and returned_mb >= 56  # most of the block (a page or two may stay mapped)
     kept, returned_mb = run("keep")
     assert kept and returned_mb < 8
 
