@@ -90,7 +90,7 @@ def prepare(name, build, cfg, args, device, autocast):
     images = torch.randint(0, 256, (args.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device)
     tokens = torch.randint(0, 50_000, (args.batch_size, cfg.context_length), generator=g).to(device)
     tokens[:, -1] = 100257  # every caption runs the full context: the worst case for neither side
-    step_fn = torch.compile(loss_of) if args.compiled else loss_of
+    step_fn = torch.compile(loss_of, mode=args.compile_mode) if args.compiled else loss_of
 
     def step():
         with autocast:
@@ -132,6 +132,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", default="false", choices=["false", "true", "both"])
+    p.add_argument("--compile_mode", default=None, choices=[None, "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode, for both sides (default: its default)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved; the median is reported")
     p.add_argument("--warmup", type=int, default=3)

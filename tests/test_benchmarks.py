@@ -58,3 +58,16 @@ def test_loader_benchmark_reports_ours_the_plain_pipeline_and_training_crops():
     assert tokenise and float(tokenise.group(1)) > 0
     index = re.search(r"index (\d+) samples: ours ([\d.]+) s \| tarfile ([\d.]+) s", out)
     assert index and int(index.group(1)) > 64 and float(index.group(3)) > 0
+
+
+def test_step_profile_checks_the_fast_paths_and_splits_the_time():
+    out = run("profile_step.py", "--model", "tiny", "--batch_size", "16", "--check_batch_size", "8", "--compile", "false",
+              "--top", "5")
+    # bf16 autocast against the fp32 reference: close (bf16 rounding), and not identical (it did run in bf16)
+    err = float(re.search(r"eager bf16 .* all ([\d.e+-]+),", out).group(1))
+    assert 1e-5 < err < 0.1
+    total = float(re.search(r"operator time ([\d.]+) ms a step", out).group(1))
+    kinds = dict((k.strip(), float(v)) for k, v in re.findall(r"^  (\D+?)\s+([\d.]+) ms\s+[\d.]+%$", out, flags=re.M))
+    assert {"matmul", "attention", "optimizer, clipping"} <= set(kinds)
+    assert sum(kinds.values()) == pytest.approx(total, rel=0.01)
+    assert min(kinds.values()) > 0

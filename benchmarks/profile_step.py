@@ -1,0 +1,189 @@
+"""
+Where a training step's time goes, and whether the fast paths compute the same thing.
+
+1. Correctness: the loss and every gradient of the compiled model, and of bf16 autocast (eager and
+   compiled), against the eager fp32 model (TF32 off), as ||g - g_ref|| / ||g_ref|| over all parameters
+   and for the worst single tensor. fp32 compiled lands near 1e-5; bf16 near 1e-2.
+2. On a GPU: each SDPA backend (cuDNN, flash, memory-efficient), forward and forward+backward, at the
+   model's own attention shapes.
+3. A profile of the training step (compiled, in the run's precision): device time per step by kind
+   (matmul, attention, fused elementwise kernels, optimizer and clipping, other), and the largest kernels.
+
+    python benchmarks/profile_step.py                                   # base, batch 256, on a GPU
+    python benchmarks/profile_step.py --model tiny --batch_size 32 --compile false   # a quick CPU look
+
+On a CPU the profile lists operators (there are no kernels); MFU and peak live in bench.py.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clip import CLIP, clip_loss, flops_per_sample, get_config  # noqa: E402
+from train import param_groups, parse_bool  # noqa: E402
+
+EOT = 100257  # cl100k_base's <|endoftext|>
+
+
+def batch(cfg, B, device, seed, caption_length):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(0, 50_000, (B, caption_length), generator=g)
+    tokens[torch.arange(B), torch.randint(caption_length // 2, caption_length, (B,), generator=g)] = EOT
+    return images.to(device), tokens.to(device)
+
+
+def gradients(model, fn, images, tokens, bf16, device):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = clip_loss(*fn(images, tokens))
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def check_correctness(cfg, device, compiled, B):
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
+    torch.manual_seed(0)
+    model = CLIP(cfg).to(device)
+    images, tokens = batch(cfg, B, device, 1, cfg.context_length)
+    ref_loss, ref = gradients(model, model, images, tokens, False, device)
+    flat = lambda g: torch.cat([g[n].flatten() for n in ref])
+    variants = [("eager bf16", model, True)]
+    if compiled:
+        cmodel = torch.compile(model)
+        variants = [("compiled fp32", cmodel, False)] + variants + [("compiled bf16", cmodel, True)]
+    print(f"correctness, batch {B}: against eager fp32 (loss {ref_loss:.6f})")
+    for name, fn, bf16 in variants:
+        loss, g = gradients(model, fn, images, tokens, bf16, device)
+        worst = max(rel(g[n], ref[n]) for n in ref)
+        print(f"  {name:14s} loss {loss:.6f} | gradients' relative error: all {rel(flat(g), flat(ref)):.2e}, "
+              f"worst tensor {worst:.2e}")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def timed_ms(fn, device, reps=20):
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def sdpa_backends(cfg, B, device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    shapes = {"vision": (cfg.vision_heads, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.vision_width, False),
+              "text": (cfg.text_heads, cfg.context_length, cfg.text_width, True)}
+    print(f"SDPA at the model's shapes, batch {B}, bf16: forward / forward+backward, ms")
+    for tower, (heads, T, width, causal) in shapes.items():
+        q, k, v = [torch.randn(B, heads, T, width // heads, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3)]
+        grad = torch.randn_like(q)
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            def forward():
+                with sdpa_kernel(backend), torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            def both():
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)
+            try:
+                print(f"  {tower:6s} {backend.name:20s} {timed_ms(forward, device):7.3f} / {timed_ms(both, device):7.3f}")
+            except RuntimeError as e:  # a backend that does not take these shapes on this GPU
+                print(f"  {tower:6s} {backend.name:20s} not available: {str(e).splitlines()[0][:80]}")
+
+
+# by kernel (GPU) or operator (CPU) name; attention first, since cuDNN's attention kernels are named like matmuls
+KINDS = [("attention", ("flash", "fmha", "sdpa", "attention", "cudnn::fusion")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn")),
+         ("optimizer, clipping", ("adam", "multi_tensor", "foreach")),
+         ("fused elementwise", ("triton", "cpp_fused"))]
+
+
+def kind_of(name):
+    name = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
+
+
+def profile_step(cfg, B, device, compiled, bf16, top):
+    torch.manual_seed(0)
+    model = CLIP(cfg).to(device)
+    fn = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
+    images, tokens = batch(cfg, B, device, 2, cfg.context_length)
+    tokens[:, -1] = EOT  # every caption runs the full context, as in bench.py
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = clip_loss(*fn(images, tokens))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"first step (compiling, if compiled) {time.perf_counter() - t:.1f} s")
+    step_ms = timed_ms(step, device)
+    n = 3
+    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if device.type == "cuda":  # kernels only: each op's time is the time of the kernels it launched
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        ms = lambda e: e.self_device_time_total / n / 1e3
+    else:  # operators' own CPU time
+        events = list(prof.key_averages())
+        ms = lambda e: e.self_cpu_time_total / n / 1e3
+    total = sum(ms(e) for e in events)
+    kinds = {}
+    for e in events:
+        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + ms(e)
+    flops = flops_per_sample(cfg) * B
+    print(f"step {step_ms:.2f} ms ({B / step_ms * 1e3:.0f} samples/s, {flops / step_ms / 1e9:.1f} TFLOP/s); "
+          f"{'device' if device.type == 'cuda' else 'operator'} time {total:.2f} ms a step")
+    for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:18s} {t:8.2f} ms  {t / total:6.1%}")
+    print(f"the {top} largest, ms a step, calls a step:")
+    for e in sorted(events, key=ms, reverse=True)[:top]:
+        print(f"  {ms(e):8.3f} {e.count // n:5d}x  {kind_of(e.key):18s} {e.key[:100]}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="base")
+    p.add_argument("--batch_size", type=int, default=256, help="the profiled step's batch")
+    p.add_argument("--check_batch_size", type=int, default=64, help="the correctness check's batch")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", type=parse_bool, default=True)
+    p.add_argument("--top", type=int, default=30)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    cfg = get_config(args.model)
+    print(f"{cfg}\n{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
+          f"torch {torch.__version__}")
+    check_correctness(cfg, device, args.compile, args.check_batch_size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it
+        sdpa_backends(cfg, args.batch_size, device)
+    profile_step(cfg, args.batch_size, device, args.compile, bf16, args.top)
+
+
+if __name__ == "__main__":
+    main()
