@@ -4,6 +4,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -343,6 +344,24 @@ def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch)
         assert r["mfu"] < flops_per_sample(cfg) * r["samples_per_s"] / peak
         # the time left at this pace: the steps to go, at 8 samples each
         assert r["eta_min"] == pytest.approx((2 - r["step"]) * 8 / r["samples_per_s"] / 60, rel=1e-9)
+
+
+def test_throughput_is_timed_after_the_first_step(tmp_path, monkeypatch, shapes_dir, capsys):
+    # the first step compiles and starts the loader (here: a 3 s pause); the first logged samples/s
+    # must not count it, or the first interval's speed and minutes left would be far too pessimistic
+    calls, step_fn = [], train.forward_backward
+    def slow_first(*a):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3)
+        return step_fn(*a)
+    monkeypatch.setattr(train, "forward_backward", slow_first)
+    out = str(tmp_path / "run")
+    train.main(run_args(shapes_dir, out, batch_size=8, max_steps=3, log_interval=3, eval_interval=100))
+    assert re.search(r"step 1: 3\.\d+s \(the first step: loader start-up\); throughput is timed from here",
+                     capsys.readouterr().out)
+    (r,) = read_log(out)
+    assert 2 * 8 / r["samples_per_s"] < 2.5  # the two timed steps; with the first, over 3 s
 
 
 def test_the_gpu_peak_is_the_datasheet_figure_of_that_exact_model(monkeypatch):
