@@ -3,7 +3,7 @@ import sys
 
 # The suite checks exactness that only the CPU's kernels promise: a resumed run equal bit for bit to an
 # uninterrupted one, two DDP processes (gloo) equal to one. On a GPU box those runs would otherwise pick
-# CUDA, whose kernels (split-K matmuls, atomics in attention's and the embedding's backward) differ in
+# CUDA, whose kernels (split-K matmuls, atomic adds in some backward kernels) may differ in
 # the last bits from run to run, and two ranks cannot share one GPU under NCCL. So the tests run on the
 # CPU everywhere; set before torch is imported, it reaches the subprocesses (torchrun) too. The GPU path
 # is exercised by setup_gpu.sh's smoke test and by benchmarks/.
