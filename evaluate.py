@@ -294,8 +294,9 @@ def main(argv=None):
         img, txt, _ = embed_shards(model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size)
         results.update(recall_at_k(img, txt))
         results["retrieval_samples"] = len(img)
-    if any(k != "images" for k in results):
-        print_table({k: v for k, v in results.items() if k != "images"})
+    table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above
+    if table:
+        print_table(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

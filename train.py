@@ -502,7 +502,7 @@ def main(argv=None):
     zero = lambda: torch.zeros((), device=device)
     loss_sum, good_steps, bad_run, bad_max_run, bad_total = zero(), zero(), zero(), zero(), zero()
     t_last, steps_since, flops_since = time.time(), 0, 0.0
-    first = True
+    start_step = step
     while step < cfg.max_steps:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -529,7 +529,7 @@ def main(argv=None):
         good_steps += 1 - bad
         step += 1
         steps_since += 1
-        if first and step % cfg.log_interval and step < cfg.max_steps:
+        if step == start_step + 1 and step % cfg.log_interval and step < cfg.max_steps:
             # the first step compiles and waits for the loader's workers to start: tens of seconds that
             # would make the first interval's samples/s, MFU and minutes left wrong; time from its end
             if device.type == "cuda":
@@ -538,7 +538,6 @@ def main(argv=None):
                 print(f"step {step}: {time.time() - t_last:.1f}s (the first step: "
                       f"{'compiling, ' if use_compile else ''}loader start-up); throughput is timed from here")
             t_last, steps_since, flops_since = time.time(), 0, 0.0
-        first = False
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             if ddp:

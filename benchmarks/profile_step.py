@@ -17,24 +17,26 @@ On a CPU the profile lists operators (there are no kernels); MFU and peak live i
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import ours, prepare, sync, time_steps  # noqa: E402  the same model, optimizer, batch and step as bench.py
 from clip import CLIP, clip_loss, flops_per_sample, get_config  # noqa: E402
-from train import param_groups, parse_bool  # noqa: E402
+from train import parse_bool  # noqa: E402
 
 EOT = 100257  # cl100k_base's <|endoftext|>
 
 
-def batch(cfg, B, device, seed, caption_length):
-    g = torch.Generator().manual_seed(seed)
+def varied_batch(cfg, B, device):
+    """Random images, and captions whose end-of-text falls anywhere in the second half of the context."""
+    g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (B, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g)
-    tokens = torch.randint(0, 50_000, (B, caption_length), generator=g)
-    tokens[torch.arange(B), torch.randint(caption_length // 2, caption_length, (B,), generator=g)] = EOT
+    tokens = torch.randint(0, 50_000, (B, cfg.context_length), generator=g)
+    ends = torch.randint(cfg.context_length // 2, cfg.context_length, (B,), generator=g)
+    tokens[torch.arange(B), ends] = EOT
     return images.to(device), tokens.to(device)
 
 
@@ -52,7 +54,7 @@ def check_correctness(cfg, device, compiled, B):
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
     torch.manual_seed(0)
     model = CLIP(cfg).to(device)
-    images, tokens = batch(cfg, B, device, 1, cfg.context_length)
+    images, tokens = varied_batch(cfg, B, device)
     ref_loss, ref = gradients(model, model, images, tokens, False, device)
     flat = lambda g: torch.cat([g[n].flatten() for n in ref])
     variants = [("eager bf16", model, True)]
@@ -71,14 +73,7 @@ def check_correctness(cfg, device, compiled, B):
 def timed_ms(fn, device, reps=20):
     for _ in range(3):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps * 1e3
+    return time_steps(fn, reps, device) / reps * 1e3
 
 
 def sdpa_backends(cfg, B, device):
@@ -117,33 +112,17 @@ def kind_of(name):
 
 
 def profile_step(cfg, B, device, compiled, bf16, top):
-    torch.manual_seed(0)
-    model = CLIP(cfg).to(device)
-    fn = torch.compile(model) if compiled else model
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
-    images, tokens = batch(cfg, B, device, 2, cfg.context_length)
-    tokens[:, -1] = EOT  # every caption runs the full context, as in bench.py
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = clip_loss(*fn(images, tokens))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    t = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    print(f"first step (compiling, if compiled) {time.perf_counter() - t:.1f} s")
-    step_ms = timed_ms(step, device)
+    # bench.py's step: its model and fused AdamW, random images and full-context captions, warm-up included
+    args = argparse.Namespace(batch_size=B, compiled=compiled, compile_mode=None, warmup=3)
+    run = prepare("ours", ours, cfg, args, device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
+    step = run["step"]
+    print(f"first step (compiling, if compiled) {run['first_step_s']:.1f} s")
+    step_ms = time_steps(step, 20, device) / 20 * 1e3
     n = 3
     with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
         for _ in range(n):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
     if device.type == "cuda":  # kernels only: each op's time is the time of the kernels it launched
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         ms = lambda e: e.self_device_time_total / n / 1e3
