@@ -322,7 +322,8 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, x):
         ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
         out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        # all_gather_single is torch 2.13's name for all_gather_into_tensor (deprecated there)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x.contiguous())
         return out
 
     @staticmethod

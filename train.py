@@ -449,8 +449,9 @@ def main(argv=None):
         torch.compiler.reset()
     model = torch.compile(raw_model) if use_compile else raw_model
     if ddp:
-        # the only buffers are the constant image mean/std: nothing to broadcast before each forward
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # DDP broadcasts the buffers (the constant image mean/std, 6 numbers) before each forward: too small
+        # to matter, and turning it off takes a flag whose name changed in torch 2.13
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = model.module if ddp else model  # compiled if compiled; no DDP hooks for no-grad passes
 
     logger = Logger(cfg.out_dir, enabled=master, resume_step=step if cfg.resume else None)
