@@ -11,7 +11,9 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
 Zero-shot: each class name is put into every prompt template, the text embeddings are averaged and
 normalised (the CLIP paper's prompt ensembling), and an image's class is the nearest such embedding.
 Images are preprocessed exactly as in training's evaluation (dataloader.prepare_image: centre crop,
-resize to the checkpoint's image_size; the model normalises). train.py runs the same code periodically.
+resize to the checkpoint's image_size; the model normalises); images that are not from prepared shards
+are first turned upright and shown on white as prep_dataset.py does for training images (a phone
+photo's EXIF rotation, transparency, 16-bit greyscale). train.py runs the same code periodically.
 """
 import argparse
 import json
@@ -20,12 +22,13 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer
 from dataloader import ShardLoader, prepare_image
+from prep_dataset import upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -102,8 +105,9 @@ def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None
 
 
 def image_batch(images, size, device):
-    """PIL images -> (B, 3, size, size) uint8 on the device, through the evaluation crop."""
-    arrays = np.stack([prepare_image(img, size) for img in images])
+    """PIL images -> (B, 3, size, size) uint8 on the device: upright, transparency on white, as
+    prep_dataset.py made the training images, then through the evaluation crop."""
+    arrays = np.stack([prepare_image(upright_rgb(img), size) for img in images])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(device)
 
 
@@ -159,7 +163,7 @@ def match_images_to_texts(model, cfg, paths, texts, device, autocast):
     """(images, texts) probabilities, each image against the given texts, as the model was trained to
     score them: a softmax over the texts of the scaled cosine similarities (CLIP), or each pair's own
     sigmoid (SigLIP). Images go through the evaluation crop, upright by their EXIF orientation."""
-    images = image_batch([ImageOps.exif_transpose(Image.open(p)) for p in paths], cfg.image_size, device)
+    images = image_batch([Image.open(p) for p in paths], cfg.image_size, device)
     tokens = Tokenizer(cfg.encoding, cfg.context_length)(texts, trim=True).to(device)
     with autocast:
         img, txt, scale, bias = model(images, tokens)  # the model's own temperature (and SigLIP bias)

@@ -275,13 +275,9 @@ SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder,
 # processing one sample (in a worker process)
 
 
-def resize_and_crop(img, size):
-    """An opened, not yet decoded image -> its centre square at size x size, upright, RGB."""
-    w, h = img.size
-    if img.format == "JPEG" and size / min(w, h) < 0.5:
-        # let the JPEG decoder downscale by 1/2, 1/4 or 1/8 for free: possible only before it decodes
-        img.draft("RGB", (int(w * size / min(w, h)) + 1, int(h * size / min(w, h)) + 1))
-    img.load()  # truncated or corrupt files fail here, not later
+def upright_rgb(img):
+    """A PIL image -> RGB, as an image viewer shows it. Evaluation images go through here too
+    (evaluate.py), so that a model sees them as it saw its training images."""
     img = ImageOps.exif_transpose(img)  # phone photos store their pixels sideways plus a rotation tag
     if img.mode.startswith("I;16"):  # 16-bit greyscale (PNG, TIFF): RGB conversion would clip it to white
         img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
@@ -289,13 +285,24 @@ def resize_and_crop(img, size):
         # transparent pixels keep arbitrary colours, often black: show the image on white, as viewers do
         img = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
+
+
+def resize_and_crop(img, size):
+    """An opened, not yet decoded image -> its centre square at size x size, upright, RGB."""
+    w, h = img.size
+    if img.format == "JPEG" and size / min(w, h) < 0.5:
+        # let the JPEG decoder downscale by 1/2, 1/4 or 1/8 for free: possible only before it decodes
+        img.draft("RGB", (int(w * size / min(w, h)) + 1, int(h * size / min(w, h)) + 1))
+    img.load()  # truncated or corrupt files fail here, not later
+    img = upright_rgb(img)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     left, top = (nw - size) // 2, (nh - size) // 2
     # resize straight to the crop: PIL's box= crops in source coordinates and resamples in one go
     box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-    return img.convert("RGB").resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
+    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
 
 
 def process_sample(item, image_size, quality):

@@ -1,6 +1,9 @@
+import io
 import json
 import os
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +115,43 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
         for k in ("top1", "top5"):
             assert f"zeroshot/{task}/{k}" in printed
             assert f"{100 * results['zeroshot'][task][k]:.2f}%" in printed
+
+
+def test_evaluation_sees_odd_images_as_prep_made_the_training_images(tmp_path):
+    size = 32
+    # a phone photo: stored 48x32 and sideways, tagged "rotate 90 degrees clockwise to display" (EXIF 6)
+    y, x = np.mgrid[:32, :48]
+    stored = np.stack([x * 5, y * 7, 255 - x * 3], axis=2).astype(np.uint8)  # smooth: JPEG keeps it (below)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    upright = np.rot90(np.asarray(Image.open(tmp_path / "phone.png").convert("RGB")), k=-1)  # clockwise
+    # a transparent PNG whose hidden pixels are black: shown on white, as viewers (and prep) show it
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (200, 30, 30, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "icon.png")
+    on_white = np.full((32, 32, 3), 255, np.uint8)
+    on_white[:, :16] = (200, 30, 30)
+    # 16-bit greyscale: its top 8 bits, not clipped to white
+    deep = (np.mgrid[:32, :32].sum(axis=0) * 1000 + 3).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    eight_bits = np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    files = [tmp_path / n for n in ("phone.png", "icon.png", "deep.png")]
+    got = evaluate.image_batch([Image.open(f) for f in files], size, "cpu")
+    want = evaluate.image_batch([Image.fromarray(np.ascontiguousarray(a)) for a in (upright, on_white, eight_bits)],
+                                size, "cpu")
+    assert got.shape == (3, 3, size, size) and torch.equal(got, want)
+    # and prep_dataset.py makes the same training images of these files (up to its JPEG encoding)
+    for f in files:
+        f.with_suffix(".txt").write_text(f.stem)
+    prep_dataset.main(["--source", "folder", "--input", str(tmp_path), "--out_dir", str(tmp_path / "out"),
+                       "--image_size", str(size), "--val_fraction", "0", "--workers", "1", "--jpeg_quality", "100"])
+    with tarfile.open(tmp_path / "out" / "train" / "shard-000000.tar") as tf:
+        names = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    prepared = {names[k[:-4] + ".txt"].decode(): np.asarray(Image.open(io.BytesIO(v))) for k, v in names.items()
+                if k.endswith(".jpg")}
+    for i, f in enumerate(files):
+        assert np.abs(prepared[f.stem].astype(int) - got[i].permute(1, 2, 0).numpy()).mean() < 4, f.stem
 
 
 def test_the_demo_learns_shapes_and_colours(tmp_path):
