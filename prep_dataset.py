@@ -317,10 +317,15 @@ def process_sample(item, image_size, quality):
             return "skip", "caption_not_utf8"
     if caption is None:
         return "skip", "missing_caption"
-    if isinstance(caption, (list, tuple)):  # a list of captions (hub datasets): one per line, as in .txt
-        caption = "\n".join(str(c) for c in caption)
+
+    def text_of(c):  # hub datasets may hold a caption as a record, e.g. COCO's {"raw": ..., "tokens": [...]}
+        if isinstance(c, dict):
+            return next((c[k] for k in ("raw", *CAPTION_COLUMNS) if isinstance(c.get(k), str)), "")
+        return str(c)
+    if isinstance(caption, (list, tuple)):  # several captions (hub datasets): one per line, as in a .txt
+        caption = "\n".join(text_of(c) for c in caption)
     # several lines are several captions of the same image; the loader picks one per epoch
-    caption = "\n".join(line.strip() for line in str(caption).splitlines() if line.strip())
+    caption = "\n".join(line.strip() for line in text_of(caption).splitlines() if line.strip())
     if not caption:
         return "skip", "empty_caption"
     if image is None:

@@ -240,6 +240,18 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
     assert set(by_caption) == {"a red card", "a green card"}
     assert by_caption["a green card"].shape == (32, 32, 3) and by_caption["a green card"][..., 1].mean() > 200
+    # captions held as records (COCO's {"raw", "tokens"}), several per image: their text, one per line
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    with open(coco / "metadata.jsonl", "w") as f:
+        for name, words in (("1.png", ["a red card", "red paper"]), ("2.png", ["a blue card"])):
+            Image.new("RGB", (40, 40), (200, 0, 0)).save(coco / name)
+            sentences = [{"raw": w, "tokens": w.split(), "sentid": i} for i, w in enumerate(words)]
+            f.write(json.dumps({"file_name": name, "sentences": sentences}) + "\n")
+    prep_dataset.main(["--source", "hub", "--input", str(coco), "--out_dir", str(tmp_path / "coco_out"),
+                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    captions = {c for _, c in tar_samples(tmp_path / "coco_out" / "train" / "shard-000000.tar").values()}
+    assert captions == {"a red card\nred paper", "a blue card"}
 
 
 def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
