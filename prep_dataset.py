@@ -179,7 +179,8 @@ def source_webdataset(args):
 
 # column names that usually hold the caption, or the image, in tables and hub datasets
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description")
-IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "image_path", "path", "file")
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "image_path", "path", "file", "image_url", "url")
+URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"
 
 
 def pick_column(names, wanted, given, what):
@@ -212,7 +213,7 @@ def source_table(args):
                 caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
             image = str(row.get(image_col) or "")
             if image.startswith(("http://", "https://")):
-                yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}  # download first, e.g. with img2dataset
+                yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
                 continue
             image = os.path.join(root, os.path.expanduser(image))
             if not os.path.isfile(image):
@@ -241,6 +242,9 @@ def source_hub(args):
         image = ex.get(image_col)
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
+        if i == 0 and isinstance(image, str) and image.startswith(("http://", "https://")):
+            # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
+            sys.exit(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): {URL_HINT}")
         yield f"{i:09d}", image, ex.get(caption_col), None
 
 
@@ -419,7 +423,8 @@ def write_shards(args, stage_dir):
         for reason, n in chunk["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     if not samples:
-        sys.exit("no usable samples were found: check --source/--input (skipped: %s)" % skipped)
+        sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped})"
+                 + (f". The images were URLs: {URL_HINT}" if "image_is_a_url" in skipped else ""))
     order = np.random.default_rng(args.seed).permutation(len(samples))
     n_val = min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
     splits = {"val": order[:n_val], "train": order[n_val:]}
@@ -521,6 +526,8 @@ def main(argv=None):
     c = result["counts"]
     print(f"wrote {c['train']} train + {c['val']} val samples to {args.out_dir} in {time.time() - t0:.1f}s; "
           f"skipped {c['skipped']} of {c['seen']}: {result['skipped'] or 'none'}")
+    if "image_is_a_url" in result["skipped"]:
+        print(f"some images were URLs: {URL_HINT}")
     return manifest
 
 

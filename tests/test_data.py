@@ -252,6 +252,14 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
                        "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     captions = {c for _, c in tar_samples(tmp_path / "coco_out" / "train" / "shard-000000.tar").values()}
     assert captions == {"a red card\nred paper", "a blue card"}
+    # a set of URLs and captions (Conceptual Captions' layout) stops at its first row, saying what to do
+    urls = tmp_path / "urls"
+    urls.mkdir()
+    (urls / "train.jsonl").write_text("".join(json.dumps({"caption": f"photo {i}", "image_url": f"https://x.org/{i}.jpg"})
+                                              + "\n" for i in range(3)))
+    with pytest.raises(SystemExit, match="'image_url' column .* holds URLs .*img2dataset"):
+        prep_dataset.main(["--source", "hub", "--input", str(urls), "--out_dir", str(tmp_path / "urls_out"),
+                           "--image_size", "32", "--workers", "1"])
 
 
 def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
