@@ -127,10 +127,16 @@ def source_text_to_image_2m(args):
     except Exception as e:  # no network, no such files: say what to check, not a stack trace
         sys.exit(f"could not open {data_files} ({type(e).__name__}: {str(e)[:300]}). Check the network "
                  "(the full set streams from the Hugging Face hub), or give local copies with --input 'dir/*.tar'.")
-    ds = ds.cast_column("jpg", HFImage(decode=False))  # raw bytes: we decode in parallel, and survive bad ones
+    # the set holds KEY.jpg + KEY.json {"prompt": ...}; other image extensions and caption fields are read
+    # too, so a copy in another webdataset layout works as well
+    images = [name for name, f in (ds.features or {"jpg": HFImage()}).items() if isinstance(f, HFImage)]
+    for name in images:
+        ds = ds.cast_column(name, HFImage(decode=False))  # raw bytes: we decode in parallel, and survive bad ones
     for ex in ds:
-        meta = ex.get("json") or {}
-        yield ex["__key__"], (ex.get("jpg") or {}).get("bytes"), meta.get("prompt"), None
+        image = next((ex[name]["bytes"] for name in images if ex.get(name)), None)
+        meta = ex.get("json") if isinstance(ex.get("json"), dict) else {}
+        caption = next((meta[k] for k in ("prompt", "caption", "text") if k in meta), ex.get("txt"))
+        yield ex["__key__"], image, caption, None
 
 
 def source_folder(args):

@@ -146,6 +146,18 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     captions = sorted(c for _, c in samples.values())
     assert any(c.startswith("photo number 1-7") and len(c) > 2000 for c in captions)  # long captions are kept
     assert all(img.size == (64, 64) for img, _ in samples.values())
+    # a copy in another webdataset layout (KEY.png + KEY.txt) reads as well
+    other = tmp_path / "other"
+    other.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), (0, 200, 0)).save(buf, "PNG")
+    write_tar(other / "data_000000.tar", [(f"k{i}.{ext}", data) for i in range(3)
+                                          for ext, data in (("png", buf.getvalue()), ("txt", f"green {i}".encode()))])
+    m = prep_dataset.main(["--input", str(other / "*.tar"), "--out_dir", str(tmp_path / "other_out"), "--image_size", "32",
+                           "--val_fraction", "0", "--workers", "1"])
+    got = tar_samples(tmp_path / "other_out" / "train" / "shard-000000.tar").values()
+    assert sorted(c for _, c in got) == ["green 0", "green 1", "green 2"]
+    assert all(np.asarray(img)[..., 1].mean() > 180 for img, _ in got)
     # files that cannot be opened (offline, a wrong glob) stop with what to check, before anything is written
     with pytest.raises(SystemExit, match="could not open .*give local copies with --input"):
         prep_dataset.main(["--input", str(tmp_path / "missing" / "*.tar"), "--out_dir", str(tmp_path / "none")])
