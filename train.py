@@ -68,6 +68,7 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     # speed and numerics
+    device: str = "auto"  # auto (cuda, else mps, else cpu), cuda, mps, cpu; this machine's, never the checkpoint's
     compile: str = "auto"  # auto (on for CUDA), true, false
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32
     grad_checkpointing: bool = False
@@ -150,7 +151,7 @@ def parse_args(argv, resumed=None):
             (overrides if key in kinds else model_args)[key] = parse_bool(value) if kind is bool else kind(value)
         except ValueError as e:
             sys.exit(f"--{key}: {e}")
-    resumed = {k: v for k, v in (resumed or {}).items() if k in kinds and k not in ("resume", "init_from")}
+    resumed = {k: v for k, v in (resumed or {}).items() if k in kinds and k not in ("resume", "init_from", "device")}
     cfg = TrainConfig(**{**preset, **resumed, **overrides})
     cfg.model_args = {**cfg.model_args, **model_args}
     return cfg
@@ -326,8 +327,9 @@ def main(argv=None):
         cfg = parse_args(argv, resumed)
         manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
         changed = [f"{k} {resumed[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
-                   if k in resumed and k not in ("out_dir", "resume", "init_from") and resumed[k] != v]
-    for name, allowed in (("compile", ("auto", "true", "false")), ("precision", ("auto", "bf16", "fp32")),
+                   if k in resumed and k not in ("out_dir", "resume", "init_from", "device") and resumed[k] != v]
+    for name, allowed in (("device", ("auto", "cuda", "mps", "cpu")), ("compile", ("auto", "true", "false")),
+                          ("precision", ("auto", "bf16", "fp32")),
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:
             sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -351,19 +353,27 @@ def main(argv=None):
 
     # ---- processes and devices: DDP whenever torchrun launched us
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    auto = ("cuda", "cpu") if ddp else ("cuda", "mps", "cpu")  # DDP has NCCL for GPUs, gloo for CPUs, none for mps
+    kind = cfg.device if cfg.device != "auto" else next(k for k in auto if available[k])
+    if not available[kind]:
+        sys.exit(f"--device {kind}: torch sees no such device here (torch {torch.__version__}); "
+                 "use --device cpu, or install a torch build for it (setup_gpu.sh does, on a GPU box)")
     if ddp:
         rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
+        if kind == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device, timeout=DDP_TIMEOUT)
-        else:
+        elif kind == "cpu":
             device = torch.device("cpu")
             dist.init_process_group("gloo", timeout=DDP_TIMEOUT)
+        else:
+            sys.exit("torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo), not on mps: add --device cpu, or run "
+                     "without torchrun")
     else:
         rank, world = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else
-                              "mps" if torch.backends.mps.is_available() else "cpu")
+        device = torch.device(kind)
     master = rank == 0
     num_workers = cfg.num_workers
     if num_workers < 0:

@@ -66,6 +66,10 @@ def test_cli_overrides_named_configs_and_rejects_unknown_keys(capsys):
     # a field of the model's config is a flag too, kept apart from the training settings
     cfg = train.parse_args(["--config", "demo", "--image_size", "32", "--context_length=16"])
     assert cfg.model_args == {"image_size": 32, "context_length": 16} and cfg.model == "tiny"
+    # a resumed run takes its settings from its checkpoint, but not the device: that belongs to this machine
+    cfg = train.parse_args([], resumed={"batch_size": 32, "device": "cpu"})
+    assert cfg.batch_size == 32 and cfg.device == "auto"
+    assert train.parse_args(["--device", "cpu"], resumed={"device": "cuda"}).device == "cpu"
 
 
 def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
@@ -74,7 +78,10 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
                            (["--max_lr", "-1"], "must be positive"),
                            (["--warmup_frac", "1.5"], r"must be in \[0, 1\)"),
-                           (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size")):
+                           (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size"),
+                           (["--device", "gpu"], "--device 'gpu': choose one of auto, cuda, mps, cpu"),
+                           # the tests hide CUDA (conftest.py): asking for it names the way out
+                           (["--device", "cuda"], "--device cuda: torch sees no such device here.*--device cpu")):
         with pytest.raises(SystemExit, match=message):
             train.main(out + flags)
 
