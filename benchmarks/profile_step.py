@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import ours, prepare, sync, time_steps  # noqa: E402  the same model, optimizer, batch and step as bench.py
 from clip import CLIP, clip_loss, flops_per_sample, get_config  # noqa: E402
-from train import parse_bool  # noqa: E402
+from train import keep_freed_memory, parse_bool  # noqa: E402
 
 EOT = 100257  # cl100k_base's <|endoftext|>
 
@@ -161,6 +161,8 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it
         sdpa_backends(cfg, args.batch_size, device)
+    else:
+        keep_freed_memory()  # as train.py does on a CPU: else freeing and refaulting big gradients shows up
     profile_step(cfg, args.batch_size, device, args.compile, bf16, args.top)
 
 
