@@ -230,6 +230,14 @@ def print_table(results, prefix=""):
             print(f"{prefix + key:<40} {value:>8}")
 
 
+def shards_or_exit(parser, *args, **kwargs):
+    """embed_shards, with a missing or empty shard folder reported as a usage error, not a traceback."""
+    try:
+        return embed_shards(*args, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
@@ -257,7 +265,11 @@ def main(argv=None):
     if templates and len(templates) == 1 and os.path.isfile(templates[0]):
         with open(templates[0]) as f:
             templates = [line.strip() for line in f if line.strip()]
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # a device torch cannot use fails here, with torch's reason
+    except (RuntimeError, AssertionError) as e:
+        p.error(f"--device {args.device}: {e}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     try:
         model, cfg = load_model(args.checkpoint, device)
@@ -274,7 +286,7 @@ def main(argv=None):
                 p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
         if tasks:
-            img, _, labels = embed_shards(model, args.zeroshot, "val", cfg, device, autocast, batch_size=args.batch_size)
+            img, _, labels = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast, batch_size=args.batch_size)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
             results["zeroshot"] = per_task
             for k in ("top1", "top5"):  # the headline figure: the mean over the tasks
@@ -295,7 +307,7 @@ def main(argv=None):
                 print(f"  {100 * prob:6.2f}%  {text}")
     if args.retrieval:
         data_dir, split = shard_split(args.retrieval)
-        img, txt, _ = embed_shards(model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size)
+        img, txt, _ = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size)
         results.update(recall_at_k(img, txt))
         results["retrieval_samples"] = len(img)
     table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above

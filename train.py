@@ -428,14 +428,17 @@ def main(argv=None):
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
                      num_workers=num_workers, pin_memory=device.type == "cuda", trim_tokens=True)
-    train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
-                               crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
     val_loader = None
-    if os.path.isdir(os.path.join(cfg.data_dir, "val")):
-        n_val = manifest.get("counts", {}).get("val", cfg.batch_size)
-        val_batch = min(cfg.batch_size, n_val // world * world)
-        if val_batch > 0:
-            val_loader = ShardLoader(cfg.data_dir, "val", val_batch, train=False, **loader_kw)
+    try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
+        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
+                                   crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
+        if os.path.isdir(os.path.join(cfg.data_dir, "val")):
+            n_val = manifest.get("counts", {}).get("val", cfg.batch_size)
+            val_batch = min(cfg.batch_size, n_val // world * world)
+            if val_batch > 0:
+                val_loader = ShardLoader(cfg.data_dir, "val", val_batch, train=False, **loader_kw)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
 
     # ---- model and optimizer
     raw_model = CLIP(model_cfg).to(device)

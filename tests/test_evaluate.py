@@ -105,6 +105,13 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--images", str(tmp_path / "not_an_image.png"), "--texts", "red"])
     assert "cannot identify image file" in capsys.readouterr().err
+    # a folder with no shards, or a device torch cannot use: usage errors that say why
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--retrieval", str(root)])
+    assert "no shards in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes"), "--device", "cuda"])  # CUDA is hidden
+    assert "--device cuda:" in capsys.readouterr().err
     probs = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", "red", "blue"])["images"]
     assert list(probs) == [str(root / "red" / "0.png")] and sum(probs[str(root / "red" / "0.png")].values()) == pytest.approx(1)
     # the shapes set's own tasks: each task's figures are printed, not only their mean

@@ -390,9 +390,12 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
         train.main(run_args(shapes_dir, str(tmp_path / "other"), precision="fp16"))
 
 
-def test_missing_data_says_which_command_makes_it(tmp_path):
+def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir):
     with pytest.raises(SystemExit, match="prep_dataset.py --out_dir"):
         train.main(["--data_dir", str(tmp_path / "t2i"), "--out_dir", str(tmp_path / "run")])
+    # too little data for the batch: a message, not a traceback (the 240 samples hold 192 for training)
+    with pytest.raises(SystemExit, match="batch_size 256 is larger than the 192 samples .* use a smaller --batch_size"):
+        train.main(run_args(shapes_dir, str(tmp_path / "run"), batch_size=256))
 
 
 def test_plot_command_writes_a_png(shapes_dir, tmp_path):
