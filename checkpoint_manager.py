@@ -29,11 +29,15 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a torn file, or a pickle that asks for code: never run it
         raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {str(e)[:300]}). If it was "
                               "torn by a crash, resume from an earlier checkpoint; never load untrusted pickles "
                               "with weights_only=False.") from e
+    if not isinstance(state, dict) or not {"model", "model_config"} <= state.keys():
+        raise CheckpointError(f"{path} is not a checkpoint of train.py: it has no 'model' and 'model_config' "
+                              "(a bare state_dict, or another project's file)")
+    return state
 
 
 def fsync_dir(path):

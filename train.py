@@ -321,6 +321,9 @@ def main(argv=None):
         # never overwrite an earlier run by accident
         sys.exit(f"{cfg.out_dir} already holds checkpoints of an earlier run: continue it with --resume, "
                  f"or start over with another --out_dir (or delete {cfg.out_dir}).")
+    if cfg.resume and not {"optimizer", "loader", "rng", "step", "config"} <= start.keys():
+        sys.exit(f"{start_path} holds weights only, not a run's state to resume: start from them with "
+                 f"--init_from {start_path}")
     if cfg.resume:
         # the run lives where its checkpoint is, wherever it was first started
         resumed = {**start.get("config", {}), "out_dir": os.path.dirname(start_path) or "."}

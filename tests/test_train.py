@@ -282,7 +282,7 @@ def test_keeps_last_k_plus_best(tmp_path, monkeypatch, hard_links):
         monkeypatch.setattr(os, "link", no_link)
     manager = CheckpointManager(str(tmp_path), keep=2)
     for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)]:
-        manager.save(step, {"step": step, "w": torch.full((2,), float(step))}, val)
+        manager.save(step, {"step": step, "model": {"w": torch.full((2,), float(step))}, "model_config": {}}, val)
     assert [os.path.basename(p) for p in manager.checkpoints()] == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
     assert load_checkpoint(manager.best_path)["step"] == 2
     assert not glob.glob(str(tmp_path / "*.tmp"))
@@ -305,6 +305,14 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(str(path))
     assert not (tmp_path / "pwned").exists()
+    # safe files that are not train.py's checkpoints: refused with what they lack, not a KeyError later
+    torch.save({"w": torch.zeros(3)}, path)
+    with pytest.raises(SystemExit, match="is not a checkpoint of train.py"):
+        train.main(["--init_from", str(path), "--out_dir", str(tmp_path / "run")])
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    torch.save({"model": CLIP(cfg).state_dict(), "model_config": cfg.__dict__}, path)  # weights, no run state
+    with pytest.raises(SystemExit, match="holds weights only.*--init_from"):
+        train.main(["--resume", str(path)])
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path, monkeypatch):
