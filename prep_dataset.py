@@ -487,7 +487,8 @@ def main(argv=None):
     p.add_argument("--shard_size", type=int, default=5000, help="samples per shard")
     p.add_argument("--chunk_size", type=int, default=5000, help="samples per staged chunk (the unit of resume)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--workers", type=int, help="decoding processes (default: the cores this process may use)",
+                   default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     p.add_argument("--jpeg_quality", type=int, default=95)
     args = p.parse_args(argv)
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
