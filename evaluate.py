@@ -48,14 +48,18 @@ def topk_accuracy(logits, targets, ks=(1, 5)):
     return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def recall_at_k(image_emb, text_emb, ks=RETRIEVAL_KS):
-    """Image i's caption is text i. Recall@k: how often the true match ranks among the k most similar."""
-    sim = image_emb @ text_emb.T  # (N, N)
-    truth = torch.arange(sim.shape[0], device=sim.device)
+def recall_at_k(image_emb, text_emb, ks=RETRIEVAL_KS, block=4096):
+    """Image i's caption is text i. Recall@k: how often the true match ranks among the k most similar.
+    The (N, N) similarities are made `block` rows at a time: 100k val pairs would need 40 GB at once."""
     out = {}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        # rank of the true match = how many candidates score strictly higher
-        rank = (s > s[truth, truth][:, None]).sum(dim=1)
+    for name, queries, candidates in (("image_to_text", image_emb, text_emb), ("text_to_image", text_emb, image_emb)):
+        ranks = []
+        for i in range(0, len(queries), block):
+            sim = queries[i:i + block] @ candidates.T  # (block, N); query i + r's true match is column i + r
+            rows = torch.arange(len(sim), device=sim.device)
+            # rank of the true match = how many candidates score strictly higher (the same matmul's values)
+            ranks.append((sim > sim[rows, i + rows][:, None]).sum(dim=1))
+        rank = torch.cat(ranks)
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
     return out

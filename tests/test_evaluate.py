@@ -46,6 +46,7 @@ def test_metrics_equal_naive_references():
         assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
         assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i)
     assert 0 < got["image_to_text_R@1"] < 1
+    assert evaluate.recall_at_k(img, txt, block=7) == got  # made in blocks of rows (large val sets), the same
 
 
 def test_a_perfect_model_scores_100_percent():
