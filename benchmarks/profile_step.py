@@ -115,8 +115,8 @@ def profile_step(cfg, B, device, compiled, bf16, top):
     # bench.py's step: its model and fused AdamW, random images and full-context captions, warm-up included
     if compiled and device.type == "cpu":
         # Inductor's C++ kernels then show in the profile by name, not as one block per compiled graph
-        import torch._inductor.config
-        torch._inductor.config.cpp.enable_kernel_profile = True
+        from torch._inductor import config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True
     args = argparse.Namespace(batch_size=B, compiled=compiled, compile_mode=None, warmup=3)
     run = prepare("ours", ours, cfg, args, device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
     step = run["step"]
