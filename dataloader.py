@@ -34,6 +34,13 @@ from clip import Tokenizer
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+def default_num_workers(processes=1):
+    """Loader processes for each of `processes` processes on this machine (DDP ranks): the cores this
+    process may use, shared out, less one for each process's own loop; 1 to 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // processes - 1))
+
+
 def find_shards(data_dir, split):
     paths = sorted(glob.glob(os.path.join(data_dir, split, "*.tar")))
     if not paths:

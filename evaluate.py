@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer
-from dataloader import ShardLoader, prepare_image
+from dataloader import ShardLoader, default_num_workers, prepare_image
 from prep_dataset import upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
@@ -108,11 +109,16 @@ def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None
     return images[:n], texts[:n], labels[:n]
 
 
-def image_batch(images, size, device):
-    """PIL images -> (B, 3, size, size) uint8 on the device: upright, transparency on white, as
-    prep_dataset.py made the training images, then through the evaluation crop."""
+def image_batch(images, size):
+    """PIL images -> (B, 3, size, size) uint8: upright, transparency on white, as prep_dataset.py made the
+    training images, then through the evaluation crop."""
     arrays = np.stack([prepare_image(upright_rgb(img), size) for img in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(device)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+
+
+def labelled_batch(rows, image_col, label_col, size):
+    """A batch of a classification dataset's rows -> (images, labels); runs in the loader's workers."""
+    return image_batch([r[image_col] for r in rows], size), torch.tensor([r[label_col] for r in rows])
 
 
 def load_classification(name_or_dir, split=None):
@@ -131,21 +137,25 @@ def load_classification(name_or_dir, split=None):
     label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
     if image_col is None or label_col is None:
         raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
-    classnames = [c.replace("_", " ") for c in ds.features[label_col].names]
+    # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
+    classnames = [c.split(",")[0].replace("_", " ").strip() for c in ds.features[label_col].names]
     return ds, image_col, label_col, classnames
 
 
 @torch.no_grad()
-def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256):
+def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
+                            num_workers=2):
     ds, image_col, label_col, classnames = load_classification(name_or_dir, split)
     tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
     weights = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device, autocast)
+    # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes
+    collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     logits, targets = [], []
-    for start in tqdm(range(0, len(ds), batch_size), desc=f"zero-shot {os.path.basename(name_or_dir)}"):
-        rows = ds[start:start + batch_size]
+    for images, labels in tqdm(loader, desc=f"zero-shot {os.path.basename(os.path.normpath(name_or_dir))}"):
         with autocast:
-            logits.append(model.encode_image(image_batch(rows[image_col], cfg.image_size, device)).float() @ weights.T)
-        targets.append(torch.tensor(rows[label_col], device=device))
+            logits.append(model.encode_image(images.to(device)).float() @ weights.T)
+        targets.append(labels.to(device))
     return {**topk_accuracy(torch.cat(logits), torch.cat(targets)), "classes": len(classnames), "samples": len(ds)}
 
 
@@ -167,7 +177,7 @@ def match_images_to_texts(model, cfg, paths, texts, device, autocast):
     """(images, texts) probabilities, each image against the given texts, as the model was trained to
     score them: a softmax over the texts of the scaled cosine similarities (CLIP), or each pair's own
     sigmoid (SigLIP). Images go through the evaluation crop, upright by their EXIF orientation."""
-    images = image_batch([Image.open(p) for p in paths], cfg.image_size, device)
+    images = image_batch([Image.open(p) for p in paths], cfg.image_size).to(device)
     tokens = Tokenizer(cfg.encoding, cfg.context_length)(texts, trim=True).to(device)
     with autocast:
         img, txt, scale, bias = model(images, tokens)  # the model's own temperature (and SigLIP bias)
@@ -201,7 +211,8 @@ class TrainingEvaluator:
                 out.update({f"retrieval/{k}": v for k, v in recall_at_k(img, txt).items()})
         for name in list(self.datasets):
             try:
-                acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast)
+                acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast,
+                                              num_workers=self.num_workers)
             except (Exception, SystemExit) as e:  # a dataset out of reach must not end hours of training
                 print(f"warning: zero-shot on {name} failed and is dropped for this run: {e}", file=sys.stderr)
                 self.datasets.remove(name)
@@ -253,6 +264,8 @@ def main(argv=None):
     p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split)")
     p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples (default: all)")
     p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=default_num_workers(),
+                   help="image decoding processes (default: this machine's cores, less one)")
     p.add_argument("--json", default=None, help="write the results here as a JSON object")
     p.add_argument("--images", nargs="+", default=None, help="image files to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images")
@@ -290,14 +303,15 @@ def main(argv=None):
                 p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
         if tasks:
-            img, _, labels = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast, batch_size=args.batch_size)
+            img, _, labels = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
+                                            batch_size=args.batch_size, num_workers=args.num_workers)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
             results["zeroshot"] = per_task
             for k in ("top1", "top5"):  # the headline figure: the mean over the tasks
                 results[k] = sum(t[k] for t in per_task.values()) / len(per_task)
         else:
             acc = zeroshot_classification(model, args.zeroshot, cfg, device, autocast, templates, args.split,
-                                          args.batch_size)
+                                          args.batch_size, args.num_workers)
             results.update(acc)
     if args.images:
         try:
@@ -311,7 +325,8 @@ def main(argv=None):
                 print(f"  {100 * prob:6.2f}%  {text}")
     if args.retrieval:
         data_dir, split = shard_split(args.retrieval)
-        img, txt, _ = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size)
+        img, txt, _ = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size,
+                                     args.num_workers)
         results.update(recall_at_k(img, txt))
         results["retrieval_samples"] = len(img)
     table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
 from clip import CLIP, PRESETS, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
-from dataloader import ShardLoader
+from dataloader import ShardLoader, default_num_workers
 from logger import Logger
 
 
@@ -381,9 +381,8 @@ def main(argv=None):
     num_workers = cfg.num_workers
     if num_workers < 0:
         # decoding and cropping images is the CPU's whole job here: a base model on an H100 takes thousands
-        # of images a second, a core makes a few hundred training crops; one core per rank runs the loop
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        num_workers = max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+        # of images a second, a core makes a few hundred training crops
+        num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if cfg.batch_size % world:
         sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes")
     local_batch = cfg.batch_size // world

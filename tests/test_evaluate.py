@@ -13,7 +13,7 @@ import evaluate
 import prep_dataset
 import train
 from checkpoint_manager import CheckpointManager
-from clip import CLIP, get_config
+from clip import CLIP, Tokenizer, get_config
 
 
 def naive_topk(logits, targets, k):
@@ -55,6 +55,41 @@ def test_a_perfect_model_scores_100_percent():
     classes = F.normalize(torch.randn(6, 16), dim=-1)
     targets = torch.arange(30) % 6
     assert evaluate.topk_accuracy(classes[targets] @ classes.T, targets) == {"top1": 1.0, "top5": 1.0}
+
+
+class ColourOracle(torch.nn.Module):
+    """Knows red, green and blue perfectly: an image's embedding is its dominant channel, a prompt's the
+    colour word it holds. Evaluated with it, every image must come out right."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.words = [tokenizer.enc.encode_ordinary(" " + c)[0] for c in ("red", "green", "blue")]
+
+    def encode_image(self, images):
+        return F.one_hot(images.float().mean(dim=(2, 3)).argmax(dim=1), 3).float()
+
+    def encode_text(self, tokens):
+        return torch.stack([(tokens == w).any(dim=1) for w in self.words], dim=1).float()
+
+
+def test_zeroshot_classification_scores_a_perfect_model_perfectly(tmp_path):
+    # class folders, one named as ImageNet names classes (synonyms after a comma); images of odd sizes
+    rng = np.random.default_rng(0)
+    for c, folder in enumerate(["red_thing", "green, viridian", "blue"]):
+        (tmp_path / folder).mkdir()
+        for i in range(4):
+            pixels = rng.integers(0, 80, (30 + 7 * i, 40 + 5 * c, 3))
+            pixels[..., c] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / folder / f"{i}.png")
+    ds, image_col, label_col, classnames = evaluate.load_classification(str(tmp_path))
+    assert classnames == ["blue", "green", "red thing"]
+    cfg = get_config("tiny")
+    oracle = ColourOracle(Tokenizer(cfg.encoding, cfg.context_length))
+    # 12 images in batches of 5 (the last one short), decoded by 2 worker processes: labels stay with
+    # their images, and the classes with their names
+    got = evaluate.zeroshot_classification(oracle, str(tmp_path), cfg, "cpu", torch.autocast("cpu", enabled=False),
+                                           templates=["a {}", "a photo of a {}."], batch_size=5, num_workers=2)
+    assert got == {"top1": 1.0, "top5": 1.0, "classes": 3, "samples": 12}
 
 
 def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
@@ -145,9 +180,9 @@ def test_evaluation_sees_odd_images_as_prep_made_the_training_images(tmp_path):
     Image.fromarray(deep).save(tmp_path / "deep.png")
     eight_bits = np.repeat((deep >> 8).astype(np.uint8)[..., None], 3, axis=2)
     files = [tmp_path / n for n in ("phone.png", "icon.png", "deep.png")]
-    got = evaluate.image_batch([Image.open(f) for f in files], size, "cpu")
+    got = evaluate.image_batch([Image.open(f) for f in files], size)
     want = evaluate.image_batch([Image.fromarray(np.ascontiguousarray(a)) for a in (upright, on_white, eight_bits)],
-                                size, "cpu")
+                                size)
     assert got.shape == (3, 3, size, size) and torch.equal(got, want)
     # and prep_dataset.py makes the same training images of these files (up to its JPEG encoding)
     for f in files:
