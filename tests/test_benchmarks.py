@@ -71,3 +71,9 @@ def test_step_profile_checks_the_fast_paths_and_splits_the_time():
     assert {"matmul", "attention", "optimizer, clipping"} <= set(kinds)
     assert sum(kinds.values()) == pytest.approx(total, rel=0.01)
     assert min(kinds.values()) > 0
+
+
+def test_zeroshot_benchmark_reports_each_worker_count():
+    out = run("bench_zeroshot.py", "--images", "8", "--workers", "0", "1", "--rounds", "1", "--batch_size", "4")
+    rates = dict(re.findall(r"tiny, 64 px: (\d) workers\s+([\d.]+) img/s \| [\d.]+x 0 workers", out))
+    assert set(rates) == {"0", "1"} and all(float(v) > 0 for v in rates.values())
