@@ -13,9 +13,11 @@ normalised (the CLIP paper's prompt ensembling), and an image's class is the nea
 Images are preprocessed exactly as in training's evaluation (dataloader.prepare_image: centre crop,
 resize to the checkpoint's image_size; the model normalises); images that are not from prepared shards
 are first turned upright and shown on white as prep_dataset.py does for training images (a phone
-photo's EXIF rotation, transparency, 16-bit greyscale). train.py runs the same code periodically.
+photo's EXIF rotation, transparency, 16-bit greyscale); a file that does not decode is left out and
+counted ("unreadable"). train.py runs the same code periodically.
 """
 import argparse
+import io
 import json
 import os
 import sys
@@ -112,13 +114,24 @@ def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None
 def image_batch(images, size):
     """PIL images -> (B, 3, size, size) uint8: upright, transparency on white, as prep_dataset.py made the
     training images, then through the evaluation crop."""
-    arrays = np.stack([prepare_image(upright_rgb(img), size) for img in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+    arrays = [prepare_image(upright_rgb(img), size) for img in images]
+    return torch.from_numpy(np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)).permute(0, 3, 1, 2).contiguous()
 
 
 def labelled_batch(rows, image_col, label_col, size):
-    """A batch of a classification dataset's rows -> (images, labels); runs in the loader's workers."""
-    return image_batch([r[image_col] for r in rows], size), torch.tensor([r[label_col] for r in rows])
+    """A batch of a classification dataset's rows, images as stored -> (images, labels, how many did not
+    decode); runs in the loader's workers. A file that does not decode is left out and counted."""
+    images, labels = [], []
+    for row in rows:
+        stored = row[image_col]
+        try:
+            image = Image.open(io.BytesIO(stored["bytes"]) if stored["bytes"] else stored["path"])
+            images.append(image_batch([image], size))  # decodes here: a bad file fails now, not later
+        except Exception:  # PIL raises many types for bad files
+            continue
+        labels.append(row[label_col])
+    images = torch.cat(images) if images else image_batch([], size)
+    return images, torch.tensor(labels, dtype=torch.long), len(rows) - len(labels)
 
 
 def load_classification(name_or_dir, split=None):
@@ -148,15 +161,23 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     ds, image_col, label_col, classnames = load_classification(name_or_dir, split)
     tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
     weights = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device, autocast)
-    # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes
+    # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes,
+    # given the files' bytes, so that one that does not decode is skipped there instead of ending the run
+    import datasets
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    logits, targets = [], []
-    for images, labels in tqdm(loader, desc=f"zero-shot {os.path.basename(os.path.normpath(name_or_dir))}"):
+    logits, targets, unreadable = [], [], 0
+    for images, labels, bad in tqdm(loader, desc=f"zero-shot {os.path.basename(os.path.normpath(name_or_dir))}"):
         with autocast:
             logits.append(model.encode_image(images.to(device)).float() @ weights.T)
         targets.append(labels.to(device))
-    return {**topk_accuracy(torch.cat(logits), torch.cat(targets)), "classes": len(classnames), "samples": len(ds)}
+        unreadable += bad
+    if unreadable:
+        print(f"warning: {unreadable} of {len(ds)} images in {name_or_dir} did not decode; scored without them",
+              file=sys.stderr)
+    return {**topk_accuracy(torch.cat(logits), torch.cat(targets)), "classes": len(classnames),
+            "samples": len(ds) - unreadable, "unreadable": unreadable}
 
 
 def zeroshot_tasks(image_emb, labels, tasks, model, cfg, device, autocast):

@@ -81,15 +81,16 @@ def test_zeroshot_classification_scores_a_perfect_model_perfectly(tmp_path):
             pixels = rng.integers(0, 80, (30 + 7 * i, 40 + 5 * c, 3))
             pixels[..., c] += 150
             Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / folder / f"{i}.png")
+    (tmp_path / "blue" / "9.png").write_bytes(b"not an image")  # found as an image by its name, undecodable
     ds, image_col, label_col, classnames = evaluate.load_classification(str(tmp_path))
     assert classnames == ["blue", "green", "red thing"]
     cfg = get_config("tiny")
     oracle = ColourOracle(Tokenizer(cfg.encoding, cfg.context_length))
-    # 12 images in batches of 5 (the last one short), decoded by 2 worker processes: labels stay with
-    # their images, and the classes with their names
+    # 13 files in batches of 5 (the last one short), decoded by 2 worker processes: labels stay with their
+    # images, the classes with their names, and the file that does not decode is left out and counted
     got = evaluate.zeroshot_classification(oracle, str(tmp_path), cfg, "cpu", torch.autocast("cpu", enabled=False),
                                            templates=["a {}", "a photo of a {}."], batch_size=5, num_workers=2)
-    assert got == {"top1": 1.0, "top5": 1.0, "classes": 3, "samples": 12}
+    assert got == {"top1": 1.0, "top5": 1.0, "classes": 3, "samples": 12, "unreadable": 1}
 
 
 def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
