@@ -32,6 +32,7 @@ from PIL import Image
 from clip import Tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_OPEN_SHARDS = 64  # open files per loader process
 
 
 def default_num_workers(processes=1):
@@ -189,8 +190,11 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def read(self, shard, offset, size):
         if shard not in self._files:  # opened lazily, so every worker process has its own handles
+            if len(self._files) == MAX_OPEN_SHARDS:  # a big dataset has thousands: stay under the usual 1024
+                os.close(self._files.pop(next(iter(self._files))))  # the least recently read
             self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return os.pread(self._files[shard], size, offset)
+        self._files[shard] = fd = self._files.pop(shard)  # to the end: the most recently read
+        return os.pread(fd, size, offset)
 
     def load(self, row, rng):
         """One sample -> ((H, W, 3) uint8 array, caption, labels or None); raises on bad data."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dataloader
 import prep_dataset
 from clip import CLIP, Tokenizer, get_config
 from dataloader import ShardLoader
@@ -384,6 +385,21 @@ def test_two_ranks_are_disjoint_complete_and_equal_one_process(tmp_path):
         if epoch == 0:
             first_epoch = seen[0] + seen[1]
     assert seen[0] + seen[1] != first_epoch, "the order must be redrawn every epoch"
+
+
+def test_loader_keeps_few_shards_open_and_reads_the_same(tmp_path, monkeypatch):
+    # a dataset of thousands of shards must not hold a file open for each (1024 per process is the usual cap)
+    make_caption_shards(tmp_path, n=90, shard_size=10, image_size=48)  # 9 shards
+    kw = dict(batch_size=16, image_size=32, context_length=16, num_workers=0, augment=True, seed=3)
+    it = iter(ShardLoader(tmp_path, "train", **kw))
+    expected = [next(it) for _ in range(12)]  # over two epochs: every shard read, twice
+    monkeypatch.setattr(dataloader, "MAX_OPEN_SHARDS", 2)
+    few = ShardLoader(tmp_path, "train", **kw)
+    it = iter(few)
+    for images, tokens in expected:
+        got_images, got_tokens = next(it)
+        assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
+        assert len(few.dataset._files) <= 2
 
 
 def test_loader_resume_is_exact(tmp_path):
