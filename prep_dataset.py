@@ -207,7 +207,7 @@ def source_table(args):
     if not os.path.isfile(path):
         sys.exit(f"--source table needs --input FILE, a .csv, .tsv or .jsonl file (got {path!r})")
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's CSV may start with a byte-order mark
         if path.endswith((".jsonl", ".json")):
             rows = (json.loads(line) for line in f if line.strip())
         else:
@@ -322,7 +322,7 @@ def process_sample(item, image_size, quality):
         return "skip", labels["skip"]
     if isinstance(caption, bytes):
         try:
-            caption = caption.decode("utf-8")
+            caption = caption.decode("utf-8-sig")  # -sig: drop the byte-order mark some editors start files with
         except UnicodeDecodeError:
             return "skip", "caption_not_utf8"
     if caption is None:

@@ -186,12 +186,15 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     logo[10:30, 10:30] = (255, 0, 0, 255)
     Image.fromarray(logo).save(src / "logo.png")
     (src / "logo.txt").write_text("a red logo")
+    Image.new("RGB", (40, 40), (250, 250, 250)).save(src / "w.png")
+    (src / "w.txt").write_bytes("\ufeffa white thing\r\nanother white\r\n".encode())  # as Windows' Notepad saves
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1}
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
     by_caption = {c: img for img, c in samples.values()}
-    assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing", "a red logo"}
+    assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing", "a red logo",
+                               "a white thing\nanother white"}
     logo = np.asarray(by_caption["a red logo"], dtype=float)
     assert logo[:4, :4].min() > 240 and logo[14:18, 14:18, 0].mean() > 240 and logo[14:18, 14:18, 1].mean() < 20
     assert np.abs(np.asarray(by_caption["a grey thing"], dtype=float) - 100).max() <= 2
@@ -208,7 +211,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     elsewhere.write_bytes(jpeg((250, 250, 250)))
     # OpenCLIP's CSV layout (filepath, title): relative and absolute paths, a quoted two-line caption,
     # a missing file, a URL (not downloaded: counted), an empty caption
-    with open(src / "pairs.csv", "w", newline="") as f:
+    with open(src / "pairs.csv", "w", newline="", encoding="utf-8-sig") as f:  # with a byte-order mark, as Excel writes
         f.write('filepath,title\nimgs/r.png,a red card\nimgs/g.png,"a green card\nanother green caption"\n'
                 f"{elsewhere},a white card\nimgs/nope.png,lost\nhttps://example.com/x.jpg,a url\nimgs/b.png,\n")
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "csv"),
