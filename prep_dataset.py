@@ -190,10 +190,11 @@ URL_HINT = "download the images first (e.g. with img2dataset), then prepare its 
 
 
 def pick_column(names, wanted, given, what):
-    """The column to read: --{what}_column if given, else the first of `wanted` present."""
+    """The column to read: --{what}_column if given, else the first of `wanted` present, in any case
+    (LAION's parquet files say URL and TEXT)."""
     if given is not None and given not in names:
         sys.exit(f"--{what}_column {given!r} is not among the columns {list(names)}")
-    found = given or next((n for n in wanted if n in names), None)
+    found = given or next((n for w in wanted for n in names if n.lower() == w), None)
     if found is None:
         sys.exit(f"no {what} column among {list(names)}: name it with --{what}_column")
     return found

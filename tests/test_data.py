@@ -222,7 +222,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     assert set(by_caption) == {"a red card", "a green card\nanother green caption", "a white card"}
     assert by_caption["a red card"][..., 0].mean() > 200 and by_caption["a red card"][..., 1].mean() < 40
     # TSV and JSON lines, with other column names, a list of captions, and columns named by flag
-    (src / "pairs.tsv").write_text("image\tcaption\nimgs/b.png\ta blue card\n")
+    (src / "pairs.tsv").write_text("Image\tCaption\nimgs/b.png\ta blue card\n")  # column names in any case
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.tsv"), "--out_dir", str(tmp_path / "tsv"),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "tsv" / "train" / "shard-000000.tar").values()] == ["a blue card"]
