@@ -301,7 +301,7 @@ def main(argv=None):
             p.error(f"--images: no file {path}")
     templates = args.templates
     if templates and len(templates) == 1 and os.path.isfile(templates[0]):
-        with open(templates[0]) as f:
+        with open(templates[0], encoding="utf-8-sig") as f:
             templates = [line.strip() for line in f if line.strip()]
     try:
         device = torch.device(args.device)
