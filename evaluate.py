@@ -115,7 +115,8 @@ def image_batch(images, size):
     """PIL images -> (B, 3, size, size) uint8: upright, transparency on white, as prep_dataset.py made the
     training images, then through the evaluation crop."""
     arrays = [prepare_image(upright_rgb(img), size) for img in images]
-    return torch.from_numpy(np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)).permute(0, 3, 1, 2).contiguous()
+    arrays = np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)  # a batch of bad files
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
 def labelled_batch(rows, image_col, label_col, size):
