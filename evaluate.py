@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer
-from dataloader import ShardLoader, default_num_workers, prepare_image
+from dataloader import ShardLoader, default_num_workers, has_shards, prepare_image
 from prep_dataset import upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
@@ -220,7 +220,7 @@ class TrainingEvaluator:
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
         self.tasks = manifest.get("tasks", {}) if zeroshot != "none" else {}
         self.datasets = [] if zeroshot in ("auto", "none", "") else [d for d in zeroshot.split(",") if d]
-        self.has_val = os.path.isdir(os.path.join(data_dir, "val"))
+        self.has_val = has_shards(data_dir, "val")
 
     def __call__(self, model):
         out = {}

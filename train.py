@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
 from clip import CLIP, PRESETS, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
-from dataloader import ShardLoader, default_num_workers
+from dataloader import ShardLoader, default_num_workers, has_shards
 from logger import Logger
 
 
@@ -434,7 +434,7 @@ def main(argv=None):
     try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                    crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
-        if os.path.isdir(os.path.join(cfg.data_dir, "val")):
+        if has_shards(cfg.data_dir, "val"):  # a val split is optional
             n_val = manifest.get("counts", {}).get("val", cfg.batch_size)
             val_batch = min(cfg.batch_size, n_val // world * world)
             if val_batch > 0:

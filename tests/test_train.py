@@ -5,6 +5,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -404,6 +405,13 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir):
     # too little data for the batch: a message, not a traceback (the 240 samples hold 192 for training)
     with pytest.raises(SystemExit, match="batch_size 256 is larger than the 192 samples .* use a smaller --batch_size"):
         train.main(run_args(shapes_dir, str(tmp_path / "run"), batch_size=256))
+    # a val split is optional: an empty val folder trains without val loss or retrieval, not a stop
+    data = tmp_path / "no_val"
+    shutil.copytree(os.path.join(shapes_dir, "train"), data / "train")
+    (data / "val").mkdir()
+    train.main(run_args(str(data), str(tmp_path / "no_val_run"), max_steps=3, retrieval=True))
+    evals = read_log(str(tmp_path / "no_val_run"), "eval")
+    assert [r["step"] for r in evals] == [3] and "val_loss" not in evals[0]
 
 
 def test_plot_command_writes_a_png(shapes_dir, tmp_path):
