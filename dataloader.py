@@ -42,12 +42,12 @@ def default_num_workers(processes=1):
     return max(1, min(16, cores // processes - 1))
 
 
-def has_shards(data_dir, split):
-    return bool(glob.glob(os.path.join(data_dir, split, "*.tar")))
+def shard_paths(data_dir, split):
+    return sorted(glob.glob(os.path.join(data_dir, split, "*.tar")))
 
 
 def find_shards(data_dir, split):
-    paths = sorted(glob.glob(os.path.join(data_dir, split, "*.tar")))
+    paths = shard_paths(data_dir, split)
     if not paths:
         raise FileNotFoundError(
             f"no shards in {os.path.join(data_dir, split)}. Make them first, e.g.\n"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer
-from dataloader import ShardLoader, default_num_workers, has_shards, prepare_image
+from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
 from prep_dataset import upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
@@ -127,17 +127,18 @@ def labelled_batch(rows, image_col, label_col, size):
         stored = row[image_col]
         try:
             image = Image.open(io.BytesIO(stored["bytes"]) if stored["bytes"] else stored["path"])
-            images.append(image_batch([image], size))  # decodes here: a bad file fails now, not later
+            image.load()  # a bad file fails here, where it can be left out
         except Exception:  # PIL raises many types for bad files
             continue
+        images.append(image)
         labels.append(row[label_col])
-    images = torch.cat(images) if images else image_batch([], size)
-    return images, torch.tensor(labels, dtype=torch.long), len(rows) - len(labels)
+    return image_batch(images, size), torch.tensor(labels, dtype=torch.long), len(rows) - len(labels)
 
 
 def load_classification(name_or_dir, split=None):
     """An image-classification dataset through `datasets`: a local folder (imagefolder: class = folder
-    name) or a hub name. -> (dataset, image column, label column, class names)."""
+    name) or a hub name. -> (dataset, image column, label column, class names). The images come as their
+    files' bytes, decoded by the caller (labelled_batch), which can then leave a bad one out."""
     import datasets
     if os.path.isdir(name_or_dir):
         ds = datasets.load_dataset("imagefolder", data_dir=name_or_dir, split=split or "train")
@@ -153,7 +154,7 @@ def load_classification(name_or_dir, split=None):
         raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
     classnames = [c.split(",")[0].replace("_", " ").strip() for c in ds.features[label_col].names]
-    return ds, image_col, label_col, classnames
+    return ds.cast_column(image_col, datasets.Image(decode=False)), image_col, label_col, classnames
 
 
 @torch.no_grad()
@@ -163,9 +164,7 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
     weights = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device, autocast)
     # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes,
-    # given the files' bytes, so that one that does not decode is skipped there instead of ending the run
-    import datasets
-    ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    # where a file that does not decode is left out instead of ending the run
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     logits, targets, unreadable = [], [], 0
@@ -220,7 +219,7 @@ class TrainingEvaluator:
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
         self.tasks = manifest.get("tasks", {}) if zeroshot != "none" else {}
         self.datasets = [] if zeroshot in ("auto", "none", "") else [d for d in zeroshot.split(",") if d]
-        self.has_val = has_shards(data_dir, "val")
+        self.has_val = bool(shard_paths(data_dir, "val"))
 
     def __call__(self, model):
         out = {}

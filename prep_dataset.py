@@ -134,9 +134,8 @@ def source_text_to_image_2m(args):
         ds = ds.cast_column(name, HFImage(decode=False))  # raw bytes: we decode in parallel, and survive bad ones
     for ex in ds:
         image = next((ex[name]["bytes"] for name in images if ex.get(name)), None)
-        meta = ex.get("json") if isinstance(ex.get("json"), dict) else {}
-        caption = next((meta[k] for k in ("prompt", "caption", "text") if k in meta), ex.get("txt"))
-        yield ex["__key__"], image, caption, None
+        caption = caption_text(ex.get("json"))  # the set's {"prompt": ...}
+        yield ex["__key__"], image, ex.get("txt") if caption is None else caption, None
 
 
 def source_folder(args):
@@ -176,9 +175,8 @@ def source_webdataset(args):
             caption = files.get("txt")
             if caption is None and "json" in files:
                 try:
-                    meta = json.loads(files["json"])
-                    caption = next((meta[k] for k in ("caption", "prompt", "text") if meta.get(k)), None)
-                except (ValueError, AttributeError):
+                    caption = json.loads(files["json"])  # a record: process_sample reads its caption field
+                except ValueError:
                     pass
             yield key, image, caption, None
 
@@ -187,6 +185,17 @@ def source_webdataset(args):
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description")
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "image_path", "path", "file", "image_url", "url")
 URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"
+
+
+def caption_text(value):
+    """A caption as a source holds it -> text, or None when there is none. A list is several captions
+    (one per line, as in a .txt); a record (a webdataset .json, COCO's {"raw": ..., "tokens": [...]})
+    holds its caption in its first text field of a caption-like name."""
+    if isinstance(value, dict):
+        return next((value[k] for k in ("raw", *CAPTION_COLUMNS) if isinstance(value.get(k), str)), None)
+    if isinstance(value, (list, tuple)):
+        return "\n".join(filter(None, map(caption_text, value)))
+    return None if value is None else str(value)
 
 
 def pick_column(names, wanted, given, what):
@@ -326,17 +335,11 @@ def process_sample(item, image_size, quality):
             caption = caption.decode("utf-8-sig")  # -sig: drop the byte-order mark some editors start files with
         except UnicodeDecodeError:
             return "skip", "caption_not_utf8"
+    caption = caption_text(caption)
     if caption is None:
         return "skip", "missing_caption"
-
-    def text_of(c):  # hub datasets may hold a caption as a record, e.g. COCO's {"raw": ..., "tokens": [...]}
-        if isinstance(c, dict):
-            return next((c[k] for k in ("raw", *CAPTION_COLUMNS) if isinstance(c.get(k), str)), "")
-        return str(c)
-    if isinstance(caption, (list, tuple)):  # several captions (hub datasets): one per line, as in a .txt
-        caption = "\n".join(text_of(c) for c in caption)
     # several lines are several captions of the same image; the loader picks one per epoch
-    caption = "\n".join(line.strip() for line in text_of(caption).splitlines() if line.strip())
+    caption = "\n".join(line.strip() for line in caption.splitlines() if line.strip())
     if not caption:
         return "skip", "empty_caption"
     if image is None:

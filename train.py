@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
 from clip import CLIP, PRESETS, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
-from dataloader import ShardLoader, default_num_workers, has_shards
+from dataloader import ShardLoader, default_num_workers, shard_paths
 from logger import Logger
 
 
@@ -321,12 +321,12 @@ def main(argv=None):
         # never overwrite an earlier run by accident
         sys.exit(f"{cfg.out_dir} already holds checkpoints of an earlier run: continue it with --resume, "
                  f"or start over with another --out_dir (or delete {cfg.out_dir}).")
-    if cfg.resume and not {"optimizer", "loader", "rng", "step", "config"} <= start.keys():
-        sys.exit(f"{start_path} holds weights only, not a run's state to resume: start from them with "
-                 f"--init_from {start_path}")
     if cfg.resume:
+        if not {"optimizer", "loader", "rng", "step", "config"} <= start.keys():
+            sys.exit(f"{start_path} holds weights only, not a run's state to resume: start from them with "
+                     f"--init_from {start_path}")
         # the run lives where its checkpoint is, wherever it was first started
-        resumed = {**start.get("config", {}), "out_dir": os.path.dirname(start_path) or "."}
+        resumed = {**start["config"], "out_dir": os.path.dirname(start_path) or "."}
         cfg = parse_args(argv, resumed)
         manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
         changed = [f"{k} {resumed[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
@@ -434,7 +434,7 @@ def main(argv=None):
     try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                    crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
-        if has_shards(cfg.data_dir, "val"):  # a val split is optional
+        if shard_paths(cfg.data_dir, "val"):  # a val split is optional
             n_val = manifest.get("counts", {}).get("val", cfg.batch_size)
             val_batch = min(cfg.batch_size, n_val // world * world)
             if val_batch > 0:
