@@ -127,12 +127,14 @@ def labelled_batch(rows, image_col, label_col, size):
         stored = row[image_col]
         try:
             image = Image.open(io.BytesIO(stored["bytes"]) if stored["bytes"] else stored["path"])
-            image.load()  # a bad file fails here, where it can be left out
+            # decoded and cropped one by one, so that a bad file fails here, where it can be left out, and
+            # no more than one full-size decoded image is held at a time
+            images.append(image_batch([image], size))
         except Exception:  # PIL raises many types for bad files
             continue
-        images.append(image)
         labels.append(row[label_col])
-    return image_batch(images, size), torch.tensor(labels, dtype=torch.long), len(rows) - len(labels)
+    images = torch.cat(images) if images else image_batch([], size)
+    return images, torch.tensor(labels, dtype=torch.long), len(rows) - len(labels)
 
 
 def load_classification(name_or_dir, split=None):
