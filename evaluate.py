@@ -2,7 +2,7 @@
 Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text retrieval (Recall@1/5/10).
 
     python evaluate.py runs/demo/best.pt --zeroshot data/shapes                 # the shapes set's own tasks
-    python evaluate.py CKPT --zeroshot path/to/imagefolder                      # class = folder name
+    python evaluate.py CKPT --zeroshot path/to/imagefolder                      # DIR/CLASS/img, or DIR/val/CLASS/img
     python evaluate.py CKPT --zeroshot cifar10 --split test                     # a dataset by hub name
     python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer
 from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
-from prep_dataset import upright_rgb
+from prep_dataset import IMAGE_EXTENSIONS, upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -137,26 +137,74 @@ def labelled_batch(rows, image_col, label_col, size):
     return images, torch.tensor(labels, dtype=torch.long), len(rows) - len(labels)
 
 
+SPLIT_FOLDERS = ("test", "val", "valid", "validation", "train")  # held-out first: a folder's default split
+
+
+def class_folders(root, split=None):
+    """A folder in torchvision's ImageFolder layout, ROOT/CLASS/**/image, or that layout one level down by
+    split (ROOT/val/CLASS/...) -> (rows, class names), or None when it holds no such images. A folder whose
+    subfolders are all split names is read by split: --split, else the first of SPLIT_FOLDERS it has, so
+    an ImageNet-style train/ + val/ evaluates on val. Otherwise its subfolders are the classes, whatever
+    their names (CIFAR-100 has a class "train"). The files are listed here, not through `datasets`'
+    imagefolder, which would take such class folders for splits and leaves a lone class unlabelled."""
+    folders = lambda d: sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    subdirs = folders(root)
+    by_split = bool(subdirs) and all(d.lower() in SPLIT_FOLDERS for d in subdirs)
+    if split is not None:
+        if split not in subdirs:
+            if by_split:
+                raise SystemExit(f"--split {split}: {root} has the split folders {subdirs}")
+            return None  # perhaps a local copy of a `datasets` set, whose splits are files
+        root = os.path.join(root, split)
+    elif by_split:
+        chosen = next(d for s in SPLIT_FOLDERS for d in subdirs if d.lower() == s)
+        print(f"{root} holds the splits {subdirs}: evaluating on {chosen} (another with --split)", file=sys.stderr)
+        root = os.path.join(root, chosen)
+    rows, classes = [], []
+    for name in folders(root):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(os.path.join(root, name)) for f in names
+                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        rows += [{"image": {"bytes": None, "path": path}, "label": len(classes)} for path in files]
+        classes += [name] if files else []
+    return (rows, classes) if rows else None
+
+
 def load_classification(name_or_dir, split=None):
-    """An image-classification dataset through `datasets`: a local folder (imagefolder: class = folder
-    name) or a hub name. -> (dataset, image column, label column, class names). The images come as their
-    files' bytes, decoded by the caller (labelled_batch), which can then leave a bad one out."""
+    """An image-classification set: a local folder of class folders (class = folder name), or a `datasets`
+    set (a hub name, or a local copy of one) with an image and a class-label column. -> (rows, image column,
+    label column, class names). The images come as their files' bytes or paths, decoded by the caller
+    (labelled_batch), which can then leave a bad one out. Rows with no label (a test split whose labels
+    are hidden, marked -1) are left out and counted."""
     import datasets
-    if os.path.isdir(name_or_dir):
-        ds = datasets.load_dataset("imagefolder", data_dir=name_or_dir, split=split or "train")
+    found = class_folders(name_or_dir, split) if os.path.isdir(name_or_dir) else None
+    if found is not None:
+        rows, classnames = found
+        image_col, label_col = "image", "label"
     else:
         try:
             ds = datasets.load_dataset(name_or_dir, split=split or "test")
         except Exception as e:
-            raise SystemExit(f"could not load {name_or_dir!r} through datasets ({type(e).__name__}: {e}). Give a "
-                             "local folder of class folders, or a hub name and --split, with a network.") from e
-    image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
-    label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
-    if image_col is None or label_col is None:
-        raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
+            raise SystemExit(f"could not load {name_or_dir!r} ({type(e).__name__}: {str(e)[:300]}). Give a folder "
+                             "of class folders (ROOT/CLASS/image.jpg, or ROOT/SPLIT/CLASS/...), or a `datasets` name "
+                             "(or a local copy of one) and --split; a hub name needs a network.") from e
+        image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+        label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        if image_col is None or label_col is None:
+            raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
+        classnames = ds.features[label_col].names
+        rows = ds.cast_column(image_col, datasets.Image(decode=False))
+        labelled = rows.filter(lambda labels: [lab is not None and lab >= 0 for lab in labels], batched=True,
+                               input_columns=label_col)
+        if len(labelled) < len(rows):
+            print(f"warning: {len(rows) - len(labelled)} of {len(rows)} images of {name_or_dir} have no label "
+                  "and are left out", file=sys.stderr)
+        if not len(labelled):
+            raise SystemExit(f"the {split or 'test'} split of {name_or_dir} holds no labels (a hidden test set?): "
+                             "choose another with --split")
+        rows = labelled
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
-    classnames = [c.split(",")[0].replace("_", " ").strip() for c in ds.features[label_col].names]
-    return ds.cast_column(image_col, datasets.Image(decode=False)), image_col, label_col, classnames
+    classnames = [c.split(",")[0].replace("_", " ").strip() for c in classnames]
+    return rows, image_col, label_col, classnames
 
 
 @torch.no_grad()
@@ -281,7 +329,8 @@ def main(argv=None):
     p.add_argument("checkpoint")
     p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
                    "dataset dir whose manifest has tasks (the shapes set)")
-    p.add_argument("--split", default=None, help="dataset split for --zeroshot (default: test; imagefolder: train)")
+    p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a folder's split folder "
+                   "(default: the first of test, val, valid, validation, train it has)")
     p.add_argument("--templates", nargs="+", default=None,
                    help='prompt templates with {} for the class name, or a file with one per line')
     p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split)")

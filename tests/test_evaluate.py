@@ -161,6 +161,52 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
             assert f"{100 * results['zeroshot'][task][k]:.2f}%" in printed
 
 
+def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys):
+    def folder(root, classes, n=2):
+        for c in classes:
+            (root / c / "nested").mkdir(parents=True)
+            for i in range(n):  # images at any depth inside a class folder belong to it
+                Image.new("RGB", (20, 20), (10 * i, 0, 0)).save(root / c / ("nested" if i else "") / f"{i}.png")
+            (root / c / "notes.txt").write_text("not an image")
+    # an ImageNet-style train/ + val/: the held-out split by default, another by --split
+    folder(tmp_path / "splits" / "train", ["cat", "dog"], n=3)
+    folder(tmp_path / "splits" / "val", ["cat", "dog", "hot_dog"])
+    rows, image_col, label_col, classnames = evaluate.load_classification(str(tmp_path / "splits"))
+    assert classnames == ["cat", "dog", "hot dog"] and len(rows) == 6
+    assert [r[label_col] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert all(f"{os.sep}val{os.sep}" in r[image_col]["path"] for r in rows)
+    rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "splits"), split="train")
+    assert classnames == ["cat", "dog"] and len(rows) == 6
+    # class folders named like splits among others are classes (CIFAR-100 has "train"), and a lone class is one
+    folder(tmp_path / "cifar", ["bus", "tractor", "train"])
+    assert evaluate.load_classification(str(tmp_path / "cifar"))[3] == ["bus", "tractor", "train"]
+    folder(tmp_path / "one", ["only"])
+    rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "one"))
+    assert classnames == ["only"] and [r["label"] for r in rows] == [0, 0]
+    # a local copy of a `datasets` set whose test split hides some labels (-1): those rows are left out
+    import datasets
+
+    def png(rgb):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), rgb).save(buf, "PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+    features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(names=["red", "blue"])})
+    (tmp_path / "hub").mkdir()
+    datasets.Dataset.from_dict({"img": [png((255, 0, 0)), png((0, 0, 255)), png((9, 9, 9))], "fine": [0, 1, -1]},
+                               features=features).to_parquet(str(tmp_path / "hub" / "test.parquet"))
+    rows, image_col, label_col, classnames = evaluate.load_classification(str(tmp_path / "hub"))
+    assert (image_col, label_col, classnames, len(rows)) == ("img", "fine", ["red", "blue"], 2)
+    assert "1 of 3 images" in capsys.readouterr().err
+    datasets.Dataset.from_dict({"img": [png((9, 9, 9))], "fine": [-1]}, features=features).to_parquet(
+        str(tmp_path / "hub" / "test.parquet"))
+    with pytest.raises(SystemExit, match="holds no labels"):
+        evaluate.load_classification(str(tmp_path / "hub"))
+    with pytest.raises(SystemExit, match="has the split folders"):
+        evaluate.load_classification(str(tmp_path / "splits"), split="test")
+    with pytest.raises(SystemExit, match="could not load"):  # neither class folders nor a `datasets` set
+        evaluate.load_classification(str(tmp_path / "cifar"), split="test")
+
+
 def test_evaluation_sees_odd_images_as_prep_made_the_training_images(tmp_path):
     size = 32
     # a phone photo: stored 48x32 and sideways, tagged "rotate 90 degrees clockwise to display" (EXIF 6)
