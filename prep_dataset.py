@@ -7,7 +7,7 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
     python prep_dataset.py --out_dir data/t2i-100k --limit 100000                  # a subset
     python prep_dataset.py --source folder --input ~/pics --out_dir data/pics      # x.jpg + x.txt pairs
     python prep_dataset.py --source webdataset --input 'shards/*.tar' --out_dir data/mine
-    python prep_dataset.py --source table --input pairs.csv --out_dir data/mine    # image path + caption columns
+    python prep_dataset.py --source table --input pairs.csv --out_dir data/mine    # csv/tsv/jsonl/json/parquet
     python prep_dataset.py --source hub --input NAME --split train --out_dir data/x # any datasets image+text set
 
 It works in two passes, each resumable (rerun the same command after an interrupt):
@@ -199,43 +199,80 @@ def caption_text(value):
 
 
 def pick_column(names, wanted, given, what):
-    """The column to read: --{what}_column if given, else the first of `wanted` present, in any case
-    (LAION's parquet files say URL and TEXT)."""
+    """The column to read: --{what}_column if given, else the first of `wanted` present, in any case and
+    with spaces or dashes for underscores (LAION's parquet files say URL and TEXT; a spreadsheet "Image Path")."""
     if given is not None and given not in names:
         sys.exit(f"--{what}_column {given!r} is not among the columns {list(names)}")
-    found = given or next((n for w in wanted for n in names if n.lower() == w), None)
+    plain = lambda name: str(name).strip().lower().replace(" ", "_").replace("-", "_")
+    found = given or next((n for w in wanted for n in names if plain(n) == w), None)
     if found is None:
         sys.exit(f"no {what} column among {list(names)}: name it with --{what}_column")
     return found
 
 
-def source_table(args):
-    """A CSV, TSV or JSON-lines file with an image path and a caption per row; relative paths are taken
-    from the file's folder. A caption cell may hold several captions, one per line."""
+def table_rows(path):
+    """The rows of a table file as dicts (None for a line that does not parse): CSV or TSV (comma, semicolon,
+    tab or bar, as its header line shows), JSON lines, a JSON list of records, or Parquet."""
     import csv
-    path = args.input or ""
-    if not os.path.isfile(path):
-        sys.exit(f"--source table needs --input FILE, a .csv, .tsv or .jsonl file (got {path!r})")
-    root = os.path.dirname(os.path.abspath(path))
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # installed with datasets
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
     with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's CSV may start with a byte-order mark
         if path.endswith((".jsonl", ".json")):
-            rows = (json.loads(line) for line in f if line.strip())
-        else:
-            rows = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-        image_col = caption_col = None
-        for i, row in enumerate(rows):
-            if image_col is None:  # the first row names the columns
-                image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
-                caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
-            image = str(row.get(image_col) or "")
-            if image.startswith(("http://", "https://")):
-                yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
-                continue
-            image = os.path.join(root, os.path.expanduser(image))
-            if not os.path.isfile(image):
-                yield f"{i:09d}", None, None, {"skip": "missing_image"}
-                continue
-            yield f"{i:09d}", image, row.get(caption_col), None
+            start = f.read(4096).lstrip()[:1]
+            f.seek(0)
+            if start == "[":  # a JSON list of records, read whole
+                yield from json.load(f)
+                return
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        yield None
+            return
+        # the delimiter is the one the header line uses most (Excel writes semicolons where the decimal
+        # mark is a comma); the rows' captions may hold any of them, the column names rarely do
+        header = f.readline()
+        f.seek(0)
+        delimiter = max(",;\t|", key=header.count)
+        csv.field_size_limit(2 ** 31 - 1)  # a long caption is kept (the tokenizer truncates it), not an error
+        yield from csv.DictReader(f, delimiter=delimiter)
+
+
+def source_table(args):
+    """A table file with an image and a caption per row (see table_rows): the image as a path (relative
+    paths are taken from the file's folder) or as bytes (a Parquet file from the hub). A caption cell may
+    hold several captions, one per line."""
+    path = args.input or ""
+    if not os.path.isfile(path):
+        sys.exit(f"--source table needs --input FILE, a .csv, .tsv, .jsonl, .json or .parquet file (got {path!r})")
+    root = os.path.dirname(os.path.abspath(path))
+    image_col = caption_col = None
+    for i, row in enumerate(table_rows(path)):
+        if not isinstance(row, dict):
+            yield f"{i:09d}", None, None, {"skip": "bad_row"}
+            continue
+        if image_col is None:  # the first row names the columns
+            image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
+            caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
+        image = row.get(image_col)
+        if isinstance(image, dict):  # the hub's image cell: {"bytes": ..., "path": ...}
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, (bytes, bytearray)):
+            yield f"{i:09d}", bytes(image), row.get(caption_col), None
+            continue
+        image = str(image or "")
+        if image.startswith(("http://", "https://")):
+            yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
+            continue
+        image = os.path.join(root, os.path.expanduser(image))
+        if not os.path.isfile(image):
+            yield f"{i:09d}", None, None, {"skip": "missing_image"}
+            continue
+        yield f"{i:09d}", image, row.get(caption_col), None
 
 
 def source_hub(args):
@@ -243,6 +280,8 @@ def source_hub(args):
     dataset folder, e.g. an imagefolder with a metadata.jsonl of captions."""
     from datasets import Image as HFImage
     from datasets import load_dataset
+    if args.input and os.path.isfile(args.input):
+        sys.exit(f"{args.input} is a file: read a .csv, .tsv, .jsonl, .json or .parquet table with --source table")
     try:
         ds = load_dataset(args.input, split=args.split, streaming=True)
     except Exception as e:
@@ -480,7 +519,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="text-to-image-2M", choices=list(SOURCES))
     p.add_argument("--input", default=None, help="folder (folder), tar glob (webdataset, text-to-image-2M), "
-                   ".csv/.tsv/.jsonl file (table), dataset name or folder (hub)")
+                   ".csv/.tsv/.jsonl/.json/.parquet file (table), dataset name or folder (hub)")
     p.add_argument("--split", default="train", help="hub: the dataset split to read")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
     p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed)")

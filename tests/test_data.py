@@ -240,6 +240,38 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     assert not (tmp_path / "y").exists()  # nothing was started, so the corrected command runs as new
 
 
+def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path):
+    src = tmp_path / "src"
+    (src / "imgs").mkdir(parents=True)
+    for name, rgb in (("r", (250, 0, 0)), ("g", (0, 250, 0))):
+        Image.new("RGB", (50, 40), rgb).save(src / "imgs" / f"{name}.png")
+
+    def made(name):  # the captions of the shards prepared from src/name
+        prep_dataset.main(["--source", "table", "--input", str(src / name), "--out_dir", str(tmp_path / name),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+        return [c for _, c in tar_samples(tmp_path / name / "train" / "shard-000000.tar").values()]
+    # a spreadsheet's export: semicolons (commas inside the captions), column names with spaces, any case
+    (src / "excel.csv").write_text("Image Path;Caption\nimgs/r.png;red, bright, square\nimgs/g.png;a green card\n")
+    assert sorted(made("excel.csv")) == ["a green card", "red, bright, square"]
+    # a JSON list of records, and JSON lines where a broken line is skipped and counted
+    (src / "list.json").write_text(json.dumps([{"image": "imgs/r.png", "text": "red"}, {"image": "imgs/g.png", "text": "green"}]))
+    assert sorted(made("list.json")) == ["green", "red"]
+    (src / "lines.jsonl").write_text('{"image": "imgs/r.png", "text": "red"}\n{"image": "imgs/g.png", "te\n')
+    assert made("lines.jsonl") == ["red"]
+    assert json.loads((tmp_path / "lines.jsonl" / "manifest.json").read_text())["skipped"] == {"bad_row": 1}
+    # Parquet: a path, or the image's bytes in the hub's {"bytes", "path"} cell
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    green = (src / "imgs" / "g.png").read_bytes()
+    pq.write_table(pa.table({"image": [{"bytes": green, "path": None}], "caption": ["green bytes"]}), src / "hub.parquet")
+    pq.write_table(pa.table({"file_name": ["imgs/r.png"], "caption": ["red path"]}), src / "paths.parquet")
+    assert made("hub.parquet") == ["green bytes"] and made("paths.parquet") == ["red path"]
+    image = np.asarray(next(iter(tar_samples(tmp_path / "hub.parquet" / "train" / "shard-000000.tar").values()))[0])
+    assert image[..., 1].mean() > 200 and image[..., 0].mean() < 40
+    with pytest.raises(SystemExit, match="--source table"):  # a table file given to the hub source
+        prep_dataset.main(["--source", "hub", "--input", str(src / "hub.parquet"), "--out_dir", str(tmp_path / "h")])
+
+
 def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     # a local dataset in a layout `datasets` reads like a hub one: an imagefolder with a metadata.jsonl
     src = tmp_path / "src"
