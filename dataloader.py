@@ -48,6 +48,12 @@ def shard_paths(data_dir, split):
 
 def find_shards(data_dir, split):
     paths = shard_paths(data_dir, split)
+    loose = glob.glob(os.path.join(data_dir, "*.tar"))
+    if not paths and loose:  # shards from another tool (img2dataset), not split into train/ and val/
+        raise FileNotFoundError(
+            f"no shards in {os.path.join(data_dir, split)}, but {len(loose)} .tar files in {data_dir} itself. Shards "
+            f"are read from DIR/train/*.tar and DIR/val/*.tar; make those from these with\n"
+            f"  python prep_dataset.py --source webdataset --input '{os.path.join(data_dir, '*.tar')}' --out_dir DIR")
     if not paths:
         raise FileNotFoundError(
             f"no shards in {os.path.join(data_dir, split)}. Make them first, e.g.\n"

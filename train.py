@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
 from clip import CLIP, PRESETS, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
-from dataloader import ShardLoader, default_num_workers, shard_paths
+from dataloader import ShardLoader, default_num_workers, find_shards, shard_paths
 from logger import Logger
 
 
@@ -414,11 +414,10 @@ def main(argv=None):
                                "--image_size", str(model_cfg.image_size), "--shard_size", "2000"])
         if ddp:
             dist.barrier()
-    if not os.path.isdir(os.path.join(cfg.data_dir, "train")):
-        hint = ("python prep_dataset.py --source shapes --out_dir " + cfg.data_dir if "shapes" in cfg.data_dir
-                else f"python prep_dataset.py --out_dir {cfg.data_dir} [--limit N]   # text-to-image-2M")
-        sys.exit(f"no training data in {cfg.data_dir}. Make it first:\n  {hint}\n"
-                 "or run the built-in demo, which makes its own: python train.py --config demo")
+    try:
+        find_shards(cfg.data_dir, "train")
+    except FileNotFoundError as e:  # says which command makes them
+        sys.exit(f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo")
     manifest = {}
     if os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
         with open(os.path.join(cfg.data_dir, "manifest.json")) as f:

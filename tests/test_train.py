@@ -402,6 +402,11 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
 def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir):
     with pytest.raises(SystemExit, match="prep_dataset.py --out_dir"):
         train.main(["--data_dir", str(tmp_path / "t2i"), "--out_dir", str(tmp_path / "run")])
+    # another tool's shards, straight in the folder: say how to make train/ and val/ of them
+    (tmp_path / "wds").mkdir()
+    shutil.copy(glob.glob(os.path.join(shapes_dir, "train", "*.tar"))[0], tmp_path / "wds" / "00000.tar")
+    with pytest.raises(SystemExit, match=r"(?s)1 .tar files in .*--source webdataset --input '.*wds/\*.tar'"):
+        train.main(["--data_dir", str(tmp_path / "wds"), "--out_dir", str(tmp_path / "run")])
     # too little data for the batch: a message, not a traceback (the 240 samples hold 192 for training)
     with pytest.raises(SystemExit, match="batch_size 256 is larger than the 192 samples .* use a smaller --batch_size"):
         train.main(run_args(shapes_dir, str(tmp_path / "run"), batch_size=256))
