@@ -44,8 +44,14 @@ class CLIPConfig:
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (sigmoid, with a learnable bias)
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "vision_width", "vision_heads", "context_length", "text_width",
+                     "text_heads", "embed_dim", "mlp_ratio"):
+            assert getattr(self, name) >= 1, f"{name} must be at least 1"
+        assert self.vision_layers >= 0 and self.text_layers >= 0, "a tower's layers cannot be negative"
         assert self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"
-        assert self.vision_width % self.vision_heads == 0 and self.text_width % self.text_heads == 0
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            assert width % heads == 0, f"{tower}_width {width} must be a multiple of {tower}_heads {heads}"
         assert self.loss in ("clip", "siglip"), f"unknown loss {self.loss!r}: use 'clip' or 'siglip'"
 
 

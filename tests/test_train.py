@@ -80,6 +80,8 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--max_lr", "-1"], "must be positive"),
                            (["--warmup_frac", "1.5"], r"must be in \[0, 1\)"),
                            (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size"),
+                           (["--model", "tiny", "--context_length", "0"], "context_length must be at least 1"),
+                           (["--model", "tiny", "--text_heads", "3"], "text_width 128 must be a multiple of text_heads 3"),
                            (["--device", "gpu"], "--device 'gpu': choose one of auto, cuda, mps, cpu"),
                            # the tests hide CUDA (conftest.py): asking for it names the way out
                            (["--device", "cuda"], "--device cuda: torch sees no such device here.*--device cpu")):
