@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_checkpoint
-from clip import CLIP, CLIPConfig, Tokenizer
+from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
 from prep_dataset import IMAGE_EXTENSIONS, upright_rgb
 
@@ -362,7 +362,8 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     try:
         model, cfg = load_model(args.checkpoint, device)
-    except CheckpointError as e:
+        get_encoding(cfg.encoding)  # the checkpoint's tokenizer, which may need a download
+    except (CheckpointError, RuntimeError) as e:
         p.error(str(e))
     results = {}
     if args.zeroshot:

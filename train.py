@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
-from clip import CLIP, PRESETS, CLIPConfig, Tokenizer, clip_loss, flops_per_sample, get_config
+from clip import CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding
 from dataloader import ShardLoader, default_num_workers, find_shards, shard_paths
 from logger import Logger
 
@@ -353,6 +353,10 @@ def main(argv=None):
             model_cfg = get_config(cfg.model, loss=cfg.loss, **cfg.model_args)
         except AssertionError as e:
             sys.exit(f"model settings {cfg.model_args}: {e}")
+    try:
+        get_encoding(model_cfg.encoding)  # one that needs a download fails now, with its reason, not in the loader
+    except RuntimeError as e:
+        sys.exit(str(e))
 
     # ---- processes and devices: DDP whenever torchrun launched us
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
