@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -435,7 +436,8 @@ def stage_chunks(args, stage_dir, items):
         items = islice(items, args.limit)
     bar = tqdm(desc="process", unit=" samples", total=args.limit, dynamic_ncols=True)
     reused = 0
-    with Pool(args.workers) as pool:
+    # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
+    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for c in range(sys.maxsize):
             chunk = list(islice(items, args.chunk_size))
             if not chunk:
@@ -582,4 +584,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted. Rerun the same command to go on: the finished chunks and shards are kept")

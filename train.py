@@ -592,4 +592,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback (once, not once per rank)
+        sys.exit(None if os.environ.get("RANK", "0") != "0" else
+                 "\ninterrupted. Go on from the last checkpoint with the same command and --resume")

@@ -216,6 +216,28 @@ def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+def test_ctrl_c_says_how_to_go_on_instead_of_a_traceback(shapes_dir, tmp_path):
+    def interrupt(args, once_exists):  # Ctrl-C in a terminal: SIGINT to the whole process group
+        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                                text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not os.path.exists(once_exists):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 1 and "Traceback" not in err, err
+        return err
+    out = str(tmp_path / "run")
+    err = interrupt(["train.py", *run_args(shapes_dir, out, checkpoint_interval=1, max_steps=10_000)],
+                    os.path.join(out, "ckpt-00000001.pt"))
+    assert "interrupted. Go on from the last checkpoint with the same command and --resume" in err
+    data = str(tmp_path / "data")
+    err = interrupt(["prep_dataset.py", "--source", "shapes", "--out_dir", data, "--limit", "100000",
+                     "--chunk_size", "500", "--workers", "2"], os.path.join(data, ".stage", "chunk-000000.json"))
+    assert "interrupted. Rerun the same command to go on" in err
+
 def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"),
