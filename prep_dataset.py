@@ -12,7 +12,9 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
 
 It works in two passes, each resumable (rerun the same command after an interrupt):
   1. process: read the source in chunks, decode + resize + centre-crop + re-encode in parallel, and
-     stage each finished chunk under OUT/.stage/ (written to a temporary name, then renamed);
+     stage each finished chunk under OUT/.stage/ (written to a temporary name, then renamed); a rerun
+     reuses the finished chunks, and a streamed source (text-to-image-2M, hub) goes on where they end
+     in the stream instead of downloading them again;
   2. shuffle: draw one global permutation from the seed and write the final shards OUT/train/*.tar and
      OUT/val/*.tar by reading the staged samples in that order, then OUT/manifest.json.
 Bad input (undecodable image, missing/empty/non-UTF-8 caption) is skipped and counted in the manifest.
@@ -117,6 +119,16 @@ def source_shapes(args):
         yield f"{i:09d}", ("shapes", args.seed, i), caption, labels
 
 
+def streamed(ds, args):
+    """A streaming `datasets` set, from where an interrupted run's last finished chunk ended
+    (args.resume_state); stage_chunks records that position with every chunk (args.stream_state), so a
+    rerun goes on there instead of downloading again everything before it."""
+    if args.resume_state is not None:
+        ds.load_state_dict(args.resume_state)
+    args.stream_state = ds.state_dict
+    return ds
+
+
 def source_text_to_image_2m(args):
     # the same `datasets` code path reads the hub and local copies (--input 'dir/*.tar', used by the tests);
     # streaming, so the ~420 GB of originals never sit on disk
@@ -133,7 +145,7 @@ def source_text_to_image_2m(args):
     images = [name for name, f in (ds.features or {"jpg": HFImage()}).items() if isinstance(f, HFImage)]
     for name in images:
         ds = ds.cast_column(name, HFImage(decode=False))  # raw bytes: we decode in parallel, and survive bad ones
-    for ex in ds:
+    for ex in streamed(ds, args):
         image = next((ex[name]["bytes"] for name in images if ex.get(name)), None)
         caption = caption_text(ex.get("json"))  # the set's {"prompt": ...}
         yield ex["__key__"], image, ex.get("txt") if caption is None else caption, None
@@ -294,7 +306,7 @@ def source_hub(args):
     caption_col = pick_column(features, CAPTION_COLUMNS, args.caption_column, "caption")
     if isinstance(features[image_col], HFImage):
         ds = ds.cast_column(image_col, HFImage(decode=False))  # raw bytes (or a path): decoded in the workers
-    for i, ex in enumerate(ds):
+    for i, ex in enumerate(streamed(ds, args)):
         image = ex.get(image_col)
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
@@ -430,22 +442,26 @@ def tar_bytes(samples):
     return buf.getvalue()
 
 
-def stage_chunks(args, stage_dir, items):
-    """Pass 1: process the source chunk by chunk; each finished chunk is a .bin of JPEGs plus a .json index."""
+def stage_chunks(args, stage_dir, items, done):
+    """Pass 1: process the source chunk by chunk; each finished chunk is a .bin of JPEGs plus a .json index.
+    `done` chunks were finished by an earlier, interrupted run. A streaming source already starts after
+    them; other sources (local files, cheap to read again) start over and their finished chunks' items
+    are passed over."""
+    resumed = args.resume_state is not None
+    first = done if resumed else 0
     if args.limit:
-        items = islice(items, args.limit)
-    bar = tqdm(desc="process", unit=" samples", total=args.limit, dynamic_ncols=True)
-    reused = 0
+        items = islice(items, max(0, args.limit - first * args.chunk_size))
+    bar = tqdm(desc="process", unit=" samples", total=args.limit, initial=first * args.chunk_size, dynamic_ncols=True)
     # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
     with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-        for c in range(sys.maxsize):
+        for c in range(first, sys.maxsize):
             chunk = list(islice(items, args.chunk_size))
             if not chunk:
                 break
+            # where this chunk ends in a streaming source: read now, while the source waits right after it
+            position = args.stream_state() if args.stream_state else None
             index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
-            if os.path.exists(index_path):  # finished by an earlier, interrupted run
-                reused += 1
-            else:
+            if c >= done:
                 blob, index, skipped = bytearray(), [], {}
                 work = [(item, args.image_size, args.jpeg_quality) for item in chunk]
                 for result in pool.imap(_process, work, chunksize=8):
@@ -456,11 +472,12 @@ def stage_chunks(args, stage_dir, items):
                     index.append([key, len(blob), len(jpg), caption, labels])
                     blob += jpg
                 atomic_write(os.path.join(stage_dir, f"chunk-{c:06d}.bin"), bytes(blob))
-                atomic_write(index_path, json.dumps({"samples": index, "skipped": skipped}).encode())
+                atomic_write(index_path, json.dumps({"samples": index, "skipped": skipped,
+                                                     "source_state": position}).encode())
             bar.update(len(chunk))
     bar.close()
-    if reused:
-        print(f"resumed: reused {reused} finished chunks")
+    if done:
+        print(f"resumed: reused {done} finished chunks" + (", going on in the source where they end" if resumed else ""))
 
 
 def write_shards(args, stage_dir):
@@ -551,23 +568,30 @@ def main(argv=None):
                      f"or delete it.\n  there: {done.get('settings')}\n  asked: {settings}")
         print(f"{args.out_dir} is already complete: {done['counts']}")
         return done
-    # the source checks its input as it starts: a mistake there stops the run before anything is written
-    items = SOURCES[args.source](args)
-    first = next(items, None)
-    items = chain([first] if first is not None else [], items)
     stage_dir = os.path.join(args.out_dir, ".stage")
-    os.makedirs(stage_dir, exist_ok=True)
     settings_path = os.path.join(stage_dir, "settings.json")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             if json.load(f) != settings:
                 sys.exit(f"{args.out_dir} holds an unfinished run with other settings: rerun it with the same "
                          "arguments to resume, or delete the folder to start over")
-    else:
+    # chunks are finished in order, so an interrupted run leaves chunks 0..done-1; a streaming source
+    # recorded in the last of them where it stopped
+    done = len(glob.glob(os.path.join(stage_dir, "chunk-*.json")))
+    args.resume_state, args.stream_state = None, None
+    if done:
+        with open(os.path.join(stage_dir, f"chunk-{done - 1:06d}.json")) as f:
+            args.resume_state = json.load(f).get("source_state")
+    # the source checks its input as it starts: a mistake there stops the run before anything is written
+    items = SOURCES[args.source](args)
+    first = next(items, None)
+    items = chain([first] if first is not None else [], items)
+    os.makedirs(stage_dir, exist_ok=True)
+    if not os.path.exists(settings_path):
         atomic_write(settings_path, json.dumps(settings).encode())
 
     t0 = time.time()
-    stage_chunks(args, stage_dir, items)
+    stage_chunks(args, stage_dir, items, done)
     result = write_shards(args, stage_dir)
     manifest = {"source": args.source, "input": args.input, "image_size": args.image_size, "seed": args.seed,
                 **result, "settings": settings}

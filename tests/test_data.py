@@ -165,6 +165,42 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+
+def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_path, monkeypatch):
+    # the full set streams ~420 GB: a rerun after an interrupt goes on where the finished chunks end in the
+    # stream, and does not download again what they hold
+    src = tmp_path / "src"
+    src.mkdir()
+    for s, n in ((0, 8), (1, 4), (2, 4)):
+        write_tar(src / f"data_{s:06d}.tar", [m for i in range(n) for m in (
+            (f"{s}{i:05d}.jpg", jpeg((60 * s, 20 * i, 90))), (f"{s}{i:05d}.json", json.dumps({"prompt": f"{s}-{i}"}).encode()))])
+    args = ["--input", str(src / "*.tar"), "--image_size", "32", "--chunk_size", "5", "--shard_size", "5",
+            "--val_fraction", "0.25", "--workers", "1"]
+    prep_dataset.main(args + ["--out_dir", str(tmp_path / "ref")])
+    write = prep_dataset.atomic_write
+
+    def interrupted_at_the_third_chunk(path, data):
+        if path.endswith("chunk-000002.json"):
+            raise KeyboardInterrupt
+        write(path, data)
+    monkeypatch.setattr(prep_dataset, "atomic_write", interrupted_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        prep_dataset.main(args + ["--out_dir", str(tmp_path / "out")])
+    monkeypatch.undo()
+    # the two finished chunks hold the first tar whole: damage it after the few samples that datasets reads
+    # to learn the columns, so that reading it again would lose its last two samples
+    with tarfile.open(src / "data_000000.tar") as tf:
+        cut = tf.getmember("000006.jpg").offset
+    with open(src / "data_000000.tar", "r+b") as f:
+        f.seek(cut)
+        f.write(b"\xff" * 2048)
+    prep_dataset.main(args + ["--out_dir", str(tmp_path / "out")])
+    ref = sorted(glob.glob(str(tmp_path / "ref" / "*" / "*.tar")))
+    assert len(ref) == 4
+    for path in ref:
+        assert (tmp_path / "out" / os.path.relpath(path, tmp_path / "ref")).read_bytes() == open(path, "rb").read()
+
+
 def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     src = tmp_path / "src"
     (src / "a" / "b").mkdir(parents=True)
