@@ -20,6 +20,7 @@ It works in two passes, each resumable (rerun the same command after an interrup
 Bad input (undecodable image, missing/empty/non-UTF-8 caption) is skipped and counted in the manifest.
 """
 import argparse
+import errno
 import glob
 import io
 import json
@@ -420,11 +421,16 @@ def _process(args_item):
 
 def atomic_write(path, data):
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk: give back the part written
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def tar_bytes(samples):
@@ -493,6 +499,15 @@ def write_shards(args, stage_dir):
     if not samples:
         sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped})"
                  + (f". The images were URLs: {URL_HINT}" if "image_is_a_url" in skipped else ""))
+    # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks
+    # stay until the end: stop now, with the figure, rather than on a full disk halfway through
+    need = sum(s[3] + 2048 + len(s[4]) for s in samples) - sum(
+        os.path.getsize(p) for p in glob.glob(os.path.join(args.out_dir, "*", "shard-*.tar")))
+    free = shutil.disk_usage(args.out_dir).free
+    if need > free:
+        size = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+        sys.exit(f"writing the shards needs about {size(need)} more in {args.out_dir}, which has {size(free)} "
+                 "free: make room and rerun the same command (the processed samples are kept)")
     order = np.random.default_rng(args.seed).permutation(len(samples))
     n_val = min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
     splits = {"val": order[:n_val], "train": order[n_val:]}
@@ -591,8 +606,13 @@ def main(argv=None):
         atomic_write(settings_path, json.dumps(settings).encode())
 
     t0 = time.time()
-    stage_chunks(args, stage_dir, items, done)
-    result = write_shards(args, stage_dir)
+    try:
+        stage_chunks(args, stage_dir, items, done)
+        result = write_shards(args, stage_dir)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"the disk of {args.out_dir} is full: make room and rerun the same command (what is finished is kept)")
     manifest = {"source": args.source, "input": args.input, "image_size": args.image_size, "seed": args.seed,
                 **result, "settings": settings}
     if args.source == "shapes":  # the zero-shot tasks the shapes set carries: classes and prompt templates

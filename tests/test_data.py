@@ -1,3 +1,4 @@
+import errno
 import glob
 import io
 import json
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -431,6 +433,32 @@ def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys, m
     prep_dataset.main(args + ["--out_dir", str(out)])
     with pytest.raises(SystemExit):
         prep_dataset.main(args[:-2] + ["--workers", "1", "--seed", "5", "--out_dir", str(out)])
+
+
+def test_a_full_disk_stops_prep_with_what_to_do_and_the_rerun_goes_on(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--source", "shapes", "--limit", "600", "--chunk_size", "200", "--shard_size", "300", "--workers", "1",
+            "--out_dir", str(out)]
+    write = prep_dataset.atomic_write
+
+    def full_at_the_second_chunk(path, data):
+        if "chunk-000001" in path:
+            with open(path + ".tmp", "wb") as f:  # part of it went out before the disk filled
+                f.write(data[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+    monkeypatch.setattr(prep_dataset, "atomic_write", full_at_the_second_chunk)
+    with pytest.raises(SystemExit, match="is full: make room and rerun the same command"):
+        prep_dataset.main(args)
+    monkeypatch.undo()
+    # room for less than the shards need: said before any is written
+    monkeypatch.setattr(prep_dataset.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(SystemExit, match=r"writing the shards needs about [\d.]+ MB more in .*0\.0 MB free: make room and rerun"):
+        prep_dataset.main(args)
+    assert not glob.glob(str(out / "*" / "*.tar"))
+    monkeypatch.undo()
+    m = prep_dataset.main(args)
+    assert m["counts"]["train"] + m["counts"]["val"] == 600
 
 # ---------------------------------------------------------------------------- dataloader.py
 
