@@ -67,10 +67,16 @@ class CheckpointManager:
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"{PREFIX}{step:08d}.pt")
         tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: give back the part written, and say what to do
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise CheckpointError(f"could not write {path} ({e.strerror or e}): make room in {self.out_dir}, "
+                                  "then go on from its last checkpoint with --resume") from e
         os.replace(tmp, path)  # atomic: the name points at the whole old file or the whole new one
         if val_loss is not None and val_loss < self.best_val_loss():
             # the best is a hard link to this file: no copy, and it outlives the file's pruning

@@ -508,7 +508,10 @@ def main(argv=None):
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "loader": train_loader.state_dict(), "rng": rng_state(), "config": asdict(cfg),
                  "model_config": asdict(model_cfg), "encoding": model_cfg.encoding, "val_loss": val}
-        path = manager.save(step, state, val)
+        try:
+            path = manager.save(step, state, val)
+        except CheckpointError as e:
+            sys.exit(f"step {step}: {e}")
         print(f"saved {path}")
 
     if step >= cfg.max_steps and master:

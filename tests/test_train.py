@@ -1,3 +1,4 @@
+import errno
 import glob
 import math
 import os
@@ -237,6 +238,24 @@ def test_ctrl_c_says_how_to_go_on_instead_of_a_traceback(shapes_dir, tmp_path):
     err = interrupt(["prep_dataset.py", "--source", "shapes", "--out_dir", data, "--limit", "100000",
                      "--chunk_size", "500", "--workers", "2"], os.path.join(data, ".stage", "chunk-000000.json"))
     assert "interrupted. Rerun the same command to go on" in err
+
+
+def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    train.main(run_args(shapes_dir, out))  # checkpoints at steps 3 and 6
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"the first part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=r"step 9: could not write .*ckpt-00000009.pt \(No space left on device\): "
+                                         r"make room in .*, then go on from its last checkpoint with --resume"):
+        train.main(run_args(shapes_dir, out, max_steps=9) + ["--resume"])
+    assert not glob.glob(os.path.join(out, "*.tmp"))  # the part written is given back
+    monkeypatch.undo()
+    train.main(run_args(shapes_dir, out, max_steps=9) + ["--resume"])
+    assert os.path.exists(os.path.join(out, "ckpt-00000009.pt"))
+
 
 def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
