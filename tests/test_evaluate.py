@@ -207,6 +207,19 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys):
         evaluate.load_classification(str(tmp_path / "cifar"), split="test")
 
 
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    code = readme.split("A trained model in your own code")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    CheckpointManager("runs/demo").save(0, {"model": CLIP(cfg).state_dict(), "model_config": cfg.__dict__}, val_loss=1.0)
+    Image.new("RGB", (90, 70), (200, 30, 30)).save("my.png")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    probs = namespace["probs"]
+    assert probs.shape == (1, 2) and torch.allclose(probs.sum(dim=1), torch.ones(1))
+
 def test_evaluation_sees_odd_images_as_prep_made_the_training_images(tmp_path):
     size = 32
     # a phone photo: stored 48x32 and sideways, tagged "rotate 90 degrees clockwise to display" (EXIF 6)
