@@ -5,6 +5,7 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
     python evaluate.py CKPT --zeroshot path/to/imagefolder                      # DIR/CLASS/img, or DIR/val/CLASS/img
     python evaluate.py CKPT --zeroshot cifar10 --split test                     # a dataset by hub name
     python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
+    python evaluate.py CKPT --zeroshot imagenet --classnames LOC_synset_mapping.txt   # folders named n01440764...
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
     python evaluate.py CKPT --images a.jpg b.png --texts "a red circle" "a blue square"   # your own images
 
@@ -169,7 +170,21 @@ def class_folders(root, split=None):
     return (rows, classes) if rows else None
 
 
-def load_classification(name_or_dir, split=None):
+def read_classnames(path, classes):
+    """--classnames FILE: a line per class, either "FOLDER NAME" (ImageNet's LOC_synset_mapping.txt says
+    "n01440764 tench, Tinca tinca") or the name alone, in the classes' order."""
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    pairs = dict(line.split(None, 1) for line in lines if len(line.split(None, 1)) == 2)
+    if all(c in pairs for c in classes):
+        return [pairs[c] for c in classes]
+    if len(lines) != len(classes):
+        raise SystemExit(f"--classnames {path}: {len(lines)} lines for {len(classes)} classes ({', '.join(classes[:3])}, "
+                         "...): give one name per class in that order, or 'FOLDER NAME' lines")
+    return lines
+
+
+def load_classification(name_or_dir, split=None, classnames_file=None):
     """An image-classification set: a local folder of class folders (class = folder name), or a `datasets`
     set (a hub name, or a local copy of one) with an image and a class-label column. -> (rows, image column,
     label column, class names). The images come as their files' bytes or paths, decoded by the caller
@@ -202,6 +217,8 @@ def load_classification(name_or_dir, split=None):
             raise SystemExit(f"the {split or 'test'} split of {name_or_dir} holds no labels (a hidden test set?): "
                              "choose another with --split")
         rows = labelled
+    if classnames_file:  # folders named by id (ImageNet's n01440764): the names the prompts should say
+        classnames = read_classnames(classnames_file, classnames)
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
     classnames = [c.split(",")[0].replace("_", " ").strip() for c in classnames]
     return rows, image_col, label_col, classnames
@@ -209,8 +226,8 @@ def load_classification(name_or_dir, split=None):
 
 @torch.no_grad()
 def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
-                            num_workers=2):
-    ds, image_col, label_col, classnames = load_classification(name_or_dir, split)
+                            num_workers=2, classnames_file=None):
+    ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file)
     tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
     weights = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device, autocast)
     # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes,
@@ -331,6 +348,8 @@ def main(argv=None):
                    "dataset dir whose manifest has tasks (the shapes set)")
     p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a folder's split folder "
                    "(default: the first of test, val, valid, validation, train it has)")
+    p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
+                   "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order")
     p.add_argument("--templates", nargs="+", default=None,
                    help='prompt templates with {} for the class name, or a file with one per line')
     p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split)")
@@ -384,7 +403,7 @@ def main(argv=None):
                 results[k] = sum(t[k] for t in per_task.values()) / len(per_task)
         else:
             acc = zeroshot_classification(model, args.zeroshot, cfg, device, autocast, templates, args.split,
-                                          args.batch_size, args.num_workers)
+                                          args.batch_size, args.num_workers, args.classnames)
             results.update(acc)
     if args.images:
         try:

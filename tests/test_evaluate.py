@@ -183,6 +183,15 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys):
     folder(tmp_path / "one", ["only"])
     rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "one"))
     assert classnames == ["only"] and [r["label"] for r in rows] == [0, 0]
+    # folders named by id get their names from a file: ImageNet's "FOLDER NAME" mapping, or names in order
+    folder(tmp_path / "ids", ["n02", "n01"])
+    (tmp_path / "mapping.txt").write_text("n00 ignored\nn01 tench, Tinca tinca\nn02 goldfish, Carassius auratus\n")
+    assert evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "mapping.txt"))[3] == ["tench", "goldfish"]
+    (tmp_path / "names.txt").write_text("a tench\na goldfish\n")
+    assert evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "names.txt"))[3] == ["a tench", "a goldfish"]
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    with pytest.raises(SystemExit, match="3 lines for 2 classes"):
+        evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "three.txt"))
     # a local copy of a `datasets` set whose test split hides some labels (-1): those rows are left out
     import datasets
 
