@@ -159,7 +159,8 @@ def class_folders(root, split=None):
         root = os.path.join(root, split)
     elif by_split:
         chosen = next(d for s in SPLIT_FOLDERS for d in subdirs if d.lower() == s)
-        print(f"{root} holds the splits {subdirs}: evaluating on {chosen} (another with --split)", file=sys.stderr)
+        print(f"{root} holds the splits {subdirs}: evaluating on {chosen} (evaluate.py --split picks another)",
+              file=sys.stderr)
         root = os.path.join(root, chosen)
     rows, classes = [], []
     for name in folders(root):
