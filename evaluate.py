@@ -262,16 +262,19 @@ def zeroshot_tasks(image_emb, labels, tasks, model, cfg, device, autocast):
     return out
 
 @torch.no_grad()
-def match_images_to_texts(model, cfg, paths, texts, device, autocast):
+def match_images_to_texts(model, cfg, paths, texts, device, autocast, batch_size=256):
     """(images, texts) probabilities, each image against the given texts, as the model was trained to
     score them: a softmax over the texts of the scaled cosine similarities (CLIP), or each pair's own
     sigmoid (SigLIP). Images go through the evaluation crop, upright by their EXIF orientation."""
-    images = image_batch([Image.open(p) for p in paths], cfg.image_size).to(device)
     tokens = Tokenizer(cfg.encoding, cfg.context_length)(texts, trim=True).to(device)
-    with autocast:
-        img, txt, scale, bias = model(images, tokens)  # the model's own temperature (and SigLIP bias)
-    logits = scale.float() * img.float() @ txt.float().T
-    return logits.softmax(dim=1) if bias is None else torch.sigmoid(logits + bias.float())
+    probs = []
+    for i in range(0, len(paths), batch_size):  # a folder of thousands: a batch at a time
+        images = image_batch([Image.open(p) for p in paths[i:i + batch_size]], cfg.image_size).to(device)
+        with autocast:
+            img, txt, scale, bias = model(images, tokens)  # the model's own temperature (and SigLIP bias)
+        logits = scale.float() * img.float() @ txt.float().T
+        probs.append(logits.softmax(dim=1) if bias is None else torch.sigmoid(logits + bias.float()))
+    return torch.cat(probs)
 
 # -----------------------------------------------------------------------------
 # during training
@@ -359,7 +362,7 @@ def main(argv=None):
     p.add_argument("--num_workers", type=int, default=default_num_workers(),
                    help="image decoding processes (default: this machine's cores, less one)")
     p.add_argument("--json", default=None, help="write the results here as a JSON object")
-    p.add_argument("--images", nargs="+", default=None, help="image files to match against --texts")
+    p.add_argument("--images", nargs="+", default=None, help="image files (or folders of them) to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -367,9 +370,17 @@ def main(argv=None):
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
     if bool(args.images) != bool(args.texts):
         p.error("--images and --texts go together: the images are scored against the texts")
-    for path in args.images or []:
-        if not os.path.isfile(path):
-            p.error(f"--images: no file {path}")
+    images = []
+    for path in args.images or []:  # files, or folders of them
+        if os.path.isdir(path):
+            images += sorted(os.path.join(path, f) for f in os.listdir(path)
+                             if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        elif os.path.isfile(path):
+            images.append(path)
+        else:
+            p.error(f"--images: no file or folder {path}")
+    if args.images and not images:
+        p.error(f"--images: no image files in {' '.join(args.images)}")
     templates = args.templates
     if templates and len(templates) == 1 and os.path.isfile(templates[0]):
         with open(templates[0], encoding="utf-8-sig") as f:
@@ -408,10 +419,10 @@ def main(argv=None):
             results.update(acc)
     if args.images:
         try:
-            probs = match_images_to_texts(model, cfg, args.images, args.texts, device, autocast)
+            probs = match_images_to_texts(model, cfg, images, args.texts, device, autocast, args.batch_size)
         except OSError as e:  # PIL cannot read one of them
             p.error(f"--images: {e}")
-        results["images"] = {path: dict(zip(args.texts, row.tolist())) for path, row in zip(args.images, probs)}
+        results["images"] = {path: dict(zip(args.texts, row.tolist())) for path, row in zip(images, probs)}
         for path, scores in results["images"].items():
             print(path)
             for text, prob in sorted(scores.items(), key=lambda kv: -kv[1]):

@@ -151,6 +151,12 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     assert "--device cuda:" in capsys.readouterr().err
     probs = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", "red", "blue"])["images"]
     assert list(probs) == [str(root / "red" / "0.png")] and sum(probs[str(root / "red" / "0.png")].values()) == pytest.approx(1)
+    # folders of images too, a batch at a time: the same figures as all at once
+    probs = evaluate.main([ckpt, "--images", str(root / "blue"), str(root / "red" / "0.png"), "--texts", "red", "blue",
+                           "--batch_size", "3"])["images"]
+    assert list(probs) == [str(root / "blue" / f"{i}.png") for i in range(3)] + [str(root / "red" / "0.png")]
+    whole = evaluate.main([ckpt, "--images", str(root / "blue"), str(root / "red" / "0.png"), "--texts", "red", "blue"])
+    assert all(probs[k] == pytest.approx(whole["images"][k], abs=1e-6) for k in probs)
     # the shapes set's own tasks: each task's figures are printed, not only their mean
     capsys.readouterr()
     results = evaluate.main([ckpt, "--zeroshot", str(tmp_path / "shapes")])
