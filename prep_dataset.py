@@ -238,7 +238,11 @@ def table_rows(path):
             start = f.read(4096).lstrip()[:1]
             f.seek(0)
             if start == "[":  # a JSON list of records, read whole
-                yield from json.load(f)
+                try:
+                    rows = json.load(f)
+                except ValueError as e:
+                    sys.exit(f"{path} is not valid JSON ({e}): fix it, or write one record per line (.jsonl)")
+                yield from rows
                 return
             for line in f:
                 if line.strip():

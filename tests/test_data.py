@@ -294,6 +294,9 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path):
     # a JSON list of records, and JSON lines where a broken line is skipped and counted
     (src / "list.json").write_text(json.dumps([{"image": "imgs/r.png", "text": "red"}, {"image": "imgs/g.png", "text": "green"}]))
     assert sorted(made("list.json")) == ["green", "red"]
+    (src / "broken.json").write_text('[{"image": "imgs/r.png", "text": "red"},')
+    with pytest.raises(SystemExit, match="broken.json is not valid JSON .*one record per line"):
+        made("broken.json")
     (src / "lines.jsonl").write_text('{"image": "imgs/r.png", "text": "red"}\n{"image": "imgs/g.png", "te\n')
     assert made("lines.jsonl") == ["red"]
     assert json.loads((tmp_path / "lines.jsonl" / "manifest.json").read_text())["skipped"] == {"bad_row": 1}
