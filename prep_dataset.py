@@ -635,4 +635,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted. Rerun the same command to go on: the finished chunks and shards are kept")
+        print("\ninterrupted. Rerun the same command to go on: the finished chunks and shards are kept", file=sys.stderr)
+        sys.exit(130)

@@ -598,5 +598,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback (once, not once per rank)
-        sys.exit(None if os.environ.get("RANK", "0") != "0" else
-                 "\ninterrupted. Go on from the last checkpoint with the same command and --resume")
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted. Go on from the last checkpoint with the same command and --resume", file=sys.stderr)
+        sys.exit(130)  # the shell's code for a Ctrl-C'd program
