@@ -202,9 +202,13 @@ class ShardDataset(torch.utils.data.Dataset):
         if shard not in self._files:  # opened lazily, so every worker process has its own handles
             if len(self._files) == MAX_OPEN_SHARDS:  # a big dataset has thousands: stay under the usual 1024
                 os.close(self._files.pop(next(iter(self._files))))  # the least recently read
-            self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            binary = getattr(os, "O_BINARY", 0)  # Windows: bytes as they are, no newline translation
+            self._files[shard] = os.open(self.paths[shard], os.O_RDONLY | binary)
         self._files[shard] = fd = self._files.pop(shard)  # to the end: the most recently read
-        return os.pread(fd, size, offset)
+        if hasattr(os, "pread"):  # one call, no shared file position
+            return os.pread(fd, size, offset)
+        os.lseek(fd, offset, os.SEEK_SET)  # Windows has no pread; each worker process has its own handles
+        return os.read(fd, size)
 
     def load(self, row, rng):
         """One sample -> ((H, W, 3) uint8 array, caption, labels or None); raises on bad data."""

@@ -489,7 +489,7 @@ def test_two_ranks_are_disjoint_complete_and_equal_one_process(tmp_path):
     assert seen[0] + seen[1] != first_epoch, "the order must be redrawn every epoch"
 
 
-def test_loader_keeps_few_shards_open_and_reads_the_same(tmp_path, monkeypatch):
+def test_loader_keeps_few_shards_open_and_reads_the_same_with_or_without_pread(tmp_path, monkeypatch):
     # a dataset of thousands of shards must not hold a file open for each (1024 per process is the usual cap)
     make_caption_shards(tmp_path, n=90, shard_size=10, image_size=48)  # 9 shards
     kw = dict(batch_size=16, image_size=32, context_length=16, num_workers=0, augment=True, seed=3)
@@ -502,6 +502,12 @@ def test_loader_keeps_few_shards_open_and_reads_the_same(tmp_path, monkeypatch):
         got_images, got_tokens = next(it)
         assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
         assert len(few.dataset._files) <= 2
+    # and the same again where the OS has no pread (Windows): seek, then read
+    monkeypatch.delattr(os, "pread")
+    it = iter(ShardLoader(tmp_path, "train", **kw))
+    for images, tokens in expected:
+        got_images, got_tokens = next(it)
+        assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
 
 
 def test_loader_resume_is_exact(tmp_path):
