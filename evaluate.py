@@ -180,8 +180,8 @@ def read_classnames(path, classes):
     if all(c in pairs for c in classes):
         return [pairs[c] for c in classes]
     if len(lines) != len(classes):
-        raise SystemExit(f"--classnames {path}: {len(lines)} lines for {len(classes)} classes ({', '.join(classes[:3])}, "
-                         "...): give one name per class in that order, or 'FOLDER NAME' lines")
+        raise SystemExit(f"--classnames {path}: {len(lines)} lines for {len(classes)} classes "
+                         f"({', '.join(classes[:3])}, ...): give one name per class in that order, or 'FOLDER NAME' lines")
     return lines
 
 
@@ -350,8 +350,8 @@ def main(argv=None):
     p.add_argument("checkpoint")
     p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
                    "dataset dir whose manifest has tasks (the shapes set)")
-    p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a folder's split folder "
-                   "(default: the first of test, val, valid, validation, train it has)")
+    p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a "
+                   "folder's split folder (default: the first of test, val, valid, validation, train it has)")
     p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
                    "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order")
     p.add_argument("--templates", nargs="+", default=None,
@@ -362,7 +362,8 @@ def main(argv=None):
     p.add_argument("--num_workers", type=int, default=default_num_workers(),
                    help="image decoding processes (default: this machine's cores, less one)")
     p.add_argument("--json", default=None, help="write the results here as a JSON object")
-    p.add_argument("--images", nargs="+", default=None, help="image files (or folders of them) to match against --texts")
+    p.add_argument("--images", nargs="+", default=None,
+                   help="image files (or folders of them) to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
