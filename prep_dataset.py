@@ -39,7 +39,6 @@ from tqdm import tqdm
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 T2I_FILES = "hf://datasets/jackyhate/text-to-image-2M/data_512_2M/*.tar"
-MAX_OPEN_CHUNKS = 256
 
 # -----------------------------------------------------------------------------
 # the shapes set: synthetic, compositional, generated from a seed; the demo's and the tests' data
@@ -515,39 +514,38 @@ def write_shards(args, stage_dir):
     order = np.random.default_rng(args.seed).permutation(len(samples))
     n_val = min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
     splits = {"val": order[:n_val], "train": order[n_val:]}
-    bins = {}  # chunk -> open file; bounded, as a full-size run stages hundreds of chunks
 
-    def read_staged(c, offset, size):
-        if c not in bins:
-            if len(bins) >= MAX_OPEN_CHUNKS:  # stay well under the usual 1024 open files per process
-                for f in bins.values():
-                    f.close()
-                bins.clear()
-            bins[c] = open(chunks[c][:-5] + ".bin", "rb")
-        bins[c].seek(offset)
-        return bins[c].read(size)
+    def shard_samples(rows):
+        """The samples of one shard, in its shuffled order, read from the staged chunks in file order:
+        one chunk open at a time, read front to back, rather than a seek to a random chunk per sample."""
+        out = [None] * len(rows)
+        f, current = None, None
+        try:
+            for j in sorted(range(len(rows)), key=lambda j: (samples[rows[j]][0], samples[rows[j]][2])):
+                c, _, offset, size, caption, labels = samples[rows[j]]
+                if c != current:
+                    if f is not None:
+                        f.close()
+                    f, current = open(chunks[c][:-5] + ".bin", "rb"), c
+                f.seek(offset)
+                # the new key is the sample's position in the source: unique, whatever the source's keys were
+                out[j] = (f"{rows[j]:09d}", f.read(size), caption, labels)
+        finally:
+            if f is not None:
+                f.close()
+        return out
 
     shards = {}
-    try:
-        for split, idx in splits.items():
-            os.makedirs(os.path.join(args.out_dir, split), exist_ok=True)
-            shards[split] = []
-            starts = range(0, len(idx), args.shard_size)
-            for s in tqdm(starts, desc=f"write {split}", unit=" shards", dynamic_ncols=True):
-                name = f"{split}/shard-{s // args.shard_size:06d}.tar"
-                shards[split].append(name)
-                path = os.path.join(args.out_dir, name)
-                if os.path.exists(path):
-                    continue
-                batch = []
-                for i in idx[s:s + args.shard_size]:
-                    # the new key is the sample's position in the source: unique, whatever the source's keys were
-                    c, _, offset, size, caption, labels = samples[i]
-                    batch.append((f"{i:09d}", read_staged(c, offset, size), caption, labels))
-                atomic_write(path, tar_bytes(batch))
-    finally:
-        for f in bins.values():
-            f.close()
+    for split, idx in splits.items():
+        os.makedirs(os.path.join(args.out_dir, split), exist_ok=True)
+        shards[split] = []
+        starts = range(0, len(idx), args.shard_size)
+        for s in tqdm(starts, desc=f"write {split}", unit=" shards", dynamic_ncols=True):
+            name = f"{split}/shard-{s // args.shard_size:06d}.tar"
+            shards[split].append(name)
+            path = os.path.join(args.out_dir, name)
+            if not os.path.exists(path):
+                atomic_write(path, tar_bytes(shard_samples(idx[s:s + args.shard_size])))
     return {"counts": {"train": len(splits["train"]), "val": len(splits["val"]),
                        "skipped": sum(skipped.values()), "seen": len(samples) + sum(skipped.values())},
             "skipped": skipped, "shards": shards}
