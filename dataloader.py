@@ -28,6 +28,7 @@ from itertools import count
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from clip import Tokenizer
 
@@ -161,7 +162,9 @@ class ShardDataset(torch.utils.data.Dataset):
         self.with_labels, self.trim_tokens = with_labels, trim_tokens
         # the index: one row per complete sample: shard, then (offset, size) of its image, caption and labels
         rows, self.shard_rows, self.skipped_at_index = [], [], 0
-        for s, path in enumerate(paths):
+        # the full text-to-image-2M takes about half a minute to index: a bar, on one rank, where it is long
+        for s, path in enumerate(tqdm(paths, desc="index shards", unit=" shards", leave=False,
+                                      disable=rank != 0 or len(paths) < 50)):
             samples, truncated = index_shard(path)
             self.skipped_at_index += truncated
             start = len(rows)
