@@ -205,6 +205,10 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
                              "(or a local copy of one) and --split; a hub name needs a network.") from e
         image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
         label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        if label_col is None:  # the class names as text, as many community sets keep them: make them classes
+            label_col = next((k for k, f in ds.features.items() if k.lower() in ("label", "labels", "class", "category")
+                              and getattr(f, "dtype", None) == "string"), None)
+            ds = ds.class_encode_column(label_col) if label_col else ds
         if image_col is None or label_col is None:
             raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
         classnames = ds.features[label_col].names

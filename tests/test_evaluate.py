@@ -216,6 +216,14 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys):
         str(tmp_path / "hub" / "test.parquet"))
     with pytest.raises(SystemExit, match="holds no labels"):
         evaluate.load_classification(str(tmp_path / "hub"))
+    # labels kept as text (many community sets): the classes are their distinct values
+    (tmp_path / "text").mkdir()
+    datasets.Dataset.from_dict({"image": [png((255, 0, 0)), png((0, 0, 255)), png((250, 0, 0))],
+                                "label": ["red", "blue", "red"]},
+                               features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+                               ).to_parquet(str(tmp_path / "text" / "test.parquet"))
+    rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "text"))
+    assert [classnames[r] for r in rows[label_col]] == ["red", "blue", "red"]
     with pytest.raises(SystemExit, match="has the split folders"):
         evaluate.load_classification(str(tmp_path / "splits"), split="test")
     with pytest.raises(SystemExit, match="could not load"):  # neither class folders nor a `datasets` set
