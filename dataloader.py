@@ -59,7 +59,8 @@ def find_shards(data_dir, split):
         raise FileNotFoundError(
             f"no shards in {os.path.join(data_dir, split)}. Make them first, e.g.\n"
             f"  python prep_dataset.py --source shapes --out_dir {data_dir}            (the synthetic demo set)\n"
-            f"  python prep_dataset.py --out_dir {data_dir} --limit 100000             (text-to-image-2M)")
+            f"  python prep_dataset.py --out_dir {data_dir} --limit 100000             (text-to-image-2M)\n"
+            f"  python prep_dataset.py --source folder --input PAIRS --out_dir {data_dir}   (your x.jpg + x.txt pairs)")
     return paths
 
 
