@@ -95,17 +95,23 @@ def plot_runs(run_dirs, out_path):
     panels = [("loss", [("train", "loss"), ("eval", "val_loss")]), ("learning rate", [("train", "lr")]),
               ("grad norm", [("train", "grad_norm")]), ("temperature (logit scale)", [("train", "logit_scale")]),
               ("samples/s", [("train", "samples_per_s")])]
+    if any(series(records, "train", "mfu")[0] for records in runs.values()):  # logged on GPUs
+        panels.append(("MFU", [("train", "mfu")]))
     panels += eval_panels([r for records in runs.values() for r in records])
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, (title, lines) in zip(axes.flat, panels):
-        for name, records in runs.items():
-            for kind, key in lines:
+        for r, (name, records) in enumerate(runs.items()):
+            for j, (kind, key) in enumerate(lines):
                 x, y = series(records, kind, key)
                 if x:
                     label = f"{name} {split_metric(key)[1]}" if len(lines) > 1 else name
-                    ax.plot(x, y, marker="o" if kind == "eval" else None, markersize=3, label=label)
+                    # several runs: a run keeps its colour in every panel, and a panel's metrics differ by
+                    # line style; one run: a colour per metric
+                    style = dict(color=f"C{r}", linestyle=("-", "--", ":", "-.")[j % 4]) if len(runs) > 1 \
+                        else dict(color=f"C{j}")
+                    ax.plot(x, y, marker="o" if kind == "eval" else None, markersize=3, label=label, **style)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
