@@ -91,7 +91,10 @@ def plot_runs(run_dirs, out_path):
     matplotlib.use("Agg")  # files only: works on a headless box
     import matplotlib.pyplot as plt
 
-    runs = {os.path.basename(os.path.normpath(d)) or d: read_log(os.path.join(d, "log.jsonl")) for d in run_dirs}
+    names = [os.path.basename(os.path.normpath(d)) or d for d in run_dirs]
+    if len(set(names)) < len(set(map(os.path.normpath, run_dirs))):  # a/demo and b/demo: name them by path
+        names = [os.path.normpath(d) for d in run_dirs]
+    runs = {name: read_log(os.path.join(d, "log.jsonl")) for name, d in zip(names, run_dirs)}
     panels = [("loss", [("train", "loss"), ("eval", "val_loss")]), ("learning rate", [("train", "lr")]),
               ("grad norm", [("train", "grad_norm")]), ("temperature (logit scale)", [("train", "logit_scale")]),
               ("samples/s", [("train", "samples_per_s")])]

@@ -462,7 +462,7 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir):
     assert [r["step"] for r in evals] == [3] and "val_loss" not in evals[0]
 
 
-def test_plot_command_writes_a_png(shapes_dir, tmp_path):
+def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
     logger.main([out, out, "--out", str(tmp_path / "plots.png")])
@@ -475,6 +475,14 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path):
     assert panels["retrieval/image_to_text"] == [("eval", f"retrieval/image_to_text_R@{k}") for k in (1, 5, 10)]
     assert panels["zeroshot/shape"] == [("eval", "zeroshot/shape/top1"), ("eval", "zeroshot/shape/top5")]
     assert set(panels) == {"retrieval/image_to_text", "retrieval/text_to_image", "zeroshot/shape", "zeroshot/color"}
+    # two runs of the same name in different folders are both drawn, named by their paths
+    for parent in ("a", "b"):
+        shutil.copytree(out, tmp_path / parent / "run")
+    import matplotlib.axes
+    labels, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: labels.append(kw["label"]) or plot(ax, *a, **kw))
+    logger.plot_runs([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")], str(tmp_path / "two.png"))
+    assert {str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")} <= set(labels)
 
 # ---------------------------------------------------------------------------- DDP
 
