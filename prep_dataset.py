@@ -152,28 +152,41 @@ def source_text_to_image_2m(args):
 
 
 def source_folder(args):
-    """Same-stem pairs anywhere under --input: a/b/x.jpg goes with c/x.txt."""
+    """Same-stem pairs under --input: x.jpg goes with the x.txt beside it (so class folders that each hold
+    0001.jpg + 0001.txt pair up folder by folder), else with the one x.txt anywhere under --input
+    (a/b/x.jpg with c/x.txt); an image whose stem has several such captions elsewhere is skipped."""
     if not args.input or not os.path.isdir(args.input):
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
-    images, captions, duplicates = {}, {}, set()
+    images, captions, duplicates = {}, {}, set()  # (folder, stem) -> path
     for root, _, files in os.walk(args.input):
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
-            path = os.path.join(root, name)
             table = images if ext.lower() in IMAGE_EXTENSIONS else captions if ext.lower() == ".txt" else None
             if table is None:
                 continue
-            if stem in table:
-                duplicates.add(stem)
-            table[stem] = path
-    for stem in sorted(images):
-        if stem in duplicates:
-            yield stem, None, None, {"skip": "duplicate_stem"}
-        elif stem not in captions:
-            yield stem, images[stem], None, None
+            if (root, stem) in table:  # x.jpg and x.png side by side: which one the caption means is unclear
+                duplicates.add((root, stem))
+            table[(root, stem)] = os.path.join(root, name)
+    # what has no partner beside it pairs by stem across folders, where that is unambiguous
+    lone_captions, lone_images = {}, {}
+    for table, lone in ((captions, lone_captions), (images, lone_images)):
+        other = images if table is captions else captions
+        for root, stem in table:
+            if (root, stem) not in other:
+                lone.setdefault(stem, []).append(table[(root, stem)])
+    for root, stem in sorted(images):
+        key = os.path.relpath(os.path.join(root, stem), args.input)
+        caption = captions.get((root, stem))
+        found = lone_captions.get(stem, [])
+        if caption is None and len(found) == 1 and len(lone_images[stem]) == 1:
+            caption = found[0]
+        if (root, stem) in duplicates:
+            yield key, None, None, {"skip": "duplicate_stem"}
+        elif caption is None:  # none, or several it could be
+            yield key, images[(root, stem)], None, {"skip": "ambiguous_caption"} if found else None
         else:
-            with open(captions[stem], "rb") as f:
-                yield stem, images[stem], f.read(), None
+            with open(caption, "rb") as f:
+                yield key, images[(root, stem)], f.read(), None
 
 
 def source_webdataset(args):

@@ -240,6 +240,30 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
 
 
+
+def test_folder_source_pairs_side_by_side_first_then_by_a_unique_stem(tmp_path):
+    src = tmp_path / "src"
+    # class folders that each hold 0001.jpg + 0001.txt: every image takes the caption beside it
+    for name, rgb in (("cats", (250, 0, 0)), ("dogs", (0, 0, 250))):
+        (src / name).mkdir(parents=True)
+        (src / name / "0001.jpg").write_bytes(jpeg(rgb))
+        (src / name / "0001.txt").write_text(f"one of the {name}")
+    # images/ beside captions/: pairs by stem, unless a stem has two captions it could take
+    (src / "images").mkdir()
+    for sub in ("x", "y"):
+        (src / "captions" / sub).mkdir(parents=True)
+    (src / "images" / "k.jpg").write_bytes(jpeg((0, 250, 0)))
+    (src / "captions" / "x" / "k.txt").write_text("a green k")
+    (src / "images" / "m.jpg").write_bytes(jpeg((9, 9, 9)))
+    (src / "captions" / "x" / "m.txt").write_text("m, or")
+    (src / "captions" / "y" / "m.txt").write_text("the other m")
+    m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert m["skipped"] == {"ambiguous_caption": 1}
+    colour = {c: np.asarray(img, dtype=float).mean(axis=(0, 1)).argmax()
+              for img, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
+    assert colour == {"one of the cats": 0, "one of the dogs": 2, "a green k": 1}
+
 def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     src = tmp_path / "src"
     (src / "imgs").mkdir(parents=True)
