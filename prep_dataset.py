@@ -334,8 +334,12 @@ def source_hub(args):
 
 
 def read_tar_samples(path):
-    """(key, {extension: bytes}) for each sample of a tar, in order; a truncated tar ends early."""
-    key, files = None, {}
+    """(key, {extension: bytes}) for each sample of a tar. A key's files usually sit together (webdataset's
+    layout): a sample goes out when the next key starts. One still missing its image or caption waits
+    for them further on (a tar made with plain `tar` follows the directory's order, .jpg and .txt apart)
+    and goes out at the end as it is. A truncated tar ends early, without the sample it was reading."""
+    pending, key = {}, None
+    complete = lambda files: any("." + e in IMAGE_EXTENSIONS for e in files) and ("txt" in files or "json" in files)
     try:
         with tarfile.open(path, "r|") as tf:  # streaming mode: one pass, no seeks
             for member in tf:
@@ -345,16 +349,14 @@ def read_tar_samples(path):
                 folder, _, name = member.name.rpartition("/")
                 stem, _, ext = name.partition(".")
                 k = f"{folder}/{stem}" if folder else stem
-                if k != key and files:
-                    yield key, files
-                    files = {}
+                if k != key and key in pending and complete(pending[key]):
+                    yield key, pending.pop(key)
                 key = k
-                files[ext.lower()] = tf.extractfile(member).read()
+                pending.setdefault(k, {})[ext.lower()] = tf.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         print(f"warning: {path} is damaged ({e}); reading stopped there", file=sys.stderr)
-        files = {}  # the last sample may be incomplete
-    if files:
-        yield key, files
+        pending.pop(key, None)  # the sample being read may be incomplete
+    yield from pending.items()
 
 
 SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder, "webdataset": source_webdataset,

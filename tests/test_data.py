@@ -419,11 +419,14 @@ def test_webdataset_source_and_truncated_tar(tmp_path):
                                    ("k5.jpg", jpeg((1, 2, 3), (400, 400))), ("k5.txt", b"fifth")])
     data = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(data[:3000])  # cut inside k5's image
+    # made with plain `tar`, in the directory's order: a key's files apart, and one image with no caption
+    write_tar(tmp_path / "c.tar", [("u1.jpg", jpeg((1, 2, 3))), ("u2.jpg", jpeg((1, 2, 3))), ("u3.jpg", jpeg((1, 2, 3))),
+                                   ("u2.txt", b"u two"), ("u1.txt", b"u one")])
     m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "*.tar"), "--out_dir",
                            str(tmp_path / "out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     captions = sorted(c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values())
-    assert captions == ["first", "fourth", "second", "seventh", "sixth", "third"]
-    assert m["counts"]["train"] == 6
+    assert captions == ["first", "fourth", "second", "seventh", "sixth", "third", "u one", "u two"]
+    assert m["counts"]["train"] == 8 and m["skipped"] == {"missing_caption": 1}
     # the loader reads such shards directly, by the same convention
     os.makedirs(tmp_path / "direct" / "train")
     write_tar(tmp_path / "direct" / "train" / "a.tar", [(n, d) for n, d in members if n[0] in "xy"])
