@@ -273,9 +273,9 @@ def table_rows(path):
 
 
 def source_table(args):
-    """A table file with an image and a caption per row (see table_rows): the image as a path (relative
-    paths are taken from the file's folder) or as bytes (a Parquet file from the hub). A caption cell may
-    hold several captions, one per line."""
+    """A table file with an image and a caption per row (see table_rows): the image as a path (a relative
+    one from the file's folder, else from the working directory) or as bytes (a Parquet file from the hub).
+    A caption cell may hold several captions, one per line."""
     path = args.input or ""
     if not os.path.isfile(path):
         sys.exit(f"--source table needs --input FILE, a .csv, .tsv, .jsonl, .json or .parquet file (got {path!r})")
@@ -298,8 +298,10 @@ def source_table(args):
         if image.startswith(("http://", "https://")):
             yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
             continue
-        image = os.path.join(root, os.path.expanduser(image))
-        if not os.path.isfile(image):
+        image = os.path.expanduser(image)
+        # a relative path from the table's folder, else from where the command runs
+        image = next((p for p in (os.path.join(root, image), image) if os.path.isfile(p)), None)
+        if image is None:
             yield f"{i:09d}", None, None, {"skip": "missing_image"}
             continue
         yield f"{i:09d}", image, row.get(caption_col), None

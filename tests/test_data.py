@@ -302,7 +302,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     assert not (tmp_path / "y").exists()  # nothing was started, so the corrected command runs as new
 
 
-def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path):
+def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, monkeypatch):
     src = tmp_path / "src"
     (src / "imgs").mkdir(parents=True)
     for name, rgb in (("r", (250, 0, 0)), ("g", (0, 250, 0))):
@@ -318,6 +318,11 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path):
     # a JSON list of records, and JSON lines where a broken line is skipped and counted
     (src / "list.json").write_text(json.dumps([{"image": "imgs/r.png", "text": "red"}, {"image": "imgs/g.png", "text": "green"}]))
     assert sorted(made("list.json")) == ["green", "red"]
+    # paths relative to where the command runs, for a table kept in another folder
+    (src / "tables").mkdir()
+    (src / "tables" / "from_cwd.csv").write_text("image,caption\nimgs/r.png,red from here\n")
+    monkeypatch.chdir(src)
+    assert made("tables/from_cwd.csv") == ["red from here"]
     (src / "broken.json").write_text('[{"image": "imgs/r.png", "text": "red"},')
     with pytest.raises(SystemExit, match="broken.json is not valid JSON .*one record per line"):
         made("broken.json")
