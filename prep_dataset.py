@@ -485,7 +485,10 @@ def stage_chunks(args, stage_dir, items, done):
             if not chunk:
                 break
             # where this chunk ends in a streaming source: read now, while the source waits right after it
-            position = args.stream_state() if args.stream_state else None
+            try:
+                position = json.loads(json.dumps(args.stream_state())) if args.stream_state else None
+            except Exception:  # a source that cannot say: a rerun reads it again from the start
+                position = None
             index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
             if c >= done:
                 blob, index, skipped = bytearray(), [], {}
