@@ -217,8 +217,9 @@ class ShardDataset(torch.utils.data.Dataset):
     def load(self, row, rng):
         """One sample -> ((H, W, 3) uint8 array, caption, labels or None); raises on bad data."""
         shard, img_off, img_len, txt_off, txt_len, json_off, json_len = self.index[row]
-        lines = self.read(shard, txt_off, txt_len).decode("utf-8").split("\n")
-        lines = [line for line in lines if line.strip()]
+        # "utf-8-sig" and strip(): other tools' shards may hold a byte-order mark or Windows line ends
+        lines = [line.strip() for line in self.read(shard, txt_off, txt_len).decode("utf-8-sig").splitlines()]
+        lines = [line for line in lines if line]
         if not lines:
             raise ValueError("empty caption")
         caption = lines[rng.integers(len(lines))] if self.train else lines[0]  # several lines: several captions

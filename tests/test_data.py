@@ -434,11 +434,12 @@ def test_webdataset_source_and_truncated_tar(tmp_path):
     assert m["counts"]["train"] == 8 and m["skipped"] == {"missing_caption": 1}
     # the loader reads such shards directly, by the same convention
     os.makedirs(tmp_path / "direct" / "train")
-    write_tar(tmp_path / "direct" / "train" / "a.tar", [(n, d) for n, d in members if n[0] in "xy"])
-    loader = ShardLoader(tmp_path / "direct", "train", batch_size=2, image_size=32, context_length=8,
+    windows = [("z/k8.jpg", jpeg((1, 2, 3))), ("z/k8.txt", "\ufeffeighth\r\n".encode())]  # a BOM, CRLF
+    write_tar(tmp_path / "direct" / "train" / "a.tar", [(n, d) for n, d in members if n[0] in "xy"] + windows)
+    loader = ShardLoader(tmp_path / "direct", "train", batch_size=3, image_size=32, context_length=8,
                          num_workers=0, train=False)
     tok = Tokenizer("cl100k_base", 8)
-    assert sorted(tok.decode(t) for _, tokens in loader for t in tokens) == ["seventh", "sixth"]
+    assert sorted(tok.decode(t) for _, tokens in loader for t in tokens) == ["eighth", "seventh", "sixth"]
 
 
 def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
