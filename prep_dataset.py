@@ -158,7 +158,12 @@ def source_folder(args):
     if not args.input or not os.path.isdir(args.input):
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
     images, captions, duplicates = {}, {}, set()  # (folder, stem) -> path
-    for root, _, files in os.walk(args.input):
+    visited = set()  # linked folders are followed (data kept on another disk), each real folder once
+    for root, folders, files in os.walk(args.input, followlinks=True):
+        if os.path.realpath(root) in visited:  # a link back up the tree, or a second link to one folder
+            folders[:] = []
+            continue
+        visited.add(os.path.realpath(root))
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             table = images if ext.lower() in IMAGE_EXTENSIONS else captions if ext.lower() == ".txt" else None

@@ -257,12 +257,18 @@ def test_folder_source_pairs_side_by_side_first_then_by_a_unique_stem(tmp_path):
     (src / "images" / "m.jpg").write_bytes(jpeg((9, 9, 9)))
     (src / "captions" / "x" / "m.txt").write_text("m, or")
     (src / "captions" / "y" / "m.txt").write_text("the other m")
+    # a linked folder (data on another disk) is read, and a link back up the tree is read once
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.jpg").write_bytes(jpeg((250, 120, 0)))
+    (tmp_path / "elsewhere" / "far.txt").write_text("a far orange")
+    (src / "linked").symlink_to(tmp_path / "elsewhere")
+    (src / "cats" / "loop").symlink_to(src)
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
-    assert m["skipped"] == {"ambiguous_caption": 1}
+    assert m["skipped"] == {"ambiguous_caption": 1} and m["counts"]["train"] == 4
     colour = {c: np.asarray(img, dtype=float).mean(axis=(0, 1)).argmax()
               for img, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
-    assert colour == {"one of the cats": 0, "one of the dogs": 2, "a green k": 1}
+    assert colour == {"one of the cats": 0, "one of the dogs": 2, "a green k": 1, "a far orange": 0}
 
 def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     src = tmp_path / "src"
