@@ -172,18 +172,19 @@ def source_folder(args):
             if (root, stem) in table:  # x.jpg and x.png side by side: which one the caption means is unclear
                 duplicates.add((root, stem))
             table[(root, stem)] = os.path.join(root, name)
-    # what has no partner beside it pairs by stem across folders, where that is unambiguous
-    lone_captions, lone_images = {}, {}
-    for table, lone in ((captions, lone_captions), (images, lone_images)):
-        other = images if table is captions else captions
-        for root, stem in table:
-            if (root, stem) not in other:
-                lone.setdefault(stem, []).append(table[(root, stem)])
+    # what has no partner beside it pairs by stem across folders (images/ beside captions/), if unambiguous
+    lone_captions, lone_images = {}, {}  # stem -> caption paths; stem -> how many images
+    for (root, stem), path in captions.items():
+        if (root, stem) not in images:
+            lone_captions.setdefault(stem, []).append(path)
+    for root, stem in images:
+        if (root, stem) not in captions:
+            lone_images[stem] = lone_images.get(stem, 0) + 1
     for root, stem in sorted(images):
         key = os.path.relpath(os.path.join(root, stem), args.input)
         caption = captions.get((root, stem))
         found = lone_captions.get(stem, [])
-        if caption is None and len(found) == 1 and len(lone_images[stem]) == 1:
+        if caption is None and len(found) == 1 and lone_images[stem] == 1:
             caption = found[0]
         if (root, stem) in duplicates:
             yield key, None, None, {"skip": "duplicate_stem"}
