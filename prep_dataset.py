@@ -338,6 +338,8 @@ def source_hub(args):
         if i == 0 and isinstance(image, str) and image.startswith(("http://", "https://")):
             # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
             sys.exit(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): {URL_HINT}")
+        if isinstance(image, str) and os.path.isdir(args.input) and not os.path.isabs(image):
+            image = os.path.join(args.input, image)  # a local set's text column of paths: from its folder
         yield f"{i:09d}", image, ex.get(caption_col), None
 
 

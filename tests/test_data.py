@@ -376,6 +376,14 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
                        "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     captions = {c for _, c in tar_samples(tmp_path / "coco_out" / "train" / "shard-000000.tar").values()}
     assert captions == {"a red card\nred paper", "a blue card"}
+    # a local set that lists its images as paths in a text column: taken from the set's folder
+    paths = tmp_path / "paths"
+    (paths / "pics").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (0, 0, 220)).save(paths / "pics" / "b.png")
+    (paths / "train.jsonl").write_text(json.dumps({"image_path": "pics/b.png", "caption": "blue by path"}) + "\n")
+    prep_dataset.main(["--source", "hub", "--input", str(paths), "--out_dir", str(tmp_path / "paths_out"),
+                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "paths_out" / "train" / "shard-000000.tar").values()] == ["blue by path"]
     # a set of URLs and captions (Conceptual Captions' layout) stops at its first row, saying what to do
     urls = tmp_path / "urls"
     urls.mkdir()
