@@ -300,7 +300,7 @@ def source_table(args):
         if isinstance(image, (bytes, bytearray)):
             yield f"{i:09d}", bytes(image), row.get(caption_col), None
             continue
-        image = str(image or "")
+        image = str(image or "").strip()  # spreadsheets keep stray spaces around a cell
         if image.startswith(("http://", "https://")):
             yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
             continue

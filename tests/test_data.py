@@ -326,7 +326,7 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     assert sorted(made("list.json")) == ["green", "red"]
     # paths relative to where the command runs, for a table kept in another folder
     (src / "tables").mkdir()
-    (src / "tables" / "from_cwd.csv").write_text("image,caption\nimgs/r.png,red from here\n")
+    (src / "tables" / "from_cwd.csv").write_text("image,caption\n imgs/r.png ,red from here\n")  # stray spaces too
     monkeypatch.chdir(src)
     assert made("tables/from_cwd.csv") == ["red from here"]
     (src / "broken.json").write_text('[{"image": "imgs/r.png", "text": "red"},')
