@@ -25,6 +25,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -195,12 +196,29 @@ def source_folder(args):
                 yield key, images[(root, stem)], f.read(), None
 
 
+def tar_paths(pattern):
+    """The tar files a webdataset --input names: a glob ('shards/*.tar'), webdataset's brace range
+    ('shards/{00000..00099}.tar', the form its docs and img2dataset use), or a folder of them."""
+    pattern = os.path.expanduser(pattern)
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "*.tar")
+
+    def ranges(p):  # {003..005} -> 003, 004, 005: the first range, then the rest of the pattern's
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", p)
+        if m is None:
+            return [p]
+        numbers = (str(n).zfill(len(m[1])) for n in range(int(m[1]), int(m[2]) + 1))
+        return [q for n in numbers for q in ranges(p[:m.start()] + n + p[m.end():])]
+    return sorted({path for p in ranges(pattern) for path in glob.glob(p) if os.path.isfile(path)})
+
+
 def source_webdataset(args):
     """Existing webdataset / img2dataset shards: the image and the caption (.txt, or a caption-like field
     of .json) of each key."""
-    paths = sorted(glob.glob(os.path.expanduser(args.input or "")))
+    paths = tar_paths(args.input or "")
     if not paths:
-        sys.exit(f"--source webdataset needs --input GLOB matching tar files (got {args.input!r})")
+        sys.exit(f"--source webdataset needs --input naming tar files: a glob, a {{000..099}} range or a folder "
+                 f"(got {args.input!r})")
     for path in paths:
         for key, files in read_tar_samples(path):
             image = next((files[e] for e in files if "." + e in IMAGE_EXTENSIONS), None)

@@ -446,6 +446,13 @@ def test_webdataset_source_and_truncated_tar(tmp_path):
     captions = sorted(c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values())
     assert captions == ["first", "fourth", "second", "seventh", "sixth", "third", "u one", "u two"]
     assert m["counts"]["train"] == 8 and m["skipped"] == {"missing_caption": 1}
+    # the other ways to name shards: a folder of them, webdataset's {000..099} range
+    (tmp_path / "ranged").mkdir()
+    for i in range(3):
+        write_tar(tmp_path / "ranged" / f"shard-{i:03d}.tar", [(f"r{i}.jpg", jpeg((1, 2, 3))), (f"r{i}.txt", f"r {i}".encode())])
+    assert len(prep_dataset.tar_paths(str(tmp_path / "ranged"))) == 3
+    assert [os.path.basename(p) for p in prep_dataset.tar_paths(str(tmp_path / "ranged" / "shard-{001..002}.tar"))] == \
+        ["shard-001.tar", "shard-002.tar"]
     # the loader reads such shards directly, by the same convention
     os.makedirs(tmp_path / "direct" / "train")
     windows = [("z/k8.jpg", jpeg((1, 2, 3))), ("z/k8.txt", "\ufeffeighth\r\n".encode())]  # a BOM, CRLF
