@@ -136,6 +136,8 @@ def source_text_to_image_2m(args):
     from datasets import Image as HFImage
     from datasets import load_dataset
     data_files = args.input or T2I_FILES
+    if "://" not in data_files:  # local copies, named as for the webdataset source (glob, range, folder)
+        data_files = tar_paths(data_files) or data_files
     try:
         ds = load_dataset("webdataset", data_files={"train": data_files}, split="train", streaming=True)
     except Exception as e:  # no network, no such files: say what to check, not a stack trace

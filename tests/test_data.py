@@ -149,6 +149,11 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     captions = sorted(c for _, c in samples.values())
     assert any(c.startswith("photo number 1-7") and len(c) > 2000 for c in captions)  # long captions are kept
     assert all(img.size == (64, 64) for img, _ in samples.values())
+    # local copies named by their folder, or by a range, read the same
+    for name, given in (("by_folder", src), ("by_range", src / "data_{000000..000001}.tar")):
+        again = prep_dataset.main(["--input", str(given), "--out_dir", str(tmp_path / name), "--image_size", "64",
+                                   "--val_fraction", "0.25", "--workers", "2"])
+        assert again["counts"] == m["counts"]
     # a copy in another webdataset layout (KEY.png + KEY.txt) reads as well
     other = tmp_path / "other"
     other.mkdir()
