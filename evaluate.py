@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 from functools import partial
 
@@ -224,6 +225,10 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
         rows = labelled
     if classnames_file:  # folders named by id (ImageNet's n01440764): the names the prompts should say
         classnames = read_classnames(classnames_file, classnames)
+    elif all(re.fullmatch(r"n\d{8}", c) for c in classnames):
+        print(f"warning: the classes of {name_or_dir} are WordNet ids ({classnames[0]}, ...), which prompts cannot "
+              "describe: name them with evaluate.py --classnames or train.py --zeroshot_classnames (ImageNet's "
+              "LOC_synset_mapping.txt)", file=sys.stderr)
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
     classnames = [c.split(",")[0].replace("_", " ").strip() for c in classnames]
     return rows, image_col, label_col, classnames
@@ -289,8 +294,9 @@ class TrainingEvaluator:
     and retrieval on the val split, plus any zero-shot datasets named in --zeroshot."""
 
     def __init__(self, zeroshot, retrieval, data_dir, manifest, cfg, device, autocast, num_workers=2,
-                 max_samples=5000):
+                 max_samples=5000, classnames_file=None):
         self.data_dir, self.cfg, self.device, self.autocast = data_dir, cfg, device, autocast
+        self.classnames_file = classnames_file
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
         self.tasks = manifest.get("tasks", {}) if zeroshot != "none" else {}
         self.datasets = [] if zeroshot in ("auto", "none", "") else [d for d in zeroshot.split(",") if d]
@@ -308,7 +314,7 @@ class TrainingEvaluator:
         for name in list(self.datasets):
             try:
                 acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast,
-                                              num_workers=self.num_workers)
+                                              num_workers=self.num_workers, classnames_file=self.classnames_file)
             except (Exception, SystemExit) as e:  # a dataset out of reach must not end hours of training
                 print(f"warning: zero-shot on {name} failed and is dropped for this run: {e}", file=sys.stderr)
                 self.datasets.remove(name)

@@ -77,6 +77,7 @@ class TrainConfig:
     eval_interval: int = 500
     eval_batches: int = 50  # val-loss batches per evaluation (0 = the whole val split)
     zeroshot: str = "auto"  # auto: the tasks in the data's manifest (shapes); none; or datasets, comma-separated
+    zeroshot_classnames: str = ""  # names for --zeroshot folders named by id, as evaluate.py --classnames takes them
     retrieval: bool = True  # image<->text recall@k on the val split at every evaluation
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 3
@@ -341,6 +342,8 @@ def main(argv=None):
                            ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more")):
         if not ok:
             sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
+    if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
+        sys.exit(f"--zeroshot_classnames {cfg.zeroshot_classnames}: no such file")
     if start is not None:
         # the checkpoint fixes the model's shape: a model flag that contradicts it would be silently lost
         model_cfg = CLIPConfig(**start["model_config"])
@@ -488,7 +491,8 @@ def main(argv=None):
     if cfg.zeroshot != "none" or cfg.retrieval:
         import evaluate  # downstream of training data, upstream of nothing: the eval hooks
         evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, cfg.data_dir, manifest, model_cfg,
-                                               device, autocast, num_workers=num_workers)
+                                               device, autocast, num_workers=num_workers,
+                                               classnames_file=cfg.zeroshot_classnames or None)
 
     def run_eval():
         record = {"kind": "eval", "step": step}

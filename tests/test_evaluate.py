@@ -167,7 +167,7 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
             assert f"{100 * results['zeroshot'][task][k]:.2f}%" in printed
 
 
-def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys):
+def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, monkeypatch):
     def folder(root, classes, n=2):
         for c in classes:
             (root / c / "nested").mkdir(parents=True)
@@ -190,9 +190,22 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys):
     rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "one"))
     assert classnames == ["only"] and [r["label"] for r in rows] == [0, 0]
     # folders named by id get their names from a file: ImageNet's "FOLDER NAME" mapping, or names in order
-    folder(tmp_path / "ids", ["n02", "n01"])
-    (tmp_path / "mapping.txt").write_text("n00 ignored\nn01 tench, Tinca tinca\nn02 goldfish, Carassius auratus\n")
+    folder(tmp_path / "ids", ["n01443537", "n01440764"])
+    capsys.readouterr()
+    evaluate.load_classification(str(tmp_path / "ids"))
+    assert "WordNet ids (n01440764, ...)" in capsys.readouterr().err  # without names: said, not silently scored
+    (tmp_path / "mapping.txt").write_text("n00000000 ignored\nn01440764 tench, Tinca tinca\n"
+                                          "n01443537 goldfish, Carassius auratus\n")
     assert evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "mapping.txt"))[3] == ["tench", "goldfish"]
+    # and during training, from train.py --zeroshot_classnames
+    prompts = []
+    monkeypatch.setattr(evaluate, "class_embeddings", lambda model, tok, names, *a: prompts.append(names) or
+                        torch.nn.functional.normalize(torch.randn(len(names), 128), dim=1))
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    evaluator = evaluate.TrainingEvaluator(str(tmp_path / "ids"), False, str(tmp_path), {}, cfg, "cpu",
+                                           torch.autocast("cpu", enabled=False), num_workers=0,
+                                           classnames_file=str(tmp_path / "mapping.txt"))
+    assert set(evaluator(CLIP(cfg))) == {"zeroshot/ids/top1", "zeroshot/ids/top5"} and prompts == [["tench", "goldfish"]]
     (tmp_path / "names.txt").write_text("a tench\na goldfish\n")
     assert evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "names.txt"))[3] == ["a tench", "a goldfish"]
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
