@@ -162,7 +162,8 @@ def source_folder(args):
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
     images, captions, duplicates = {}, {}, set()  # (folder, stem) -> path
     visited = set()  # linked folders are followed (data kept on another disk), each real folder once
-    for root, folders, files in os.walk(args.input, followlinks=True):
+    walk = os.walk(args.input, followlinks=True)
+    for root, folders, files in tqdm(walk, desc="list files", unit=" folders", leave=False, dynamic_ncols=True):
         if os.path.realpath(root) in visited:  # a link back up the tree, or a second link to one folder
             folders[:] = []
             continue
