@@ -290,11 +290,11 @@ def table_rows(path):
                     except ValueError:
                         yield None
             return
-        # the delimiter is the one the header line uses most (Excel writes semicolons where the decimal
-        # mark is a comma); the rows' captions may hold any of them, the column names rarely do
+        # a .tsv is tab-separated; otherwise the delimiter is the one the header line uses most (Excel writes
+        # semicolons where the decimal mark is a comma): the captions may hold any of them, column names rarely do
         header = f.readline()
         f.seek(0)
-        delimiter = max(",;\t|", key=header.count)
+        delimiter = "\t" if path.endswith(".tsv") else max(",;\t|", key=header.count)
         csv.field_size_limit(2 ** 31 - 1)  # a long caption is kept (the tokenizer truncates it), not an error
         yield from csv.DictReader(f, delimiter=delimiter)
 
