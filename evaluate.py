@@ -33,7 +33,7 @@ from tqdm import tqdm
 from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
-from prep_dataset import IMAGE_EXTENSIONS, upright_rgb
+from prep_dataset import IMAGE_EXTENSIONS, image_cell, upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -126,9 +126,9 @@ def labelled_batch(rows, image_col, label_col, size):
     decode); runs in the loader's workers. A file that does not decode is left out and counted."""
     images, labels = [], []
     for row in rows:
-        stored = row[image_col]
+        stored = image_cell(row[image_col])  # the file's bytes, or its path
         try:
-            image = Image.open(io.BytesIO(stored["bytes"]) if stored["bytes"] else stored["path"])
+            image = Image.open(io.BytesIO(stored) if isinstance(stored, bytes) else stored)
             # decoded and cropped one by one, so that a bad file fails here, where it can be left out, and
             # no more than one full-size decoded image is held at a time
             images.append(image_batch([image], size))

@@ -164,10 +164,11 @@ def source_folder(args):
     visited = set()  # linked folders are followed (data kept on another disk), each real folder once
     walk = os.walk(args.input, followlinks=True)
     for root, folders, files in tqdm(walk, desc="list files", unit=" folders", leave=False, dynamic_ncols=True):
-        if os.path.realpath(root) in visited:  # a link back up the tree, or a second link to one folder
+        real = os.path.realpath(root)
+        if real in visited:  # a link back up the tree, or a second link to one folder
             folders[:] = []
             continue
-        visited.add(os.path.realpath(root))
+        visited.add(real)
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             table = images if ext.lower() in IMAGE_EXTENSIONS else captions if ext.lower() == ".txt" else None
@@ -251,6 +252,12 @@ def caption_text(value):
     return None if value is None else str(value)
 
 
+def image_cell(value):
+    """An image as a table or a `datasets` set holds it: bytes or a path, or the hub's {"bytes", "path"}
+    record of either."""
+    return value.get("bytes") or value.get("path") if isinstance(value, dict) else value
+
+
 def pick_column(names, wanted, given, what):
     """The column to read: --{what}_column if given, else the first of `wanted` present, in any case and
     with spaces or dashes for underscores (LAION's parquet files say URL and TEXT; a spreadsheet "Image Path")."""
@@ -315,9 +322,7 @@ def source_table(args):
         if image_col is None:  # the first row names the columns
             image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
             caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
-        image = row.get(image_col)
-        if isinstance(image, dict):  # the hub's image cell: {"bytes": ..., "path": ...}
-            image = image.get("bytes") or image.get("path")
+        image = image_cell(row.get(image_col))
         if isinstance(image, (bytes, bytearray)):
             yield f"{i:09d}", bytes(image), row.get(caption_col), None
             continue
@@ -353,9 +358,7 @@ def source_hub(args):
     if isinstance(features[image_col], HFImage):
         ds = ds.cast_column(image_col, HFImage(decode=False))  # raw bytes (or a path): decoded in the workers
     for i, ex in enumerate(streamed(ds, args)):
-        image = ex.get(image_col)
-        if isinstance(image, dict):
-            image = image.get("bytes") or image.get("path")
+        image = image_cell(ex.get(image_col))
         if i == 0 and isinstance(image, str) and image.startswith(("http://", "https://")):
             # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
             sys.exit(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): {URL_HINT}")

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
 from clip import CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding
-from dataloader import ShardLoader, default_num_workers, find_shards, shard_paths
+from dataloader import ShardLoader, default_num_workers, shard_paths
 from logger import Logger
 
 
@@ -421,10 +421,6 @@ def main(argv=None):
                                "--image_size", str(model_cfg.image_size), "--shard_size", "2000"])
         if ddp:
             dist.barrier()
-    try:
-        find_shards(cfg.data_dir, "train")
-    except FileNotFoundError as e:  # says which command makes them
-        sys.exit(f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo")
     manifest = {}
     if os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
         with open(os.path.join(cfg.data_dir, "manifest.json")) as f:
@@ -445,7 +441,9 @@ def main(argv=None):
             val_batch = min(cfg.batch_size, n_val // world * world)
             if val_batch > 0:
                 val_loader = ShardLoader(cfg.data_dir, "val", val_batch, train=False, **loader_kw)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:  # no shards: the message says which command makes them
+        sys.exit(f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo")
+    except ValueError as e:
         sys.exit(str(e))
 
     # ---- model and optimizer

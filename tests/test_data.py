@@ -496,30 +496,31 @@ def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
         prep_dataset.main(args[:-2] + ["--workers", "1", "--seed", "5", "--out_dir", str(out)])
 
 
-def test_a_full_disk_stops_prep_with_what_to_do_and_the_rerun_goes_on(tmp_path, monkeypatch):
+def test_a_full_disk_stops_prep_with_what_to_do_and_the_rerun_goes_on(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = ["--source", "shapes", "--limit", "600", "--chunk_size", "200", "--shard_size", "300", "--workers", "1",
             "--out_dir", str(out)]
-    write = prep_dataset.atomic_write
+    sync = os.fsync
 
-    def full_at_the_second_chunk(path, data):
-        if "chunk-000001" in path:
-            with open(path + ".tmp", "wb") as f:  # part of it went out before the disk filled
-                f.write(data[:100])
+    def full_at_the_second_chunk(fd):  # the second chunk's file is partly written when the disk fills
+        if (out / ".stage" / "chunk-000001.bin.tmp").exists():
             raise OSError(errno.ENOSPC, "No space left on device")
-        write(path, data)
-    monkeypatch.setattr(prep_dataset, "atomic_write", full_at_the_second_chunk)
+        sync(fd)
+    monkeypatch.setattr(os, "fsync", full_at_the_second_chunk)
     with pytest.raises(SystemExit, match="is full: make room and rerun the same command"):
         prep_dataset.main(args)
     monkeypatch.undo()
+    assert not glob.glob(str(out / ".stage" / "*.tmp"))  # the part written is given back
+    assert os.path.exists(out / ".stage" / "chunk-000000.json")  # what was finished is kept
     # room for less than the shards need: said before any is written
     monkeypatch.setattr(prep_dataset.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     with pytest.raises(SystemExit, match=r"writing the shards needs about [\d.]+ MB more in .*0\.0 MB free: make room and rerun"):
         prep_dataset.main(args)
     assert not glob.glob(str(out / "*" / "*.tar"))
     monkeypatch.undo()
+    capsys.readouterr()
     m = prep_dataset.main(args)
-    assert m["counts"]["train"] + m["counts"]["val"] == 600
+    assert m["counts"]["train"] + m["counts"]["val"] == 600 and "reused 3 finished chunks" in capsys.readouterr().out
 
 # ---------------------------------------------------------------------------- dataloader.py
 
