@@ -8,6 +8,7 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
     python prep_dataset.py --source folder --input ~/pics --out_dir data/pics      # x.jpg + x.txt pairs
     python prep_dataset.py --source webdataset --input 'shards/*.tar' --out_dir data/mine
     python prep_dataset.py --source table --input pairs.csv --out_dir data/mine    # csv/tsv/jsonl/json/parquet
+    python prep_dataset.py --source table --input captions_train2017.json --image_root train2017 --out_dir data/coco
     python prep_dataset.py --source hub --input NAME --split train --out_dir data/x # any datasets image+text set
 
 It works in two passes, each resumable (rerun the same command after an interrupt):
@@ -39,6 +40,7 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TABLE_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
 T2I_FILES = "hf://datasets/jackyhate/text-to-image-2M/data_512_2M/*.tar"
 
 # -----------------------------------------------------------------------------
@@ -160,7 +162,7 @@ def source_folder(args):
     (a/b/x.jpg with c/x.txt); an image whose stem has several such captions elsewhere is skipped."""
     if not args.input or not os.path.isdir(args.input):
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
-    images, captions, duplicates = {}, {}, set()  # (folder, stem) -> path
+    images, captions, duplicates, tables = {}, {}, set(), []  # (folder, stem) -> path
     visited = set()  # linked folders are followed (data kept on another disk), each real folder once
     walk = os.walk(args.input, followlinks=True)
     for root, folders, files in tqdm(walk, desc="list files", unit=" folders", leave=False, dynamic_ncols=True):
@@ -173,10 +175,16 @@ def source_folder(args):
             stem, ext = os.path.splitext(name)
             table = images if ext.lower() in IMAGE_EXTENSIONS else captions if ext.lower() == ".txt" else None
             if table is None:
+                if ext.lower() in TABLE_EXTENSIONS:
+                    tables.append(os.path.join(root, name))
                 continue
             if (root, stem) in table:  # x.jpg and x.png side by side: which one the caption means is unclear
                 duplicates.add((root, stem))
             table[(root, stem)] = os.path.join(root, name)
+    if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
+        sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
+                 f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "
+                 "DIR when its paths start from another folder)")
     # what has no partner beside it pairs by stem across folders (images/ beside captions/), if unambiguous
     lone_captions, lone_images = {}, {}  # stem -> caption paths; stem -> how many images
     for (root, stem), path in captions.items():
@@ -237,7 +245,8 @@ def source_webdataset(args):
 
 # column names that usually hold the caption, or the image, in tables and hub datasets
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description")
-IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "image_path", "path", "file", "image_url", "url")
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "path", "file",
+                 "image_url", "url")
 URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"
 
 
@@ -281,19 +290,27 @@ def table_rows(path):
         return
     with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's CSV may start with a byte-order mark
         if path.endswith((".jsonl", ".json")):
-            start = f.read(4096).lstrip()[:1]
+            first = f.readline()
             f.seek(0)
-            if start == "[":  # a JSON list of records, read whole
+            try:  # a first line that parses alone: JSON lines (COCO's annotation file is one line too)
+                json.loads(first)
+                whole = first.lstrip().startswith("[")
+            except ValueError:  # else one document over several lines, or JSON lines with a broken first line
+                whole = True
+            if whole:
                 try:
-                    rows = json.load(f)
+                    doc = json.load(f)
                 except ValueError as e:
-                    sys.exit(f"{path} is not valid JSON ({e}): fix it, or write one record per line (.jsonl)")
-                yield from rows
-                return
+                    if first.lstrip().startswith("["):
+                        sys.exit(f"{path} is not valid JSON ({e}): fix it, or write one record per line (.jsonl)")
+                    f.seek(0)
+                else:
+                    yield from json_records(doc)
+                    return
             for line in f:
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        yield from json_records(json.loads(line))
                     except ValueError:
                         yield None
             return
@@ -306,6 +323,26 @@ def table_rows(path):
         yield from csv.DictReader(f, delimiter=delimiter)
 
 
+def json_records(doc):
+    """The records a JSON document holds: a list of them, one record, or a caption set's annotation file,
+    one record per image: COCO's {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
+    (its captions gathered into a list) or Karpathy's splits {"images": [{"filepath", "filename",
+    "sentences", "split"}]} (COCO, Flickr30k)."""
+    if isinstance(doc, list):
+        return doc
+    if not (isinstance(doc, dict) and isinstance(doc.get("images"), list)):
+        return [doc]
+    if isinstance(doc.get("annotations"), list):
+        captions = {}
+        for a in doc["annotations"]:
+            if isinstance(a, dict):
+                captions.setdefault(a.get("image_id"), []).append(a.get("caption"))
+        return [{**im, "captions": captions.get(im.get("id"), [])} if isinstance(im, dict) else im
+                for im in doc["images"]]
+    return [{**im, "filepath": os.path.join(str(im.get("filepath") or ""), str(im["filename"]))}
+            if isinstance(im, dict) and "filename" in im else im for im in doc["images"]]
+
+
 def source_table(args):
     """A table file with an image and a caption per row (see table_rows): the image as a path (a relative
     one from the file's folder, else from the working directory) or as bytes (a Parquet file from the hub).
@@ -313,7 +350,11 @@ def source_table(args):
     path = args.input or ""
     if not os.path.isfile(path):
         sys.exit(f"--source table needs --input FILE, a .csv, .tsv, .jsonl, .json or .parquet file (got {path!r})")
-    root = os.path.dirname(os.path.abspath(path))
+    if args.image_root and not os.path.isdir(args.image_root):
+        sys.exit(f"--image_root {args.image_root!r} is not a folder")
+    # a relative path from --image_root, else from the table's folder, else from where the command runs
+    roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
+    splits = args.split.split(",")
     image_col = caption_col = None
     for i, row in enumerate(table_rows(path)):
         if not isinstance(row, dict):
@@ -322,6 +363,11 @@ def source_table(args):
         if image_col is None:  # the first row names the columns
             image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
             caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
+            if "split" in row:
+                print(f"the table's rows name their split: keeping those of --split {args.split}")
+        if "split" in row and str(row["split"]) not in splits:  # Karpathy's test images stay out of training
+            yield f"{i:09d}", None, None, {"skip": "other_split"}
+            continue
         image = image_cell(row.get(image_col))
         if isinstance(image, (bytes, bytearray)):
             yield f"{i:09d}", bytes(image), row.get(caption_col), None
@@ -331,8 +377,7 @@ def source_table(args):
             yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
             continue
         image = os.path.expanduser(image)
-        # a relative path from the table's folder, else from where the command runs
-        image = next((p for p in (os.path.join(root, image), image) if os.path.isfile(p)), None)
+        image = next((p for p in (os.path.join(r, image) for r in roots) if os.path.isfile(p)), None)
         if image is None:
             yield f"{i:09d}", None, None, {"skip": "missing_image"}
             continue
@@ -552,8 +597,13 @@ def write_shards(args, stage_dir):
         for reason, n in chunk["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     if not samples:
+        shutil.rmtree(stage_dir)  # nothing worth keeping: the corrected command starts afresh
+        hints = {"image_is_a_url": f"The images were URLs: {URL_HINT}",
+                 "missing_image": "Relative image paths are looked up from the table's folder, then from where "
+                                  "you run the command: name the images' folder with --image_root",
+                 "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)"}
         sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped})"
-                 + (f". The images were URLs: {URL_HINT}" if "image_is_a_url" in skipped else ""))
+                 + "".join(f". {hints[k]}" for k in hints if k in skipped and (k != "missing_image" or args.source == "table")))
     # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks
     # stay until the end: stop now, with the figure, rather than on a full disk halfway through
     need = sum(s[3] + 2048 + len(s[4]) for s in samples) - sum(
@@ -608,7 +658,10 @@ def main(argv=None):
     p.add_argument("--source", default="text-to-image-2M", choices=list(SOURCES))
     p.add_argument("--input", default=None, help="folder (folder), tar glob (webdataset, text-to-image-2M), "
                    ".csv/.tsv/.jsonl/.json/.parquet file (table), dataset name or folder (hub)")
-    p.add_argument("--split", default="train", help="hub: the dataset split to read")
+    p.add_argument("--split", default="train", help="hub: the dataset split to read; table: the rows to keep when "
+                   "the table has a split column (several: train,restval)")
+    p.add_argument("--image_root", default=None, help="table: the folder relative image paths start from "
+                   "(default: the table's folder, then the working directory)")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
     p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed)")
     p.add_argument("--out_dir", required=True)
@@ -629,6 +682,8 @@ def main(argv=None):
                                               "shard_size", "chunk_size", "seed", "jpeg_quality")}
     if args.source in ("table", "hub"):
         settings.update(split=args.split, image_column=args.image_column, caption_column=args.caption_column)
+    if args.source == "table":
+        settings.update(image_root=args.image_root)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             done = json.load(f)

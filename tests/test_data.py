@@ -353,6 +353,55 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
         prep_dataset.main(["--source", "hub", "--input", str(src / "hub.parquet"), "--out_dir", str(tmp_path / "h")])
 
 
+def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path):
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "train2017").mkdir()
+    colours = {"a": (250, 0, 0), "b": (0, 250, 0), "c": (0, 0, 250), "d": (250, 250, 0)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (50, 40), rgb).save(coco / "train2017" / f"{name}.jpg")
+
+    def made(table, out, *flags):  # {caption: which channels are bright} of the shards prepared from the table
+        m = prep_dataset.main(["--source", "table", "--input", str(table), "--out_dir", str(tmp_path / out),
+                               "--image_size", "32", "--val_fraction", "0", "--workers", "1", *flags])
+        samples = tar_samples(tmp_path / out / "train" / "shard-000000.tar")
+        return {c: tuple(int(v > 128) for v in np.asarray(img, dtype=float).mean((0, 1))) for img, c in samples.values()}, m
+    # COCO's caption annotations, pretty-printed: captions join their image by id; an image with none is counted
+    ann = {"info": {}, "licenses": [],
+           "images": [{"id": i, "file_name": f"{n}.jpg", "coco_url": f"http://x/{n}.jpg"} for i, n in enumerate("abc")],
+           "annotations": [{"id": 7, "image_id": 0, "caption": "red one"}, {"id": 8, "image_id": 1, "caption": "green"},
+                           {"id": 9, "image_id": 0, "caption": "red two "}, {"id": 10, "image_id": 42, "caption": "x"}]}
+    (coco / "annotations" / "captions_train2017.json").write_text(json.dumps(ann, indent=2))
+    table = coco / "annotations" / "captions_train2017.json"
+    with pytest.raises(SystemExit, match=r"'missing_image': 3.*name the images' folder with --image_root"):
+        made(table, "coco")
+    # the failed run leaves nothing behind, so the corrected command runs in the same folder
+    got, m = made(table, "coco", "--image_root", str(coco / "train2017"))
+    assert got == {"red one\nred two": (1, 0, 0), "green": (0, 1, 0)}
+    assert m["skipped"] == {"empty_caption": 1}
+    # Karpathy's split file (one line, as it ships): folder + file name, sentences, and a split kept by --split
+    split = {"a": "train", "b": "restval", "c": "test", "d": "train"}
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": "train2017", "filename": f"{n}.jpg", "split": split[n],
+         "sentences": [{"raw": f"{n} {j}", "tokens": [n, str(j)]} for j in range(2)]} for n in "abcd"]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    got, m = made(tmp_path / "dataset_coco.json", "k1", "--image_root", str(coco))
+    assert sorted(got) == ["a 0\na 1", "d 0\nd 1"] and m["skipped"] == {"other_split": 2}
+    got, m = made(tmp_path / "dataset_coco.json", "k2", "--image_root", str(coco), "--split", "train,restval")
+    assert got["b 0\nb 1"] == (0, 1, 0) and len(got) == 3 and m["skipped"] == {"other_split": 1}
+    with pytest.raises(SystemExit, match="No row is in --split's splits"):
+        made(tmp_path / "dataset_coco.json", "k3", "--image_root", str(coco), "--split", "validation")
+    # Flickr30k's file names the image alone
+    for im in karpathy["images"]:
+        del im["filepath"]
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(karpathy))
+    got, _ = made(tmp_path / "dataset_flickr30k.json", "f", "--image_root", str(coco / "train2017"))
+    assert got == {"a 0\na 1": (1, 0, 0), "d 0\nd 1": (1, 1, 0)}
+    # the folder source finds the images without .txt captions, and points to the table beside them
+    with pytest.raises(SystemExit, match=r"no \.txt captions.*captions_train2017\.json.*--source table"):
+        prep_dataset.main(["--source", "folder", "--input", str(coco), "--out_dir", str(tmp_path / "dir")])
+
+
 def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     # a local dataset in a layout `datasets` reads like a hub one: an imagefolder with a metadata.jsonl
     src = tmp_path / "src"
