@@ -154,13 +154,13 @@ class ShardDataset(torch.utils.data.Dataset):
     """Item k is the k-th local batch from the start of epoch 0 (epochs of `batches_per_epoch`)."""
 
     def __init__(self, paths, batch_size, image_size, context_length, encoding, train, seed, rank,
-                 world_size, augment, crop_scale, shuffle_buffer, drop_last, with_labels, trim_tokens):
+                 world_size, augment, crop_scale, shuffle_buffer, drop_last, with_labels, trim_tokens, all_captions):
         assert batch_size % world_size == 0, f"batch_size {batch_size} must divide by the {world_size} ranks"
         self.paths, self.image_size, self.train, self.seed, self.rank = paths, image_size, train, seed, rank
         self.global_batch, self.local_batch = batch_size, batch_size // world_size
         self.augment, self.crop_scale, self.shuffle_buffer = augment, crop_scale, shuffle_buffer
         self.context_length, self.encoding, self.tokenizer = context_length, encoding, None
-        self.with_labels, self.trim_tokens = with_labels, trim_tokens
+        self.with_labels, self.trim_tokens, self.all_captions = with_labels, trim_tokens, all_captions
         # the index: one row per complete sample: shard, then (offset, size) of its image, caption and labels
         rows, self.shard_rows, self.skipped_at_index = [], [], 0
         # the full text-to-image-2M takes about half a minute to index: a bar, on one rank, where it is long
@@ -222,7 +222,8 @@ class ShardDataset(torch.utils.data.Dataset):
         lines = [line for line in lines if line]
         if not lines:
             raise ValueError("empty caption")
-        caption = lines[rng.integers(len(lines))] if self.train else lines[0]  # several lines: several captions
+        # several lines: several captions, one drawn per epoch in training (retrieval scores them all)
+        caption = lines if self.all_captions else lines[rng.integers(len(lines))] if self.train else lines[0]
         labels = json.loads(self.read(shard, json_off, json_len)) if self.with_labels and json_len >= 0 else None
         image = prepare_image(self.read(shard, img_off, img_len), self.image_size,
                               rng if self.train and self.augment else None, self.crop_scale)
@@ -251,23 +252,30 @@ class ShardDataset(torch.utils.data.Dataset):
             captions.append(caption)
             labels.append(label)
         images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-        return images, self.tokenizer(captions, trim=self.trim_tokens), skipped, labels
+        counts = None
+        if self.all_captions:  # every caption of every image, in order, and how many each image has
+            counts, captions = [len(c) for c in captions], [c for cs in captions for c in cs]
+        return images, self.tokenizer(captions, trim=self.trim_tokens), skipped, labels, counts
 
 
 class ShardLoader:
     """Iterating a train loader goes on forever, epoch after epoch, from its state; an eval loader
     (train=False) makes one pass in order, with no augmentation. Token ids come as (B, context_length);
     with trim_tokens=True only up to the batch's longest caption, which is all the causal text tower
-    reads (training and evaluation use that: short captions then cost their own length)."""
+    reads (training and evaluation use that: short captions then cost their own length). With
+    all_captions=True (evaluation) a sample gives all of its captions, not one: the batch's token ids then
+    have a row per caption, and a list of how many captions each image has comes last."""
 
     def __init__(self, data_dir, split, batch_size, image_size, context_length, encoding="cl100k_base",
                  train=True, seed=0, rank=0, world_size=1, num_workers=2, augment=False, crop_scale=(0.8, 1.0),
-                 shuffle_buffer=10_000, pin_memory=False, drop_last=True, with_labels=False, trim_tokens=False):
+                 shuffle_buffer=10_000, pin_memory=False, drop_last=True, with_labels=False, trim_tokens=False,
+                 all_captions=False):
         assert drop_last or world_size == 1, "a partial last batch would differ across ranks"
         self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
                                     encoding, train, seed, rank, world_size, augment, crop_scale,
-                                    shuffle_buffer, drop_last, with_labels, trim_tokens)
+                                    shuffle_buffer, drop_last, with_labels, trim_tokens, all_captions)
         self.train, self.num_workers, self.pin_memory, self.with_labels = train, num_workers, pin_memory, with_labels
+        self.all_captions = all_captions
         self.step = 0  # batches handed out since the start of epoch 0
         self.skipped_in_batches = 0
 
@@ -303,9 +311,9 @@ class ShardLoader:
             self.dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
             persistent_workers=False)
-        for images, tokens, skipped, labels in loader:
+        for images, tokens, skipped, labels, counts in loader:
             self.skipped_in_batches += skipped
             if self.train:
                 self.step += 1
             # labels: the KEY.json of each sample (the shapes set's classes), for zero-shot evaluation
-            yield (images, tokens, labels) if self.with_labels else (images, tokens)
+            yield (images, tokens) + ((labels,) if self.with_labels else ()) + ((counts,) if self.all_captions else ())

@@ -53,17 +53,26 @@ def topk_accuracy(logits, targets, ks=(1, 5)):
     return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
-def recall_at_k(image_emb, text_emb, ks=RETRIEVAL_KS, block=4096):
-    """Image i's caption is text i. Recall@k: how often the true match ranks among the k most similar.
-    The (N, N) similarities are made `block` rows at a time: 100k val pairs would need 40 GB at once."""
+def recall_at_k(image_emb, text_emb, text_image=None, ks=RETRIEVAL_KS, block=4096):
+    """Text j describes image text_image[j] (by default image j; COCO's images have five captions each).
+    Recall@k: how often the true match ranks among the k most similar. For a caption that is its image;
+    for an image, its best-ranked caption (the usual protocol when an image has several).
+    The similarities are made `block` rows at a time: 100k val pairs would need 40 GB at once."""
+    if text_image is None:
+        text_image = torch.arange(len(text_emb), device=text_emb.device)
     out = {}
     for name, queries, candidates in (("image_to_text", image_emb, text_emb), ("text_to_image", text_emb, image_emb)):
         ranks = []
         for i in range(0, len(queries), block):
-            sim = queries[i:i + block] @ candidates.T  # (block, N); query i + r's true match is column i + r
-            rows = torch.arange(len(sim), device=sim.device)
+            sim = queries[i:i + block] @ candidates.T  # (block, N)
+            if name == "text_to_image":  # query i + r's true match is image text_image[i + r]
+                true_sim = sim[torch.arange(len(sim), device=sim.device), text_image[i:i + block]]
+            else:  # image i + r's captions are the columns where text_image == i + r: keep the best of them
+                cols = ((text_image >= i) & (text_image < i + len(sim))).nonzero()[:, 0]
+                rows = text_image[cols] - i
+                true_sim = sim.new_full((len(sim),), float("-inf")).scatter_reduce(0, rows, sim[rows, cols], "amax")
             # rank of the true match = how many candidates score strictly higher (the same matmul's values)
-            ranks.append((sim > sim[rows, i + rows][:, None]).sum(dim=1))
+            ranks.append((sim > true_sim[:, None]).sum(dim=1))
         rank = torch.cat(ranks)
         for k in ks:
             out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
@@ -96,21 +105,26 @@ def shard_split(path):
 
 @torch.no_grad()
 def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None, batch_size=256, num_workers=2):
-    """One ordered pass over shards -> image embeddings, caption embeddings, and the samples' labels."""
+    """One ordered pass over shards -> image embeddings (N, E), the embeddings of every caption (T, E),
+    the samples' labels, and for each caption the index of its image (T,)."""
     loader = ShardLoader(data_dir, split, batch_size, cfg.image_size, cfg.context_length, cfg.encoding,
-                         train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True)
-    images, texts, labels = [], [], []
+                         train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True,
+                         all_captions=True)
+    images, texts, labels, text_image = [], [], [], []
     total = min(len(loader), -(-max_samples // batch_size)) if max_samples else len(loader)
-    for b, (img, tok, lab) in enumerate(tqdm(loader, total=total, desc="embed", leave=False, disable=total < 5)):
+    for b, (img, tok, lab, counts) in enumerate(tqdm(loader, total=total, desc="embed", leave=False, disable=total < 5)):
         if b == total:
             break
         with autocast:
             images.append(model.encode_image(img.to(device)).float())
             texts.append(model.encode_text(tok.to(device)).float())
+        text_image += [len(labels) + i for i, c in enumerate(counts) for _ in range(c)]
         labels += lab
     images, texts = torch.cat(images), torch.cat(texts)
     n = max_samples or len(images)
-    return images[:n], texts[:n], labels[:n]
+    text_image = torch.tensor(text_image, device=texts.device)
+    keep = text_image < n
+    return images[:n], texts[keep], labels[:n], text_image[keep]
 
 
 def image_batch(images, size):
@@ -305,12 +319,12 @@ class TrainingEvaluator:
     def __call__(self, model):
         out = {}
         if self.has_val and (self.tasks or self.retrieval):
-            img, txt, labels = embed_shards(model, self.data_dir, "val", self.cfg, self.device, self.autocast,
-                                            self.max_samples, num_workers=self.num_workers)
+            img, txt, labels, text_image = embed_shards(model, self.data_dir, "val", self.cfg, self.device,
+                                                        self.autocast, self.max_samples, num_workers=self.num_workers)
             for task, acc in zeroshot_tasks(img, labels, self.tasks, model, self.cfg, self.device, self.autocast).items():
                 out.update({f"zeroshot/{task}/{k}": v for k, v in acc.items()})
             if self.retrieval:
-                out.update({f"retrieval/{k}": v for k, v in recall_at_k(img, txt).items()})
+                out.update({f"retrieval/{k}": v for k, v in recall_at_k(img, txt, text_image).items()})
         for name in list(self.datasets):
             try:
                 acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast,
@@ -418,7 +432,7 @@ def main(argv=None):
                 p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
         if tasks:
-            img, _, labels = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
+            img, _, labels, _ = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
                                             batch_size=args.batch_size, num_workers=args.num_workers)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
             results["zeroshot"] = per_task
@@ -440,10 +454,10 @@ def main(argv=None):
                 print(f"  {100 * prob:6.2f}%  {text}")
     if args.retrieval:
         data_dir, split = shard_split(args.retrieval)
-        img, txt, _ = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples, args.batch_size,
-                                     args.num_workers)
-        results.update(recall_at_k(img, txt))
-        results["retrieval_samples"] = len(img)
+        img, txt, _, text_image = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples,
+                                                 args.batch_size, args.num_workers)
+        results.update(recall_at_k(img, txt, text_image))
+        results["retrieval_samples"], results["retrieval_captions"] = len(img), len(txt)
     table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above
     if table:
         print_table(table)

@@ -614,7 +614,8 @@ def write_shards(args, stage_dir):
         sys.exit(f"writing the shards needs about {size(need)} more in {args.out_dir}, which has {size(free)} "
                  "free: make room and rerun the same command (the processed samples are kept)")
     order = np.random.default_rng(args.seed).permutation(len(samples))
-    n_val = min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
+    # --val_fraction 1 makes an evaluation set (all in val/); otherwise train keeps at least one sample
+    n_val = len(samples) if args.val_fraction >= 1 else min(len(samples) - 1, int(round(len(samples) * args.val_fraction)))
     splits = {"val": order[:n_val], "train": order[n_val:]}
 
     def shard_samples(rows):
@@ -667,7 +668,8 @@ def main(argv=None):
     p.add_argument("--out_dir", required=True)
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")
-    p.add_argument("--val_fraction", type=float, default=0.05)
+    p.add_argument("--val_fraction", type=float, default=0.05, help="the share of samples held out in val/ "
+                   "(1: all of them, an evaluation set such as COCO's test split)")
     p.add_argument("--shard_size", type=int, default=5000, help="samples per shard")
     p.add_argument("--chunk_size", type=int, default=5000, help="samples per staged chunk (the unit of resume)")
     p.add_argument("--seed", type=int, default=0)
@@ -676,6 +678,8 @@ def main(argv=None):
     p.add_argument("--jpeg_quality", type=int, default=95)
     args = p.parse_args(argv)
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
+    if not 0 <= args.val_fraction <= 1:
+        p.error(f"--val_fraction {args.val_fraction}: give a share between 0 and 1")
 
     manifest_path = os.path.join(args.out_dir, "manifest.json")
     settings = {k: getattr(args, k) for k in ("source", "input", "image_size", "limit", "val_fraction",

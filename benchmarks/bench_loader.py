@@ -77,7 +77,7 @@ def time_plain(paths, size, n):
 def time_ours(paths, size, n, batch=64, augment=False):
     ds = ShardDataset(paths, batch, size, 32, "cl100k_base", train=augment, seed=0, rank=0, world_size=1,
                       augment=augment, crop_scale=(0.8, 1.0), shuffle_buffer=10_000, drop_last=True,
-                      with_labels=False, trim_tokens=False)
+                      with_labels=False, trim_tokens=False, all_captions=False)
     ds[0]  # load the tokenizer outside the timing
     t = time.perf_counter()
     count = 0

@@ -391,6 +391,11 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path):
     assert got["b 0\nb 1"] == (0, 1, 0) and len(got) == 3 and m["skipped"] == {"other_split": 1}
     with pytest.raises(SystemExit, match="No row is in --split's splits"):
         made(tmp_path / "dataset_coco.json", "k3", "--image_root", str(coco), "--split", "validation")
+    # the test split as an evaluation set: all of it in val/, for evaluate.py --retrieval
+    m = prep_dataset.main(["--source", "table", "--input", str(tmp_path / "dataset_coco.json"), "--image_root", str(coco),
+                           "--split", "test", "--val_fraction", "1", "--out_dir", str(tmp_path / "test"), "--workers", "1"])
+    assert m["counts"]["train"] == 0 and m["counts"]["val"] == 1 and not os.listdir(tmp_path / "test" / "train")
+    assert [c for _, c in tar_samples(tmp_path / "test" / "val" / "shard-000000.tar").values()] == ["c 0\nc 1"]
     # Flickr30k's file names the image alone
     for im in karpathy["images"]:
         del im["filepath"]

@@ -24,11 +24,14 @@ def naive_topk(logits, targets, k):
     return hits / len(targets)
 
 
-def naive_recall(img, txt, k):
+def naive_recall(img, txt, k, owner=None):
+    """owner[j]: the image caption j describes. An image is found if any of its captions is in its top k."""
+    owner = list(range(len(txt))) if owner is None else owner
     sim = (img @ txt.T).tolist()
-    i2t = sum(sorted(range(len(r)), key=lambda j: -r[j]).index(i) < k for i, r in enumerate(sim)) / len(sim)
-    cols = [[sim[i][j] for i in range(len(sim))] for j in range(len(sim))]
-    t2i = sum(sorted(range(len(c)), key=lambda i: -c[i]).index(j) < k for j, c in enumerate(cols)) / len(cols)
+    i2t = sum(any(owner[j] == i for j in sorted(range(len(r)), key=lambda j: -r[j])[:k])
+              for i, r in enumerate(sim)) / len(sim)
+    cols = [[sim[i][j] for i in range(len(img))] for j in range(len(txt))]
+    t2i = sum(sorted(range(len(c)), key=lambda i: -c[i]).index(owner[j]) < k for j, c in enumerate(cols)) / len(cols)
     return i2t, t2i
 
 
@@ -47,6 +50,50 @@ def test_metrics_equal_naive_references():
         assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i)
     assert 0 < got["image_to_text_R@1"] < 1
     assert evaluate.recall_at_k(img, txt, block=7) == got  # made in blocks of rows (large val sets), the same
+    # several captions per image (COCO's five), in any order: each image's best-ranked caption counts
+    owner = torch.cat([torch.arange(40), torch.randint(0, 40, (60,))])[torch.randperm(100)]
+    txt = F.normalize(torch.randn(100, 16) + 0.5 * img[owner], dim=-1)
+    got = evaluate.recall_at_k(img, txt, owner)
+    for k in (1, 5, 10):
+        i2t, t2i = naive_recall(img, txt, k, owner.tolist())
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+        assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i)
+    assert 0 < got["image_to_text_R@1"] < 1 and 0 < got["text_to_image_R@1"] < 1
+    assert evaluate.recall_at_k(img, txt, owner, block=7) == got
+
+
+def test_retrieval_embeds_every_caption_of_every_image(tmp_path):
+    # shards where sample i has 1 to 3 captions (prep_dataset writes them as lines of KEY.txt)
+    (tmp_path / "val").mkdir()
+    captions = [[f"sample {i} caption {c}" for c in range(1 + i % 3)] for i in range(7)]
+    for s, members in enumerate((range(0, 4), range(4, 7))):
+        with tarfile.open(tmp_path / "val" / f"shard-{s:06d}.tar", "w") as tf:
+            for i in members:
+                for name, data in ((f"{i:04d}.jpg", Image.new("RGB", (40, 40), (30 * i, 0, 0))),
+                                   (f"{i:04d}.txt", "\n".join(captions[i]).encode())):
+                    if isinstance(data, Image.Image):
+                        buf = io.BytesIO()
+                        data.save(buf, "JPEG")
+                        data = buf.getvalue()
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    torch.manual_seed(0)
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    model = CLIP(cfg).eval()
+    tok = Tokenizer(cfg.encoding, cfg.context_length)
+    off = torch.autocast("cpu", enabled=False)
+    img, txt, labels, text_image = evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, batch_size=3,
+                                                         num_workers=1)
+    flat = [c for cs in captions for c in cs]
+    assert img.shape[0] == 7 and txt.shape[0] == len(flat) == 13
+    assert text_image.tolist() == [i for i, cs in enumerate(captions) for _ in cs]
+    with torch.no_grad():
+        torch.testing.assert_close(txt, model.encode_text(tok(flat)), atol=1e-5, rtol=1e-4)
+    # a cap on the samples keeps the captions of the images kept
+    img, txt, _, text_image = evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, max_samples=4,
+                                                    batch_size=3, num_workers=0)
+    assert img.shape[0] == 4 and text_image.tolist() == [0, 1, 1, 2, 2, 2, 3] and txt.shape[0] == 7
 
 
 def test_a_perfect_model_scores_100_percent():
