@@ -66,21 +66,21 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = no clipping
     # speed and numerics
     device: str = "auto"  # auto (cuda, else mps, else cpu), cuda, mps, cpu; this machine's, never the checkpoint's
     compile: str = "auto"  # auto (on for CUDA), true, false
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32
     grad_checkpointing: bool = False
     # logging, evaluation, checkpoints
-    log_interval: int = 10
+    log_interval: int = 10  # steps; for this and the other intervals, 0 = only at the last step
     eval_interval: int = 500
     eval_batches: int = 50  # val-loss batches per evaluation (0 = the whole val split)
     zeroshot: str = "auto"  # auto: the tasks in the data's manifest (shapes); none; or datasets, comma-separated
     zeroshot_classnames: str = ""  # names for --zeroshot folders named by id, as evaluate.py --classnames takes them
     retrieval: bool = True  # image<->text recall@k on the val split at every evaluation
     checkpoint_interval: int = 1000
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest K (0 = all), plus best.pt
     resume: str = ""  # "latest" (bare --resume): the newest in out_dir; or a checkpoint's path
     init_from: str = ""  # a checkpoint whose weights start the run, with a fresh optimizer and schedule
     max_bad_steps: int = 5  # non-finite steps in a row that stop the run
@@ -301,6 +301,11 @@ def val_loss(model, loader, max_batches, device, autocast):
 DDP_TIMEOUT = timedelta(minutes=60)
 
 
+def due(step, interval):
+    """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
+    return interval > 0 and step % interval == 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
@@ -339,7 +344,17 @@ def main(argv=None):
             sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     for name, ok, what in (("batch_size", cfg.batch_size >= 1, "at least 1"), ("max_steps", cfg.max_steps >= 1, "at least 1"),
                            ("max_lr", cfg.max_lr > 0, "positive"), ("warmup_frac", 0 <= cfg.warmup_frac < 1, "in [0, 1)"),
-                           ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more")):
+                           ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more"),
+                           ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+                           ("crop_scale_min", 0 < cfg.crop_scale_min <= 1, "in (0, 1]"),
+                           ("grad_clip", cfg.grad_clip >= 0, "0 (off) or more"),
+                           ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
+                           ("log_interval", cfg.log_interval >= 0, "0 (only the last step) or more"),
+                           ("eval_interval", cfg.eval_interval >= 0, "0 (only the last step) or more"),
+                           ("checkpoint_interval", cfg.checkpoint_interval >= 0, "0 (only the last step) or more"),
+                           ("eval_batches", cfg.eval_batches >= 0, "0 (the whole val split) or more"),
+                           ("keep_checkpoints", cfg.keep_checkpoints >= 0, "0 (all) or more"),
+                           ("max_bad_steps", cfg.max_bad_steps >= 1, "at least 1")):
         if not ok:
             sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
     if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
@@ -536,7 +551,10 @@ def main(argv=None):
         # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
         flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
         loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        else:  # no clipping (max_norm 0 would zero every gradient), but the norm is still logged
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
         # a non-finite loss or gradient skips the update, decided on the device: no host sync per step
         bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
         if ddp:
@@ -553,7 +571,8 @@ def main(argv=None):
         good_steps += 1 - bad
         step += 1
         steps_since += 1
-        if step == start_step + 1 and step % cfg.log_interval and step < cfg.max_steps:
+        last = step == cfg.max_steps
+        if step == start_step + 1 and not due(step, cfg.log_interval) and not last:
             # the first step compiles and waits for the loader's workers to start: tens of seconds that
             # would make the first interval's samples/s, MFU and minutes left wrong; time from its end
             if device.type == "cuda":
@@ -563,7 +582,7 @@ def main(argv=None):
                       f"{'compiling, ' if use_compile else ''}loader start-up); throughput is timed from here")
             t_last, steps_since, flops_since = time.time(), 0, 0.0
 
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if due(step, cfg.log_interval) or last:
             if ddp:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
@@ -584,10 +603,9 @@ def main(argv=None):
             loss_sum.zero_()
             good_steps.zero_()
             t_last, steps_since, flops_since = time.time(), 0, 0.0
-        last = step == cfg.max_steps
         t_pause = time.time()
-        val = run_eval() if step % cfg.eval_interval == 0 or last else None
-        if step % cfg.checkpoint_interval == 0 or last:
+        val = run_eval() if due(step, cfg.eval_interval) or last else None
+        if due(step, cfg.checkpoint_interval) or last:
             save(val)
         t_last += time.time() - t_pause  # evaluating and saving do not count against training throughput
 

@@ -79,6 +79,9 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
                            (["--max_lr", "-1"], "must be positive"),
                            (["--warmup_frac", "1.5"], r"must be in \[0, 1\)"),
+                           (["--crop_scale_min", "0"], r"--crop_scale_min 0.0: must be in \(0, 1\]"),
+                           (["--eval_interval", "-5"], r"--eval_interval -5: must be 0 \(only the last step\) or more"),
+                           (["--grad_clip", "-1"], r"--grad_clip -1.0: must be 0 \(off\) or more"),
                            (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size"),
                            (["--model", "tiny", "--context_length", "0"], "context_length must be at least 1"),
                            (["--encoding", "no_such_bpe"], "could not load the tiktoken encoding 'no_such_bpe'"),
@@ -89,6 +92,20 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--device", "cuda"], "--device cuda: torch sees no such device here.*--device cpu")):
         with pytest.raises(SystemExit, match=message):
             train.main(out + flags)
+
+
+def test_zero_turns_clipping_off_and_makes_intervals_only_the_last_step(shapes_dir, tmp_path):
+    # --grad_clip 0 trains exactly as a limit never reached (a max norm of 0 would zero every gradient)
+    off = train.main(run_args(shapes_dir, str(tmp_path / "off"), max_steps=3, grad_clip=0))
+    huge = train.main(run_args(shapes_dir, str(tmp_path / "huge"), max_steps=3, grad_clip=1e9))
+    for (name, a), b in zip(off.state_dict().items(), huge.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r["grad_norm"] for r in read_log(str(tmp_path / "off"))] == [r["grad_norm"] for r in read_log(str(tmp_path / "huge"))]
+    # an interval of 0: logged, evaluated and saved at the last step only
+    out = str(tmp_path / "last")
+    train.main(run_args(shapes_dir, out, max_steps=4, log_interval=0, eval_interval=0, checkpoint_interval=0))
+    assert [r["step"] for r in read_log(out)] == [4] and [r["step"] for r in read_log(out, "eval")] == [4]
+    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt-")) == ["ckpt-00000004.pt"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
