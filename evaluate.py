@@ -395,6 +395,11 @@ def main(argv=None):
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
     if bool(args.images) != bool(args.texts):
         p.error("--images and --texts go together: the images are scored against the texts")
+    for name, ok, what in (("batch_size", args.batch_size >= 1, "at least 1"),
+                           ("max_samples", args.max_samples is None or args.max_samples >= 1, "at least 1"),
+                           ("num_workers", args.num_workers >= 0, "0 (decode in this process) or more")):
+        if not ok:
+            p.error(f"--{name} {getattr(args, name)}: must be {what}")
     images = []
     for path in args.images or []:  # files, or folders of them
         if os.path.isdir(path):

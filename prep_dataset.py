@@ -677,9 +677,16 @@ def main(argv=None):
                    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     p.add_argument("--jpeg_quality", type=int, default=95)
     args = p.parse_args(argv)
+    for name, ok, what in (("val_fraction", 0 <= args.val_fraction <= 1, "a share between 0 and 1"),
+                           ("image_size", args.image_size is None or args.image_size >= 1, "at least 1"),
+                           ("limit", args.limit is None or args.limit >= 1, "at least 1"),
+                           ("shard_size", args.shard_size >= 1, "at least 1"),
+                           ("chunk_size", args.chunk_size >= 1, "at least 1"),
+                           ("workers", args.workers >= 1, "at least 1"),
+                           ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]")):
+        if not ok:
+            p.error(f"--{name} {getattr(args, name)}: must be {what}")
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
-    if not 0 <= args.val_fraction <= 1:
-        p.error(f"--val_fraction {args.val_fraction}: give a share between 0 and 1")
 
     manifest_path = os.path.join(args.out_dir, "manifest.json")
     settings = {k: getattr(args, k) for k in ("source", "input", "image_size", "limit", "val_fraction",

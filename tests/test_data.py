@@ -3,6 +3,7 @@ import glob
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -405,6 +406,17 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path):
     # the folder source finds the images without .txt captions, and points to the table beside them
     with pytest.raises(SystemExit, match=r"no \.txt captions.*captions_train2017\.json.*--source table"):
         prep_dataset.main(["--source", "folder", "--input", str(coco), "--out_dir", str(tmp_path / "dir")])
+
+
+def test_prep_settings_out_of_range_stop_before_any_work(tmp_path, capsys):
+    for flags, message in ((["--shard_size", "0"], "--shard_size 0: must be at least 1"),  # a division by zero
+                           (["--workers", "0"], "--workers 0: must be at least 1"),
+                           (["--val_fraction", "1.5"], "--val_fraction 1.5: must be a share between 0 and 1"),
+                           (["--jpeg_quality", "101"], r"--jpeg_quality 101: must be in \[1, 100\]")):
+        with pytest.raises(SystemExit):
+            prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "x"), *flags])
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
 
 
 def test_hub_source_reads_a_datasets_image_text_set(tmp_path):

@@ -196,6 +196,9 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes"), "--device", "cuda"])  # CUDA is hidden
     assert "--device cuda:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes"), "--batch_size", "0"])  # a division by zero
+    assert "--batch_size 0: must be at least 1" in capsys.readouterr().err
     probs = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", "red", "blue"])["images"]
     assert list(probs) == [str(root / "red" / "0.png")] and sum(probs[str(root / "red" / "0.png")].values()) == pytest.approx(1)
     # folders of images too, a batch at a time: the same figures as all at once
