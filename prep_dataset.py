@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff"}
 TABLE_EXTENSIONS = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
 T2I_FILES = "hf://datasets/jackyhate/text-to-image-2M/data_512_2M/*.tar"
 
