@@ -320,7 +320,14 @@ def table_rows(path):
         f.seek(0)
         delimiter = "\t" if path.endswith(".tsv") else max(",;\t|", key=header.count)
         csv.field_size_limit(2 ** 31 - 1)  # a long caption is kept (the tokenizer truncates it), not an error
-        yield from csv.DictReader(f, delimiter=delimiter)
+        first = next(csv.reader([header], delimiter=delimiter), [])
+        is_image = lambda cell: cell.strip().lower().endswith(tuple(IMAGE_EXTENSIONS)) or "://" in cell
+        names = None
+        if any(map(is_image, first)):  # no header line (Conceptual Captions' TSV, a quick list): the first row is data
+            names = ["image" if is_image(cell) else f"column{i}" for i, cell in enumerate(first)]
+            if len(names) == 2:  # an image and, beside it, its caption
+                names = [n if n == "image" else "caption" for n in names]
+        yield from csv.DictReader(f, fieldnames=names, delimiter=delimiter)
 
 
 def json_records(doc):

@@ -330,6 +330,12 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     # a spreadsheet's export: semicolons (commas inside the captions), column names with spaces, any case
     (src / "excel.csv").write_text("Image Path;Caption\nimgs/r.png;red, bright, square\nimgs/g.png;a green card\n")
     assert sorted(made("excel.csv")) == ["a green card", "red, bright, square"]
+    # no header line: the column of image paths (or URLs) is the image, the other the caption
+    (src / "bare.csv").write_text("imgs/r.png,a red card\nimgs/g.png,a green card\n")
+    assert sorted(made("bare.csv")) == ["a green card", "a red card"]
+    (src / "cc3m.tsv").write_text("a red card\thttps://example.com/r.jpg\n")  # Conceptual Captions' layout
+    with pytest.raises(SystemExit, match="The images were URLs: download the images first"):
+        made("cc3m.tsv")
     # a JSON list of records, and JSON lines where a broken line is skipped and counted
     (src / "list.json").write_text(json.dumps([{"image": "imgs/r.png", "text": "red"}, {"image": "imgs/g.png", "text": "green"}]))
     assert sorted(made("list.json")) == ["green", "red"]
