@@ -33,7 +33,7 @@ from tqdm import tqdm
 from checkpoint_manager import CheckpointError, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
-from prep_dataset import IMAGE_EXTENSIONS, image_cell, upright_rgb
+from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -213,7 +213,7 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
         image_col, label_col = "image", "label"
     else:
         try:
-            ds = datasets.load_dataset(name_or_dir, split=split or "test")
+            ds = load_hub_set(name_or_dir, split or "test")
         except Exception as e:
             raise SystemExit(f"could not load {name_or_dir!r} ({type(e).__name__}: {str(e)[:300]}). Give a folder "
                              "of class folders (ROOT/CLASS/image.jpg, or ROOT/SPLIT/CLASS/...), or a `datasets` name "

@@ -391,15 +391,29 @@ def source_table(args):
         yield f"{i:09d}", image, row.get(caption_col), None
 
 
+def load_hub_set(name_or_dir, split, streaming=False):
+    """A `datasets` split: from the hub or a local copy of a hub set (load_dataset), or from a folder that
+    save_to_disk wrote (load_from_disk; a lone Dataset there has no splits to choose from)."""
+    import datasets
+    marks = ("state.json", "dataset_dict.json")  # what save_to_disk leaves in the folder
+    if not any(os.path.isfile(os.path.join(name_or_dir, m)) for m in marks):
+        return datasets.load_dataset(name_or_dir, split=split, streaming=streaming)
+    ds = datasets.load_from_disk(name_or_dir)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"it has no split {split!r}, only {list(ds)}")
+        ds = ds[split]
+    return ds.to_iterable_dataset() if streaming else ds
+
+
 def source_hub(args):
     """Any `datasets` dataset with an image column and a caption column: a hub name (streamed) or a local
-    dataset folder, e.g. an imagefolder with a metadata.jsonl of captions."""
+    dataset folder, e.g. an imagefolder with a metadata.jsonl of captions, or what save_to_disk wrote."""
     from datasets import Image as HFImage
-    from datasets import load_dataset
     if args.input and os.path.isfile(args.input):
         sys.exit(f"{args.input} is a file: read a .csv, .tsv, .jsonl, .json or .parquet table with --source table")
     try:
-        ds = load_dataset(args.input, split=args.split, streaming=True)
+        ds = load_hub_set(args.input, args.split, streaming=True)
     except Exception as e:
         sys.exit(f"could not load {args.input!r} with datasets ({type(e).__name__}: {e}). Give a hub name "
                  "(with a network) or a local dataset folder, and --split")

@@ -464,6 +464,17 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     prep_dataset.main(["--source", "hub", "--input", str(paths), "--out_dir", str(tmp_path / "paths_out"),
                        "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "paths_out" / "train" / "shard-000000.tar").values()] == ["blue by path"]
+    # what save_to_disk wrote: a DatasetDict, its split chosen by --split (load_dataset refuses such a folder)
+    import datasets
+    red = io.BytesIO()
+    Image.new("RGB", (40, 40), (220, 0, 0)).save(red, "PNG")
+    split = datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": None}] * 2,
+                                        "caption": ["red in train", "red on disk"]},
+                                       features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    datasets.DatasetDict({"train": split.select([0]), "test": split.select([1])}).save_to_disk(str(tmp_path / "saved"))
+    prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "saved"), "--split", "test", "--out_dir",
+                       str(tmp_path / "saved_out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "saved_out" / "train" / "shard-000000.tar").values()] == ["red on disk"]
     # a set of URLs and captions (Conceptual Captions' layout) stops at its first row, saying what to do
     urls = tmp_path / "urls"
     urls.mkdir()

@@ -287,6 +287,15 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
                                ).to_parquet(str(tmp_path / "text" / "test.parquet"))
     rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "text"))
     assert [classnames[r] for r in rows[label_col]] == ["red", "blue", "red"]
+    # what save_to_disk wrote, a lone Dataset or a DatasetDict of splits (load_dataset refuses both)
+    saved = datasets.Dataset.from_dict({"img": [png((255, 0, 0)), png((0, 0, 255))], "fine": [1, 0]}, features=features)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": saved, "validation": saved.select([0])}).save_to_disk(str(tmp_path / "saved_dict"))
+    rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "saved"))
+    assert rows[label_col] == [1, 0] and classnames == ["red", "blue"]
+    assert len(evaluate.load_classification(str(tmp_path / "saved_dict"), split="validation")[0]) == 1
+    with pytest.raises(SystemExit, match=r"no split 'test', only \['train', 'validation'\]"):
+        evaluate.load_classification(str(tmp_path / "saved_dict"))
     with pytest.raises(SystemExit, match="has the split folders"):
         evaluate.load_classification(str(tmp_path / "splits"), split="test")
     with pytest.raises(SystemExit, match="could not load"):  # neither class folders nor a `datasets` set
