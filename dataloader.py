@@ -44,24 +44,27 @@ def default_num_workers(processes=1):
 
 
 def shard_paths(data_dir, split):
-    return sorted(glob.glob(os.path.join(data_dir, split, "*.tar")))
+    """DIR/split/*.tar, over every prepared set that data_dir lists, comma-separated (data/coco,data/t2i)."""
+    return sorted(p for d in str(data_dir).split(",") if d for p in glob.glob(os.path.join(d, split, "*.tar")))
 
 
 def find_shards(data_dir, split):
-    paths = shard_paths(data_dir, split)
-    loose = glob.glob(os.path.join(data_dir, "*.tar"))
-    if not paths and loose:  # shards from another tool (img2dataset), not split into train/ and val/
+    """shard_paths, where every listed set must have some: else an error that says how to make them."""
+    for d in filter(None, str(data_dir).split(",")):
+        loose = glob.glob(os.path.join(d, "*.tar"))
+        if shard_paths(d, split):
+            continue
+        if loose:  # shards from another tool (img2dataset), not split into train/ and val/
+            raise FileNotFoundError(
+                f"no shards in {os.path.join(d, split)}, but {len(loose)} .tar files in {d} itself. Shards "
+                f"are read from DIR/train/*.tar and DIR/val/*.tar; make those from these with\n"
+                f"  python prep_dataset.py --source webdataset --input '{os.path.join(d, '*.tar')}' --out_dir DIR")
         raise FileNotFoundError(
-            f"no shards in {os.path.join(data_dir, split)}, but {len(loose)} .tar files in {data_dir} itself. Shards "
-            f"are read from DIR/train/*.tar and DIR/val/*.tar; make those from these with\n"
-            f"  python prep_dataset.py --source webdataset --input '{os.path.join(data_dir, '*.tar')}' --out_dir DIR")
-    if not paths:
-        raise FileNotFoundError(
-            f"no shards in {os.path.join(data_dir, split)}. Make them first, e.g.\n"
-            f"  python prep_dataset.py --source shapes --out_dir {data_dir}            (the synthetic demo set)\n"
-            f"  python prep_dataset.py --out_dir {data_dir} --limit 100000             (text-to-image-2M)\n"
-            f"  python prep_dataset.py --source folder --input PAIRS --out_dir {data_dir}   (your x.jpg + x.txt pairs)")
-    return paths
+            f"no shards in {os.path.join(d, split)}. Make them first, e.g.\n"
+            f"  python prep_dataset.py --source shapes --out_dir {d}            (the synthetic demo set)\n"
+            f"  python prep_dataset.py --out_dir {d} --limit 100000             (text-to-image-2M)\n"
+            f"  python prep_dataset.py --source folder --input PAIRS --out_dir {d}   (your x.jpg + x.txt pairs)")
+    return shard_paths(data_dir, split)
 
 
 def index_shard(path):
@@ -183,7 +186,8 @@ class ShardDataset(torch.utils.data.Dataset):
         self.num_samples = len(rows)
         if drop_last and self.num_samples < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the {self.num_samples} samples in "
-                             f"{os.path.dirname(paths[0])}: use a smaller --batch_size or more data")
+                             f"{', '.join(sorted({os.path.dirname(p) for p in paths}))}: use a smaller --batch_size "
+                             "or more data")
         self.batches_per_epoch = self.num_samples // batch_size if drop_last else -(-self.num_samples // batch_size)
         self._order, self._files = (None, None), {}
 

@@ -95,12 +95,19 @@ def class_embeddings(model, tokenizer, classnames, templates, device, autocast):
 # data
 
 
-def shard_split(path):
-    """A folder of shards (data/x/val) or a prepared dataset (data/x, meaning its val split) -> (dir, split)."""
-    path = os.path.normpath(path)
-    if any(name.endswith(".tar") for name in os.listdir(path)):
-        return os.path.dirname(path), os.path.basename(path)
-    return path, "val"
+def shard_split(paths):
+    """A folder of shards (data/x/val) or a prepared dataset (data/x, meaning its val split), or several of
+    either, comma-separated -> (the sets' dirs, comma-separated, and their split)."""
+    found = []
+    for path in filter(None, paths.split(",")):
+        path = os.path.normpath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no folder {path}: give a folder of shards or a prepared dataset")
+        tars = any(name.endswith(".tar") for name in os.listdir(path))
+        found.append((os.path.dirname(path), os.path.basename(path)) if tars else (path, "val"))
+    if len({split for _, split in found}) > 1:
+        raise ValueError(f"{paths}: several folders are read together only from splits of one name, e.g. a/val,b/val")
+    return ",".join(d for d, _ in found), found[0][1] if found else "val"
 
 
 @torch.no_grad()
@@ -307,14 +314,14 @@ class TrainingEvaluator:
     """What train.py runs at every evaluation, on rank 0: the data's own zero-shot tasks (the shapes set)
     and retrieval on the val split, plus any zero-shot datasets named in --zeroshot."""
 
-    def __init__(self, zeroshot, retrieval, data_dir, manifest, cfg, device, autocast, num_workers=2,
+    def __init__(self, zeroshot, retrieval, data_dir, tasks, cfg, device, autocast, num_workers=2,
                  max_samples=5000, classnames_file=None):
         self.data_dir, self.cfg, self.device, self.autocast = data_dir, cfg, device, autocast
         self.classnames_file = classnames_file
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
-        self.tasks = manifest.get("tasks", {}) if zeroshot != "none" else {}
+        self.tasks = tasks if zeroshot != "none" else {}
         self.datasets = [] if zeroshot in ("auto", "none", "") else [d for d in zeroshot.split(",") if d]
-        self.has_val = bool(shard_paths(data_dir, "val"))
+        self.has_val = bool(data_dir and shard_paths(data_dir, "val"))
 
     def __call__(self, model):
         out = {}
@@ -380,7 +387,8 @@ def main(argv=None):
                    "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order")
     p.add_argument("--templates", nargs="+", default=None,
                    help='prompt templates with {} for the class name, or a file with one per line')
-    p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split)")
+    p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split); "
+                   "several, comma-separated")
     p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples (default: all)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=default_num_workers(),
@@ -458,7 +466,10 @@ def main(argv=None):
             for text, prob in sorted(scores.items(), key=lambda kv: -kv[1]):
                 print(f"  {100 * prob:6.2f}%  {text}")
     if args.retrieval:
-        data_dir, split = shard_split(args.retrieval)
+        try:
+            data_dir, split = shard_split(args.retrieval)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
         img, txt, _, text_image = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples,
                                                  args.batch_size, args.num_workers)
         results.update(recall_at_k(img, txt, text_image))

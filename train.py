@@ -47,7 +47,7 @@ class TrainConfig:
     # any field of clip.CLIPConfig given as a flag overrides the preset's: --image_size 128 --context_length 64
     model_args: dict = field(default_factory=dict)
     # data
-    data_dir: str = "data/text-to-image-2M"
+    data_dir: str = "data/text-to-image-2M"  # a prepared set, or several read as one: data/coco,data/t2i
     make_shapes: int = 0  # if data_dir has no shards, generate this many samples of the shapes set there
     augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
     crop_scale_min: float = 0.8
@@ -428,7 +428,7 @@ def main(argv=None):
             print("  with settings changed from the run's own: " + ", ".join(changed))
 
     # ---- data
-    if cfg.make_shapes and not os.path.isdir(os.path.join(cfg.data_dir, "train")):
+    if cfg.make_shapes and not os.path.isdir(os.path.join(cfg.data_dir, "train")) and "," not in cfg.data_dir:
         if master:
             import prep_dataset
             print(f"{cfg.data_dir} has no shards: generating {cfg.make_shapes} samples of the shapes set")
@@ -436,14 +436,19 @@ def main(argv=None):
                                "--image_size", str(model_cfg.image_size), "--shard_size", "2000"])
         if ddp:
             dist.barrier()
-    manifest = {}
-    if os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
-        with open(os.path.join(cfg.data_dir, "manifest.json")) as f:
-            manifest = json.load(f)
-    if master and manifest.get("image_size", model_cfg.image_size) < model_cfg.image_size:
-        print(f"warning: {cfg.data_dir} holds {manifest['image_size']}-px images and the model takes "
-              f"{model_cfg.image_size} px: every image is upscaled. Prepare the data with --image_size "
-              f"{model_cfg.image_size} or more for full detail.", file=sys.stderr)
+    # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
+    data_dirs = [d for d in cfg.data_dir.split(",") if d]
+    val_dirs = [d for d in data_dirs if shard_paths(d, "val")]  # a val split is optional, in each set
+    manifests = {}
+    for d in data_dirs:
+        if os.path.exists(os.path.join(d, "manifest.json")):
+            with open(os.path.join(d, "manifest.json")) as f:
+                manifests[d] = json.load(f)
+        if master and manifests.get(d, {}).get("image_size", model_cfg.image_size) < model_cfg.image_size:
+            print(f"warning: {d} holds {manifests[d]['image_size']}-px images and the model takes "
+                  f"{model_cfg.image_size} px: every image is upscaled. Prepare the data with --image_size "
+                  f"{model_cfg.image_size} or more for full detail.", file=sys.stderr)
+    tasks = {k: v for m in manifests.values() for k, v in m.get("tasks", {}).items()}  # the shapes set's zero-shot tasks
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
                      num_workers=num_workers, pin_memory=device.type == "cuda", trim_tokens=True)
@@ -451,11 +456,11 @@ def main(argv=None):
     try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                    crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
-        if shard_paths(cfg.data_dir, "val"):  # a val split is optional
-            n_val = manifest.get("counts", {}).get("val", cfg.batch_size)
+        if val_dirs:
+            n_val = sum(manifests.get(d, {}).get("counts", {}).get("val", cfg.batch_size) for d in val_dirs)
             val_batch = min(cfg.batch_size, n_val // world * world)
             if val_batch > 0:
-                val_loader = ShardLoader(cfg.data_dir, "val", val_batch, train=False, **loader_kw)
+                val_loader = ShardLoader(",".join(val_dirs), "val", val_batch, train=False, **loader_kw)
     except FileNotFoundError as e:  # no shards: the message says which command makes them
         sys.exit(f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo")
     except ValueError as e:
@@ -497,13 +502,17 @@ def main(argv=None):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{n_params / 1e6:.1f}M parameters | {train_loader.dataset.num_samples} train samples, "
+        ds, samples = train_loader.dataset, str(train_loader.dataset.num_samples)
+        if len(data_dirs) > 1:  # what each set brings: 192 + 192 = 384
+            rows = dict(zip(ds.paths, map(len, ds.shard_rows)))
+            samples = " + ".join(str(sum(rows[p] for p in shard_paths(d, "train"))) for d in data_dirs) + f" = {samples}"
+        print(f"{n_params / 1e6:.1f}M parameters | {samples} train samples, "
               f"{len(train_loader)} steps per epoch | chance-level loss ln(batch) = {math.log(cfg.batch_size):.3f}")
 
     evaluator = None
     if cfg.zeroshot != "none" or cfg.retrieval:
         import evaluate  # downstream of training data, upstream of nothing: the eval hooks
-        evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, cfg.data_dir, manifest, model_cfg,
+        evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, ",".join(val_dirs), tasks, model_cfg,
                                                device, autocast, num_workers=num_workers,
                                                classnames_file=cfg.zeroshot_classnames or None)
 

@@ -611,6 +611,21 @@ def test_a_full_disk_stops_prep_with_what_to_do_and_the_rerun_goes_on(tmp_path, 
 # ---------------------------------------------------------------------------- dataloader.py
 
 
+def test_several_prepared_sets_are_read_as_one(tmp_path):
+    make_caption_shards(tmp_path / "a", n=21, shard_size=8, image_size=16)
+    (tmp_path / "b" / "train").mkdir(parents=True)
+    write_tar(tmp_path / "b" / "train" / "shard-000000.tar",  # named as a's first shard, in another folder
+              [m for i in range(100, 111) for m in ((f"{i}.jpg", jpeg((i, 0, 0), (16, 16))), (f"{i}.txt", f"sample {i}".encode()))])
+    tok = Tokenizer("cl100k_base", 16)
+    loader = ShardLoader(f"{tmp_path / 'a'},{tmp_path / 'b'}", "train", batch_size=4, image_size=16, context_length=16,
+                         num_workers=0, shuffle_buffer=8)
+    ids = [i for _, (_, tokens) in zip(range(len(loader)), loader) for i in sample_ids(tokens, tok)]
+    assert len(loader) == 8 and sorted(ids) == list(range(21)) + list(range(100, 111))  # every sample of both, once
+    # a set that has no shards is an error, not silently left out
+    with pytest.raises(FileNotFoundError, match=f"no shards in {tmp_path / 'c' / 'train'}"):
+        ShardLoader(f"{tmp_path / 'a'},{tmp_path / 'c'}", "train", batch_size=4, image_size=16, context_length=16)
+
+
 def test_two_ranks_are_disjoint_complete_and_equal_one_process(tmp_path):
     make_caption_shards(tmp_path, n=103, shard_size=10, image_size=32)
     tok = Tokenizer("cl100k_base", 16)

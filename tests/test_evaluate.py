@@ -177,6 +177,12 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--zeroshot", str(tmp_path / "plain")])
     assert "no zero-shot tasks" in capsys.readouterr().err
+    # several prepared sets' val splits, read as one; a folder that is not there is a usage error
+    both = evaluate.main([ckpt, "--retrieval", f"{tmp_path / 'shapes'},{tmp_path / 'plain'}"])
+    assert both["retrieval_samples"] == 30 + 2
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--retrieval", str(tmp_path / "nowhere")])
+    assert "no folder" in capsys.readouterr().err
     for k in (1, 5, 10):
         assert 0 <= saved[f"image_to_text_R@{k}"] <= 1 and 0 <= saved[f"text_to_image_R@{k}"] <= 1
     # images given as files are scored against texts; both are needed

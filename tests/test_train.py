@@ -460,7 +460,7 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
         train.main(run_args(shapes_dir, str(tmp_path / "other"), precision="fp16"))
 
 
-def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir):
+def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     with pytest.raises(SystemExit, match="prep_dataset.py --out_dir"):
         train.main(["--data_dir", str(tmp_path / "t2i"), "--out_dir", str(tmp_path / "run")])
     # another tool's shards, straight in the folder: say how to make train/ and val/ of them
@@ -478,6 +478,14 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir):
     train.main(run_args(str(data), str(tmp_path / "no_val_run"), max_steps=3, retrieval=True))
     evals = read_log(str(tmp_path / "no_val_run"), "eval")
     assert [r["step"] for r in evals] == [3] and "val_loss" not in evals[0]
+    # several sets read as one, the val split taken from those that have one (here the shapes set's, with its tasks)
+    out = str(tmp_path / "two_sets")
+    train.main(run_args(f"{shapes_dir},{data}", out, max_steps=2, eval_interval=2, retrieval=True, zeroshot="auto"))
+    assert "192 + 192 = 384 train samples" in capsys.readouterr().out
+    evals = read_log(out, "eval")
+    assert "val_loss" in evals[0] and "retrieval/image_to_text_R@1" in evals[0] and "zeroshot/shape/top1" in evals[0]
+    with pytest.raises(SystemExit, match=f"no shards in {tmp_path / 'nowhere' / 'train'}"):
+        train.main(run_args(f"{shapes_dir},{tmp_path / 'nowhere'}", str(tmp_path / "nowhere_run")))
 
 
 def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
