@@ -244,7 +244,8 @@ def source_webdataset(args):
 
 
 # column names that usually hold the caption, or the image, in tables and hub datasets
-CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description")
+CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description", "alt_text", "alt",
+                   "txt", "json")  # the last two: a webdataset turned into a table, a caption or a record per row
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "path", "file",
                  "image_url", "url")
 URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"

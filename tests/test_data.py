@@ -357,6 +357,10 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     pq.write_table(pa.table({"image": [{"bytes": green, "path": None}], "caption": ["green bytes"]}), src / "hub.parquet")
     pq.write_table(pa.table({"file_name": ["imgs/r.png"], "caption": ["red path"]}), src / "paths.parquet")
     assert made("hub.parquet") == ["green bytes"] and made("paths.parquet") == ["red path"]
+    # a webdataset turned into a table: the image's bytes under jpg, the caption under txt or in a json record
+    pq.write_table(pa.table({"__key__": ["k1"], "jpg": [green], "txt": ["green txt"]}), src / "wds.parquet")
+    pq.write_table(pa.table({"jpg": [green], "json": [{"caption": "green json", "width": 50}]}), src / "wds_json.parquet")
+    assert made("wds.parquet") == ["green txt"] and made("wds_json.parquet") == ["green json"]
     image = np.asarray(next(iter(tar_samples(tmp_path / "hub.parquet" / "train" / "shard-000000.tar").values()))[0])
     assert image[..., 1].mean() > 200 and image[..., 0].mean() < 40
     with pytest.raises(SystemExit, match="--source table"):  # a table file given to the hub source
