@@ -251,8 +251,9 @@ def set_rng_state(state):
 
 
 # dense bf16 tensor-core peaks from the datasheets; the first name contained in the device's name wins
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
+PEAK_BF16_FLOPS = {"B200": 2250e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+                   "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+                   "A6000": 155e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 def peak_flops(device):
