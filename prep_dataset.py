@@ -623,9 +623,12 @@ def write_shards(args, stage_dir):
         hints = {"image_is_a_url": f"The images were URLs: {URL_HINT}",
                  "missing_image": "Relative image paths are looked up from the table's folder, then from where "
                                   "you run the command: name the images' folder with --image_root",
-                 "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)"}
+                 "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)",
+                 "missing_caption": "An image takes its caption from the .txt of the same name (x.jpg + x.txt); "
+                                    "captions kept in a table are read with --source table"}
+        only = {"missing_image": "table", "missing_caption": "folder"}  # where the hint applies
         sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped})"
-                 + "".join(f". {hints[k]}" for k in hints if k in skipped and (k != "missing_image" or args.source == "table")))
+                 + "".join(f". {hints[k]}" for k in hints if k in skipped and only.get(k, args.source) == args.source))
     # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks
     # stay until the end: stop now, with the figure, rather than on a full disk halfway through
     need = sum(s[3] + 2048 + len(s[4]) for s in samples) - sum(

@@ -247,6 +247,12 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     assert np.abs(np.asarray(by_caption["a grey thing"], dtype=float) - 100).max() <= 2
     red = np.asarray(by_caption["a red thing\nsomething else red"])
     assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+    # images whose captions are nowhere to be found: the error says how images and captions pair
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "a.jpg").write_bytes(jpeg((9, 9, 9)))
+    (tmp_path / "lone" / "README.txt").write_text("not a caption")
+    with pytest.raises(SystemExit, match=r"'missing_caption': 1.*the \.txt of the same name"):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "lone"), "--out_dir", str(tmp_path / "l")])
 
 
 
