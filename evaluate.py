@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint_manager import CheckpointError, load_checkpoint
+from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
 from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
@@ -348,7 +348,16 @@ class TrainingEvaluator:
 
 
 def load_model(path, device):
-    state = load_checkpoint(path, map_location="cpu")
+    """A checkpoint's model, in eval mode, and its CLIPConfig. A run directory means its best.pt (the lowest
+    val loss), else its newest checkpoint (a run with no val split keeps no best.pt)."""
+    state = None
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "best.pt")):
+        state, _ = CheckpointManager(path).load_latest()  # the newest that loads
+        if state is None:
+            raise CheckpointError(f"no checkpoint in {path}: give a run directory that train.py wrote, or a .pt file")
+    elif os.path.isdir(path):
+        path = os.path.join(path, "best.pt")
+    state = state or load_checkpoint(path, map_location="cpu")
     cfg = CLIPConfig(**state["model_config"])
     model = CLIP(cfg)
     model.load_state_dict(state["model"])
@@ -378,7 +387,7 @@ def shards_or_exit(parser, *args, **kwargs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a .pt file, or a run directory: its best.pt, else its newest checkpoint")
     p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
                    "dataset dir whose manifest has tasks (the shapes set)")
     p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a "

@@ -167,6 +167,8 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     results = evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes" / "val"), "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["retrieval_samples"] == 30
+    # the run directory stands for its checkpoint (this run kept no best.pt: its newest)
+    assert evaluate.main([str(tmp_path / "run"), "--retrieval", str(tmp_path / "shapes" / "val")]) == results
     # a prepared dataset without zero-shot tasks is refused for --zeroshot: its split folders are not classes
     (tmp_path / "pairs").mkdir()
     for i in range(4):
