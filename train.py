@@ -81,8 +81,8 @@ class TrainConfig:
     retrieval: bool = True  # image<->text recall@k on the val split at every evaluation
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 3  # the newest K (0 = all), plus best.pt
-    resume: str = ""  # "latest" (bare --resume): the newest in out_dir; or a checkpoint's path
-    init_from: str = ""  # a checkpoint whose weights start the run, with a fresh optimizer and schedule
+    resume: str = ""  # "latest" (bare --resume): the newest in out_dir; or a checkpoint, or a run directory (its newest)
+    init_from: str = ""  # a checkpoint (or a run directory: its best.pt) whose weights start a fresh run
     max_bad_steps: int = 5  # non-finite steps in a row that stop the run
 
 
@@ -320,8 +320,16 @@ def main(argv=None):
             sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
     elif cfg.resume or cfg.init_from:
         start_path = cfg.resume or cfg.init_from
+        if os.path.isdir(start_path):  # a run directory: its newest checkpoint; to start from, its best.pt if any
+            best = os.path.join(start_path, "best.pt")
+            if cfg.init_from and os.path.isfile(best):
+                start_path = best
+            else:
+                start, start_path = CheckpointManager(start_path).load_latest()
+                if start is None:
+                    sys.exit(f"no checkpoint in {cfg.resume or cfg.init_from}: give a run directory or a .pt file")
         try:
-            start = load_checkpoint(start_path)
+            start = start or load_checkpoint(start_path)
         except CheckpointError as e:
             sys.exit(str(e))
     elif manager.checkpoints():

@@ -212,6 +212,10 @@ def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path, cap
     train.main(["--out_dir", split, "--resume", "--max_steps", "7"])
     assert "max_steps 6 -> 7" in capsys.readouterr().out
     assert [r["step"] for r in read_log(split)][-1] == 7
+    # --resume given the run directory: its newest checkpoint
+    train.main(["--resume", split, "--max_steps", "8"])
+    assert f"resuming from {os.path.join(split, 'ckpt-00000007.pt')} (step 7)" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(split)][-2:] == [7, 8]
 
 
 def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
@@ -332,6 +336,9 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
     assert "max_steps 1 -> 2" in changes and "init_from" not in changes
     with pytest.raises(SystemExit, match="no checkpoint at"):
         train.main(run_args(shapes_dir, str(tmp_path / "ft3"), max_steps=1) + ["--init_from", ckpt + ".missing"])
+    # a run directory to start from: its best.pt
+    train.main(run_args(shapes_dir, str(tmp_path / "ft4"), max_steps=1) + ["--init_from", first])
+    assert f"initialising from {os.path.join(first, 'best.pt')} (step 2)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="fixes the model's shape; drop --image_size 64"):
         train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1) + ["--init_from", ckpt, "--image_size", "64"])
 
