@@ -3,7 +3,7 @@ Checkpoints: save atomically, keep the last K plus the best, resume from the new
 
     manager = CheckpointManager("runs/demo", keep=3)
     manager.save(step, state, val_loss)          # state: any dict of tensors, numbers, strings, lists
-    state = manager.load_latest()                # or load_checkpoint(path)
+    state, path = manager.load_latest()          # or load_checkpoint(path), or load_run(file_or_run_dir)
 
 A checkpoint file is written to a temporary name, flushed to disk (fsync) and renamed, so a crash or a
 kill mid-write never leaves a torn file under a real name. Loading uses torch.load(weights_only=True):
@@ -38,6 +38,19 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint of train.py: it has no 'model' and 'model_config' "
                               "(a bare state_dict, or another project's file)")
     return state
+
+
+def load_run(path, best=False, map_location="cpu"):
+    """A checkpoint file, or a run directory: its best.pt when best=True and it has one (the lowest val
+    loss; a run with no val split keeps none), else its newest checkpoint that loads. -> (state, path)"""
+    if not os.path.isdir(path):
+        return load_checkpoint(path, map_location), path
+    if best and os.path.isfile(os.path.join(path, "best.pt")):
+        return load_checkpoint(os.path.join(path, "best.pt"), map_location), os.path.join(path, "best.pt")
+    state, found = CheckpointManager(path).load_latest(map_location)
+    if state is None:
+        raise CheckpointError(f"no checkpoint in {path}: give a run directory that train.py wrote, or a .pt file")
+    return state, found
 
 
 def fsync_dir(path):

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
+from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
 from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
@@ -350,14 +350,7 @@ class TrainingEvaluator:
 def load_model(path, device):
     """A checkpoint's model, in eval mode, and its CLIPConfig. A run directory means its best.pt (the lowest
     val loss), else its newest checkpoint (a run with no val split keeps no best.pt)."""
-    state = None
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "best.pt")):
-        state, _ = CheckpointManager(path).load_latest()  # the newest that loads
-        if state is None:
-            raise CheckpointError(f"no checkpoint in {path}: give a run directory that train.py wrote, or a .pt file")
-    elif os.path.isdir(path):
-        path = os.path.join(path, "best.pt")
-    state = state or load_checkpoint(path, map_location="cpu")
+    state, _ = load_run(path, best=True)
     cfg = CLIPConfig(**state["model_config"])
     model = CLIP(cfg)
     model.load_state_dict(state["model"])

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
+from checkpoint_manager import CheckpointError, CheckpointManager, load_run
 from clip import CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding
 from dataloader import ShardLoader, default_num_workers, shard_paths
 from logger import Logger
@@ -319,17 +319,8 @@ def main(argv=None):
         if start is None:
             sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
     elif cfg.resume or cfg.init_from:
-        start_path = cfg.resume or cfg.init_from
-        if os.path.isdir(start_path):  # a run directory: its newest checkpoint; to start from, its best.pt if any
-            best = os.path.join(start_path, "best.pt")
-            if cfg.init_from and os.path.isfile(best):
-                start_path = best
-            else:
-                start, start_path = CheckpointManager(start_path).load_latest()
-                if start is None:
-                    sys.exit(f"no checkpoint in {cfg.resume or cfg.init_from}: give a run directory or a .pt file")
-        try:
-            start = start or load_checkpoint(start_path)
+        try:  # a run directory: its newest checkpoint to resume; its best.pt, if any, to start from
+            start, start_path = load_run(cfg.resume or cfg.init_from, best=not cfg.resume)
         except CheckpointError as e:
             sys.exit(str(e))
     elif manager.checkpoints():

@@ -193,6 +193,9 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path / "run" / "missing.pt"), "--retrieval", str(tmp_path)])
     assert "no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / "pairs"), "--retrieval", str(tmp_path / "shapes")])  # a folder, but not a run's
+    assert "no checkpoint in" in capsys.readouterr().err
     (tmp_path / "not_an_image.png").write_bytes(b"text, not pixels")
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--images", str(tmp_path / "not_an_image.png"), "--texts", "red"])
