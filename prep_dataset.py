@@ -283,52 +283,64 @@ def pick_column(names, wanted, given, what):
 def table_rows(path):
     """The rows of a table file as dicts (None for a line that does not parse): CSV or TSV (comma, semicolon,
     tab or bar, as its header line shows), JSON lines, a JSON list of records, or Parquet."""
-    import csv
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq  # installed with datasets
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
         return
-    with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's CSV may start with a byte-order mark
-        if path.endswith((".jsonl", ".json")):
-            first = f.readline()
-            f.seek(0)
-            try:  # a first line that parses alone: JSON lines (COCO's annotation file is one line too)
-                json.loads(first)
-                whole = first.lstrip().startswith("[")
-            except ValueError:  # else one document over several lines, or JSON lines with a broken first line
-                whole = True
-            if whole:
-                try:
-                    doc = json.load(f)
-                except ValueError as e:
-                    if first.lstrip().startswith("["):
-                        sys.exit(f"{path} is not valid JSON ({e}): fix it, or write one record per line (.jsonl)")
-                    f.seek(0)
-                else:
-                    yield from json_records(doc)
-                    return
-            for line in f:
-                if line.strip():
-                    try:
-                        yield from json_records(json.loads(line))
-                    except ValueError:
-                        yield None
-            return
-        # a .tsv is tab-separated; otherwise the delimiter is the one the header line uses most (Excel writes
-        # semicolons where the decimal mark is a comma): the captions may hold any of them, column names rarely do
-        header = f.readline()
+    with open(path, "rb") as f:
+        utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")  # Excel's "Unicode text" export
+    # utf-8-sig: a spreadsheet's CSV may start with a byte-order mark
+    with open(path, newline="", encoding="utf-16" if utf16 else "utf-8-sig") as f:
+        try:
+            yield from text_rows(f, path)
+        except UnicodeDecodeError as e:
+            sys.exit(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8 (Excel: "
+                     "\"CSV UTF-8\"), then rerun the same command")
+
+
+def text_rows(f, path):
+    """table_rows of an open text file."""
+    import csv
+    if path.endswith((".jsonl", ".json")):
+        first = f.readline()
         f.seek(0)
-        delimiter = "\t" if path.endswith(".tsv") else max(",;\t|", key=header.count)
-        csv.field_size_limit(2 ** 31 - 1)  # a long caption is kept (the tokenizer truncates it), not an error
-        first = next(csv.reader([header], delimiter=delimiter), [])
-        is_image = lambda cell: cell.strip().lower().endswith(tuple(IMAGE_EXTENSIONS)) or "://" in cell
-        names = None
-        if any(map(is_image, first)):  # no header line (Conceptual Captions' TSV, a quick list): the first row is data
-            names = ["image" if is_image(cell) else f"column{i}" for i, cell in enumerate(first)]
-            if len(names) == 2:  # an image and, beside it, its caption
-                names = [n if n == "image" else "caption" for n in names]
-        yield from csv.DictReader(f, fieldnames=names, delimiter=delimiter)
+        try:  # a first line that parses alone: JSON lines (COCO's annotation file is one line too)
+            json.loads(first)
+            whole = first.lstrip().startswith("[")
+        except ValueError:  # else one document over several lines, or JSON lines with a broken first line
+            whole = True
+        if whole:
+            try:
+                doc = json.load(f)
+            except ValueError as e:
+                if first.lstrip().startswith("["):
+                    sys.exit(f"{path} is not valid JSON ({e}): fix it, or write one record per line (.jsonl)")
+                f.seek(0)
+            else:
+                yield from json_records(doc)
+                return
+        for line in f:
+            if line.strip():
+                try:
+                    yield from json_records(json.loads(line))
+                except ValueError:
+                    yield None
+        return
+    # a .tsv is tab-separated; otherwise the delimiter is the one the header line uses most (Excel writes
+    # semicolons where the decimal mark is a comma): the captions may hold any of them, column names rarely do
+    header = f.readline()
+    f.seek(0)
+    delimiter = "\t" if path.endswith(".tsv") else max(",;\t|", key=header.count)
+    csv.field_size_limit(2 ** 31 - 1)  # a long caption is kept (the tokenizer truncates it), not an error
+    first = next(csv.reader([header], delimiter=delimiter), [])
+    is_image = lambda cell: cell.strip().lower().endswith(tuple(IMAGE_EXTENSIONS)) or "://" in cell
+    names = None
+    if any(map(is_image, first)):  # no header line (Conceptual Captions' TSV, a quick list): the first row is data
+        names = ["image" if is_image(cell) else f"column{i}" for i, cell in enumerate(first)]
+        if len(names) == 2:  # an image and, beside it, its caption
+            names = [n if n == "image" else "caption" for n in names]
+    yield from csv.DictReader(f, fieldnames=names, delimiter=delimiter)
 
 
 def json_records(doc):

@@ -336,6 +336,12 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     # a spreadsheet's export: semicolons (commas inside the captions), column names with spaces, any case
     (src / "excel.csv").write_text("Image Path;Caption\nimgs/r.png;red, bright, square\nimgs/g.png;a green card\n")
     assert sorted(made("excel.csv")) == ["a green card", "red, bright, square"]
+    # Excel's "Unicode text" export (UTF-16, tabs) is read; a file in a legacy code page is an error that says what to do
+    (src / "unicode.txt").write_text("Image\tCaption\nimgs/r.png\tun café rouge\n", encoding="utf-16")
+    assert made("unicode.txt") == ["un café rouge"]
+    (src / "latin.csv").write_bytes("image,caption\nimgs/r.png,un café rouge\n".encode("cp1252"))
+    with pytest.raises(SystemExit, match=r"latin.csv is not UTF-8 text .*save it as UTF-8"):
+        made("latin.csv")
     # no header line: the column of image paths (or URLs) is the image, the other the caption
     (src / "bare.csv").write_text("imgs/r.png,a red card\nimgs/g.png,a green card\n")
     assert sorted(made("bare.csv")) == ["a green card", "a red card"]
