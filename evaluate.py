@@ -193,11 +193,21 @@ def class_folders(root, split=None):
     return (rows, classes) if rows else None
 
 
+def read_lines(path, flag):
+    """The non-blank lines of a UTF-8 text file given with a flag, or an error that says what is wrong."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from e
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: {e.strerror or e}") from e
+
+
 def read_classnames(path, classes):
     """--classnames FILE: a line per class, either "FOLDER NAME" (ImageNet's LOC_synset_mapping.txt says
     "n01440764 tench, Tinca tinca") or the name alone, in the classes' order."""
-    with open(path, encoding="utf-8-sig") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    lines = read_lines(path, "--classnames")
     pairs = dict(line.split(None, 1) for line in lines if len(line.split(None, 1)) == 2)
     if all(c in pairs for c in classes):
         return [pairs[c] for c in classes]
@@ -423,8 +433,9 @@ def main(argv=None):
         p.error(f"--images: no image files in {' '.join(args.images)}")
     templates = args.templates
     if templates and len(templates) == 1 and os.path.isfile(templates[0]):
-        with open(templates[0], encoding="utf-8-sig") as f:
-            templates = [line.strip() for line in f if line.strip()]
+        templates = read_lines(templates[0], "--templates")
+    if args.classnames and not os.path.isfile(args.classnames):
+        p.error(f"--classnames {args.classnames}: no such file")
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)  # a device torch cannot use fails here, with torch's reason

@@ -272,6 +272,9 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
     with pytest.raises(SystemExit, match="3 lines for 2 classes"):
         evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "three.txt"))
+    (tmp_path / "latin.txt").write_bytes("café\nthé\n".encode("cp1252"))
+    with pytest.raises(SystemExit, match="--classnames .*latin.txt is not UTF-8 text"):
+        evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "latin.txt"))
     # a local copy of a `datasets` set whose test split hides some labels (-1): those rows are left out
     import datasets
 
