@@ -758,7 +758,10 @@ def main(argv=None):
     items = SOURCES[args.source](args)
     first = next(items, None)
     items = chain([first] if first is not None else [], items)
-    os.makedirs(stage_dir, exist_ok=True)
+    try:
+        os.makedirs(stage_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"--out_dir {args.out_dir}: cannot create it ({e.strerror or e}); choose another")
     if not os.path.exists(settings_path):
         atomic_write(settings_path, json.dumps(settings).encode())
 

@@ -359,6 +359,10 @@ def main(argv=None):
             sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
     if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
         sys.exit(f"--zeroshot_classnames {cfg.zeroshot_classnames}: no such file")
+    try:  # a run directory that cannot be made stops the run now, not after the data is read
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror or e}); choose another")
     if start is not None:
         # the checkpoint fixes the model's shape: a model flag that contradicts it would be silently lost
         model_cfg = CLIPConfig(**start["model_config"])

@@ -442,6 +442,9 @@ def test_prep_settings_out_of_range_stop_before_any_work(tmp_path, capsys):
             prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "x"), *flags])
         assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="a_file/x: cannot create it"):
+        prep_dataset.main(["--source", "shapes", "--limit", "20", "--out_dir", str(tmp_path / "a_file" / "x")])
 
 
 def test_hub_source_reads_a_datasets_image_text_set(tmp_path):

@@ -75,6 +75,7 @@ def test_cli_overrides_named_configs_and_rejects_unknown_keys(capsys):
 
 def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
     out = ["--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "none")]
+    (tmp_path / "a_file").write_text("not a folder")
     for flags, message in ((["--model", "vit-b/32"], "choose one of tiny, base"),
                            (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
                            (["--max_lr", "-1"], "must be positive"),
@@ -82,6 +83,7 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--crop_scale_min", "0"], r"--crop_scale_min 0.0: must be in \(0, 1\]"),
                            (["--eval_interval", "-5"], r"--eval_interval -5: must be 0 \(only the last step\) or more"),
                            (["--grad_clip", "-1"], r"--grad_clip -1.0: must be 0 \(off\) or more"),
+                           (["--out_dir", str(tmp_path / "a_file" / "run")], "a_file/run: cannot create it"),
                            (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size"),
                            (["--model", "tiny", "--context_length", "0"], "context_length must be at least 1"),
                            (["--encoding", "no_such_bpe"], "could not load the tiktoken encoding 'no_such_bpe'"),
