@@ -415,6 +415,11 @@ def main(argv=None):
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
     if bool(args.images) != bool(args.texts):
         p.error("--images and --texts go together: the images are scored against the texts")
+    if args.json:  # results/zeroshot.json: its folder is made now, so the results are not lost at the end
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot create its folder ({e.strerror or e})")
     for name, ok, what in (("batch_size", args.batch_size >= 1, "at least 1"),
                            ("max_samples", args.max_samples is None or args.max_samples >= 1, "at least 1"),
                            ("num_workers", args.num_workers >= 0, "0 (decode in this process) or more")):

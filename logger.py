@@ -139,6 +139,10 @@ def main(argv=None):
         if not os.path.exists(os.path.join(d, "log.jsonl")):
             p.error(f"{d} has no log.jsonl: pass a run directory that train.py wrote (its --out_dir)")
     out = args.out or os.path.join(args.run_dirs[0], "plots.png")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out plots/compare.png
+    except OSError as e:
+        p.error(f"--out {out}: cannot create its folder ({e.strerror or e})")
     print(f"wrote {plot_runs(args.run_dirs, out)}")
 
 

@@ -154,7 +154,7 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     cfg = get_config("tiny", vision_layers=1, text_layers=1)
     model = CLIP(cfg)
     ckpt = CheckpointManager(str(tmp_path / "run")).save(0, {"model": model.state_dict(), "model_config": cfg.__dict__})
-    out = tmp_path / "r.json"
+    out = tmp_path / "results" / "r.json"  # its folder is made
     results = evaluate.main([ckpt, "--zeroshot", str(root), "--templates", "a {} square", "a photo of {}",
                              "--json", str(out)])
     saved = json.loads(out.read_text())

@@ -501,9 +501,9 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
 def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
-    logger.main([out, out, "--out", str(tmp_path / "plots.png")])
+    logger.main([out, out, "--out", str(tmp_path / "figures" / "plots.png")])  # the folder is made
     from PIL import Image
-    img = Image.open(tmp_path / "plots.png")
+    img = Image.open(tmp_path / "figures" / "plots.png")
     assert img.size[0] > 500 and img.size[1] > 300
     assert any("zeroshot/shape/top1" in r for r in read_log(out, "eval"))
     # one panel per family of metrics, its k's in order
