@@ -494,6 +494,10 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "saved"), "--split", "test", "--out_dir",
                        str(tmp_path / "saved_out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "saved_out" / "train" / "shard-000000.tar").values()] == ["red on disk"]
+    split.select([0]).save_to_disk(str(tmp_path / "lone"))  # a lone Dataset: no splits to choose from
+    prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "lone"), "--out_dir", str(tmp_path / "lone_out"),
+                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "lone_out" / "train" / "shard-000000.tar").values()] == ["red in train"]
     # a set of URLs and captions (Conceptual Captions' layout) stops at its first row, saying what to do
     urls = tmp_path / "urls"
     urls.mkdir()
