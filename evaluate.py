@@ -476,7 +476,7 @@ def main(argv=None):
     if args.images:
         try:
             probs = match_images_to_texts(model, cfg, images, args.texts, device, autocast, args.batch_size)
-        except OSError as e:  # PIL cannot read one of them
+        except (OSError, Image.DecompressionBombError) as e:  # PIL cannot (or will not) read one of them
             p.error(f"--images: {e}")
         results["images"] = {path: dict(zip(args.texts, row.tolist())) for path, row in zip(images, probs)}
         for path, scores in results["images"].items():
