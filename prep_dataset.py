@@ -210,10 +210,12 @@ def source_folder(args):
 
 def tar_paths(pattern):
     """The tar files a webdataset --input names: a glob ('shards/*.tar'), webdataset's brace range
-    ('shards/{00000..00099}.tar', the form its docs and img2dataset use), or a folder of them."""
+    ('shards/{00000..00099}.tar', the form its docs and img2dataset use), or a folder of them (.tar, or
+    compressed: .tar.gz, .tgz)."""
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "*.tar")
+        folder = pattern
+        return sorted(p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(folder, e)))
 
     def ranges(p):  # {003..005} -> 003, 004, 005: the first range, then the rest of the pattern's
         m = re.search(r"\{(\d+)\.\.(\d+)\}", p)
@@ -454,7 +456,7 @@ def read_tar_samples(path):
     pending, key = {}, None
     complete = lambda files: any("." + e in IMAGE_EXTENSIONS for e in files) and ("txt" in files or "json" in files)
     try:
-        with tarfile.open(path, "r|") as tf:  # streaming mode: one pass, no seeks
+        with tarfile.open(path, "r|*") as tf:  # streaming mode: one pass, no seeks; gzip and others undone
             for member in tf:
                 if not member.isfile():
                     continue

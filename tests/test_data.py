@@ -564,7 +564,12 @@ def test_webdataset_source_and_truncated_tar(tmp_path):
     (tmp_path / "ranged").mkdir()
     for i in range(3):
         write_tar(tmp_path / "ranged" / f"shard-{i:03d}.tar", [(f"r{i}.jpg", jpeg((1, 2, 3))), (f"r{i}.txt", f"r {i}".encode())])
-    assert len(prep_dataset.tar_paths(str(tmp_path / "ranged"))) == 3
+    import gzip
+    (tmp_path / "ranged" / "shard-003.tar.gz").write_bytes(gzip.compress((tmp_path / "ranged" / "shard-000.tar").read_bytes()))
+    assert len(prep_dataset.tar_paths(str(tmp_path / "ranged"))) == 4  # .tar.gz too
+    m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "ranged" / "*.tar.gz"), "--out_dir",
+                           str(tmp_path / "gz"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "gz" / "train" / "shard-000000.tar").values()] == ["r 0"]
     assert [os.path.basename(p) for p in prep_dataset.tar_paths(str(tmp_path / "ranged" / "shard-{001..002}.tar"))] == \
         ["shard-001.tar", "shard-002.tar"]
     # the loader reads such shards directly, by the same convention
