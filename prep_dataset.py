@@ -173,14 +173,16 @@ def source_folder(args):
         visited.add(real)
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
-            table = images if ext.lower() in IMAGE_EXTENSIONS else captions if ext.lower() == ".txt" else None
-            if table is None:
-                if ext.lower() in TABLE_EXTENSIONS:
-                    tables.append(os.path.join(root, name))
-                continue
-            if (root, stem) in table:  # x.jpg and x.png side by side: which one the caption means is unclear
-                duplicates.add((root, stem))
-            table[(root, stem)] = os.path.join(root, name)
+            ext = ext.lower()
+            if ext in (".txt", ".caption"):  # .caption: kohya-ss's name for captions; x.txt wins over x.caption
+                if (root, stem) not in captions or ext == ".txt":
+                    captions[(root, stem)] = os.path.join(root, name)
+            elif ext in IMAGE_EXTENSIONS:
+                if (root, stem) in images:  # x.jpg and x.png side by side: which one the caption means is unclear
+                    duplicates.add((root, stem))
+                images[(root, stem)] = os.path.join(root, name)
+            elif ext in TABLE_EXTENSIONS:
+                tables.append(os.path.join(root, name))
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
         sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
                  f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "

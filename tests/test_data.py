@@ -234,13 +234,18 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (src / "w.txt").write_bytes("\ufeffa white thing\r\nanother white\r\n".encode())  # as Windows' Notepad saves
     Image.new("RGB", (40, 40), (0, 250, 0)).save(src / "phone.avif")  # newer phones and sites save AVIF
     (src / "phone.txt").write_text("a green avif")
+    (src / "k.jpg").write_bytes(jpeg((9, 9, 9)))
+    (src / "k.caption").write_text("a kohya caption")  # kohya-ss's captions; beside a .txt, the .txt wins
+    (src / "m.jpg").write_bytes(jpeg((9, 9, 9)))
+    (src / "m.caption").write_text("not this one")
+    (src / "m.txt").write_text("the txt caption")
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1}
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
     by_caption = {c: img for img, c in samples.values()}
     assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing", "a red logo",
-                               "a white thing\nanother white", "a green avif"}
+                               "a white thing\nanother white", "a green avif", "a kohya caption", "the txt caption"}
     assert np.asarray(by_caption["a green avif"], dtype=float)[..., 1].mean() > 200
     logo = np.asarray(by_caption["a red logo"], dtype=float)
     assert logo[:4, :4].min() > 240 and logo[14:18, 14:18, 0].mean() > 240 and logo[14:18, 14:18, 1].mean() < 20
