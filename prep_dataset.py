@@ -139,7 +139,14 @@ def source_text_to_image_2m(args):
     from datasets import load_dataset
     data_files = args.input or T2I_FILES
     if "://" not in data_files:  # local copies, named as for the webdataset source (glob, range, folder)
+        # another source's input given without --source: say which one it needs
+        if os.path.isfile(data_files) and data_files.lower().endswith(tuple(TABLE_EXTENSIONS)):
+            sys.exit(f"--input {data_files} is a table, not text-to-image-2M's shards (the default --source): "
+                     "add --source table")
         data_files = tar_paths(data_files) or data_files
+        if isinstance(data_files, str) and os.path.isdir(data_files):
+            sys.exit(f"--input {data_files} holds no .tar shards of text-to-image-2M (the default --source): for a "
+                     "folder of images and captions add --source folder, for a `datasets` folder --source hub")
     try:
         ds = load_dataset("webdataset", data_files={"train": data_files}, split="train", streaming=True)
     except Exception as e:  # no network, no such files: say what to check, not a stack trace

@@ -447,6 +447,14 @@ def test_prep_settings_out_of_range_stop_before_any_work(tmp_path, capsys):
             prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "x"), *flags])
         assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+    # another source's input given without --source (the default is text-to-image-2M): which --source it needs
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "pairs.csv").write_text("image,caption\n")
+    with pytest.raises(SystemExit, match="is a table.*add --source table"):
+        prep_dataset.main(["--input", str(tmp_path / "pics" / "pairs.csv"), "--out_dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="holds no .tar shards.*add --source folder"):
+        prep_dataset.main(["--input", str(tmp_path / "pics"), "--out_dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit, match="a_file/x: cannot create it"):
         prep_dataset.main(["--source", "shapes", "--limit", "20", "--out_dir", str(tmp_path / "a_file" / "x")])
