@@ -386,7 +386,7 @@ def source_table(args):
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
     splits = args.split.split(",")
-    image_col = caption_col = None
+    image_col = caption_col = split_col = None
     for i, row in enumerate(table_rows(path)):
         if not isinstance(row, dict):
             yield f"{i:09d}", None, None, {"skip": "bad_row"}
@@ -394,9 +394,10 @@ def source_table(args):
         if image_col is None:  # the first row names the columns
             image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
             caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
-            if "split" in row:
+            split_col = next((n for n in row if str(n).strip().lower() == "split"), None)
+            if split_col is not None:
                 print(f"the table's rows name their split: keeping those of --split {args.split}")
-        if "split" in row and str(row["split"]) not in splits:  # Karpathy's test images stay out of training
+        if split_col is not None and str(row.get(split_col)).strip() not in splits:  # Karpathy's test images stay out
             yield f"{i:09d}", None, None, {"skip": "other_split"}
             continue
         image = image_cell(row.get(image_col))

@@ -341,6 +341,9 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     # a spreadsheet's export: semicolons (commas inside the captions), column names with spaces, any case
     (src / "excel.csv").write_text("Image Path;Caption\nimgs/r.png;red, bright, square\nimgs/g.png;a green card\n")
     assert sorted(made("excel.csv")) == ["a green card", "red, bright, square"]
+    # a split column, in any case: the rows of --split (train) are kept
+    (src / "splits.csv").write_text("Image,Caption,Split\nimgs/r.png,red,train\nimgs/g.png,green,Test\n")
+    assert made("splits.csv") == ["red"]
     # Excel's "Unicode text" export (UTF-16, tabs) is read; a file in a legacy code page is an error that says what to do
     (src / "unicode.txt").write_text("Image\tCaption\nimgs/r.png\tun café rouge\n", encoding="utf-16")
     assert made("unicode.txt") == ["un café rouge"]
