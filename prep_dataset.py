@@ -376,8 +376,9 @@ def json_records(doc):
 
 def source_table(args):
     """A table file with an image and a caption per row (see table_rows): the image as a path (a relative
-    one from the file's folder, else from the working directory) or as bytes (a Parquet file from the hub).
-    A caption cell may hold several captions, one per line."""
+    one from --image_root, else from the file's folder, else from the working directory) or as bytes (a
+    Parquet file from the hub). A caption cell may hold several captions, one per line. A table with a
+    split column gives the rows of --split."""
     path = args.input or ""
     if not os.path.isfile(path):
         sys.exit(f"--source table needs --input FILE, a .csv, .tsv, .jsonl, .json or .parquet file (got {path!r})")
@@ -387,6 +388,7 @@ def source_table(args):
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
     splits = args.split.split(",")
     image_col = caption_col = split_col = None
+    other_splits, kept = set(), 0
     for i, row in enumerate(table_rows(path)):
         if not isinstance(row, dict):
             yield f"{i:09d}", None, None, {"skip": "bad_row"}
@@ -398,8 +400,11 @@ def source_table(args):
             if split_col is not None:
                 print(f"the table's rows name their split: keeping those of --split {args.split}")
         if split_col is not None and str(row.get(split_col)).strip() not in splits:  # Karpathy's test images stay out
+            if len(other_splits) < 20:
+                other_splits.add(str(row.get(split_col)).strip())
             yield f"{i:09d}", None, None, {"skip": "other_split"}
             continue
+        kept += 1
         image = image_cell(row.get(image_col))
         if isinstance(image, (bytes, bytearray)):
             yield f"{i:09d}", bytes(image), row.get(caption_col), None
@@ -414,6 +419,8 @@ def source_table(args):
             yield f"{i:09d}", None, None, {"skip": "missing_image"}
             continue
         yield f"{i:09d}", image, row.get(caption_col), None
+    if other_splits and not kept:
+        tqdm.write(f"the table's split column holds {sorted(other_splits)}, none of --split {args.split}", file=sys.stderr)
 
 
 def load_hub_set(name_or_dir, split, streaming=False):

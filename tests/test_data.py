@@ -387,7 +387,7 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
         prep_dataset.main(["--source", "hub", "--input", str(src / "hub.parquet"), "--out_dir", str(tmp_path / "h")])
 
 
-def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path):
+def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
     coco = tmp_path / "coco"
     (coco / "annotations").mkdir(parents=True)
     (coco / "train2017").mkdir()
@@ -425,6 +425,7 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path):
     assert got["b 0\nb 1"] == (0, 1, 0) and len(got) == 3 and m["skipped"] == {"other_split": 1}
     with pytest.raises(SystemExit, match="No row is in --split's splits"):
         made(tmp_path / "dataset_coco.json", "k3", "--image_root", str(coco), "--split", "validation")
+    assert "split column holds ['restval', 'test', 'train'], none of --split validation" in capsys.readouterr().err
     # the test split as an evaluation set: all of it in val/, for evaluate.py --retrieval
     m = prep_dataset.main(["--source", "table", "--input", str(tmp_path / "dataset_coco.json"), "--image_root", str(coco),
                            "--split", "test", "--val_fraction", "1", "--out_dir", str(tmp_path / "test"), "--workers", "1"])
