@@ -260,6 +260,8 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
         print(f"warning: the classes of {name_or_dir} are WordNet ids ({classnames[0]}, ...), which prompts cannot "
               "describe: name them with evaluate.py --classnames or train.py --zeroshot_classnames (ImageNet's "
               "LOC_synset_mapping.txt)", file=sys.stderr)
+    if all(re.match(r"\d+\.\D", c) for c in classnames):  # CUB-200's and Caltech-256's "001.Black_footed_Albatross"
+        classnames = [c.split(".", 1)[1] for c in classnames]  # the number is the folder's order, not its name
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
     classnames = [c.split(",")[0].replace("_", " ").strip() for c in classnames]
     return rows, image_col, label_col, classnames

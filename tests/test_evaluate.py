@@ -247,6 +247,9 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     # class folders named like splits among others are classes (CIFAR-100 has "train"), and a lone class is one
     folder(tmp_path / "cifar", ["bus", "tractor", "train"])
     assert evaluate.load_classification(str(tmp_path / "cifar"))[3] == ["bus", "tractor", "train"]
+    # CUB-200's and Caltech-256's numbered folders: the prompts say the name, not the number
+    folder(tmp_path / "cub", ["001.Black_footed_Albatross", "002.Laysan_Albatross"], n=1)
+    assert evaluate.load_classification(str(tmp_path / "cub"))[3] == ["Black footed Albatross", "Laysan Albatross"]
     folder(tmp_path / "one", ["only"])
     rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "one"))
     assert classnames == ["only"] and [r["label"] for r in rows] == [0, 0]
