@@ -256,10 +256,11 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
         rows = labelled
     if classnames_file:  # folders named by id (ImageNet's n01440764): the names the prompts should say
         classnames = read_classnames(classnames_file, classnames)
-    elif all(re.fullmatch(r"n\d{8}", c) for c in classnames):
-        print(f"warning: the classes of {name_or_dir} are WordNet ids ({classnames[0]}, ...), which prompts cannot "
-              "describe: name them with evaluate.py --classnames or train.py --zeroshot_classnames (ImageNet's "
-              "LOC_synset_mapping.txt)", file=sys.stderr)
+    elif all(re.fullmatch(r"n\d{8}|\d+", c) for c in classnames):  # ImageNet's ids, Flowers-102's numbers
+        what = "WordNet ids" if classnames[0].startswith("n") else "numbers"
+        print(f"warning: the classes of {name_or_dir} are {what} ({classnames[0]}, ...), which prompts cannot "
+              "describe: name them with evaluate.py --classnames or train.py --zeroshot_classnames (for ImageNet, "
+              "its LOC_synset_mapping.txt)", file=sys.stderr)
     if all(re.match(r"\d+\.\D", c) for c in classnames):  # CUB-200's and Caltech-256's "001.Black_footed_Albatross"
         classnames = [c.split(".", 1)[1] for c in classnames]  # the number is the folder's order, not its name
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
