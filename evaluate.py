@@ -256,7 +256,8 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
         rows = labelled
     if classnames_file:  # folders named by id (ImageNet's n01440764): the names the prompts should say
         classnames = read_classnames(classnames_file, classnames)
-    elif all(re.fullmatch(r"n\d{8}|\d+", c) for c in classnames):  # ImageNet's ids, Flowers-102's numbers
+    elif all(re.fullmatch(r"n\d{8}", c) for c in classnames) or (  # ImageNet's ids; Flowers-102's numbers,
+            all(c.isdigit() for c in classnames) and max(map(len, classnames)) > 1):  # though digits (MNIST) are names
         what = "WordNet ids" if classnames[0].startswith("n") else "numbers"
         print(f"warning: the classes of {name_or_dir} are {what} ({classnames[0]}, ...), which prompts cannot "
               "describe: name them with evaluate.py --classnames or train.py --zeroshot_classnames (for ImageNet, "

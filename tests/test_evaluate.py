@@ -250,10 +250,13 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     # CUB-200's and Caltech-256's numbered folders: the prompts say the name, not the number
     folder(tmp_path / "cub", ["001.Black_footed_Albatross", "002.Laysan_Albatross"], n=1)
     assert evaluate.load_classification(str(tmp_path / "cub"))[3] == ["Black footed Albatross", "Laysan Albatross"]
-    folder(tmp_path / "flowers", ["1", "2"], n=1)  # Flowers-102's folders: numbers, said as for ImageNet's ids
+    folder(tmp_path / "flowers", ["1", "2", "10"], n=1)  # Flowers-102's folders: numbers, said as for ImageNet's ids
     capsys.readouterr()
     evaluate.load_classification(str(tmp_path / "flowers"))
     assert "are numbers (1, ...)" in capsys.readouterr().err
+    folder(tmp_path / "digits", ["0", "1"], n=1)  # but digits are what they show
+    evaluate.load_classification(str(tmp_path / "digits"))
+    assert "numbers" not in capsys.readouterr().err
     folder(tmp_path / "one", ["only"])
     rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "one"))
     assert classnames == ["only"] and [r["label"] for r in rows] == [0, 0]
