@@ -396,7 +396,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a .pt file, or a run directory: its best.pt, else its newest checkpoint")
     p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
-                   "dataset dir whose manifest has tasks (the shapes set)")
+                   "dataset dir whose manifest has tasks (the shapes set); several sets, comma-separated")
     p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a "
                    "folder's split folder (default: the first of test, val, valid, validation, train it has)")
     p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
@@ -468,15 +468,20 @@ def main(argv=None):
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
         if tasks:
             img, _, labels, _ = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
-                                            batch_size=args.batch_size, num_workers=args.num_workers)
+                                               batch_size=args.batch_size, num_workers=args.num_workers)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
             results["zeroshot"] = per_task
             for k in ("top1", "top5"):  # the headline figure: the mean over the tasks
                 results[k] = sum(t[k] for t in per_task.values()) / len(per_task)
-        else:
-            acc = zeroshot_classification(model, args.zeroshot, cfg, device, autocast, templates, args.split,
-                                          args.batch_size, args.num_workers, args.classnames)
-            results.update(acc)
+        else:  # one set, or several, comma-separated (as train.py --zeroshot takes them): each its own results
+            names = [n for n in args.zeroshot.split(",") if n]
+            for name in names:
+                acc = zeroshot_classification(model, name, cfg, device, autocast, templates, args.split,
+                                              args.batch_size, args.num_workers, args.classnames)
+                if len(names) == 1:
+                    results.update(acc)
+                else:
+                    results.setdefault("zeroshot", {})[os.path.normpath(name).lstrip(os.sep)] = acc
     if args.images:
         try:
             probs = match_images_to_texts(model, cfg, images, args.texts, device, autocast, args.batch_size)

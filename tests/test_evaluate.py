@@ -161,6 +161,13 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     assert saved["samples"] == 9 and saved["classes"] == 3
     assert 0 <= saved["top1"] <= 1 and saved["top5"] == 1.0  # 3 classes: the top 5 hold them all
     assert saved == json.loads(json.dumps(results))
+    # several sets at once, as train.py --zeroshot takes them: each its own results
+    other = tmp_path / "other"
+    for name in ("square", "round"):
+        (other / name).mkdir(parents=True)
+        Image.new("RGB", (30, 30), (9, 9, 9)).save(other / name / "0.png")
+    both = evaluate.main([ckpt, "--zeroshot", f"{root},{other}"])["zeroshot"]
+    assert both[str(root).lstrip(os.sep)]["samples"] == 9 and both[str(other).lstrip(os.sep)]["classes"] == 2
     # retrieval on shards
     prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "shapes"), "--limit", "60",
                        "--val_fraction", "0.5", "--workers", "1"])
