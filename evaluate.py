@@ -354,7 +354,10 @@ class TrainingEvaluator:
                 print(f"warning: zero-shot on {name} failed and is dropped for this run: {e}", file=sys.stderr)
                 self.datasets.remove(name)
                 continue
-            out.update({f"zeroshot/{os.path.basename(os.path.normpath(name))}/{k}": acc[k] for k in ("top1", "top5")})
+            # the set's name: imagenet/val logs as zeroshot/imagenet, not as a "val" that another set's val/ would overwrite
+            parts = os.path.normpath(name).split(os.sep)
+            short = parts[-2] if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDERS else parts[-1]
+            out.update({f"zeroshot/{short}/{k}": acc[k] for k in ("top1", "top5")})
         return out
 
 # -----------------------------------------------------------------------------

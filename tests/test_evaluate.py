@@ -284,6 +284,10 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
                                            torch.autocast("cpu", enabled=False), num_workers=0,
                                            classnames_file=str(tmp_path / "mapping.txt"))
     assert set(evaluator(CLIP(cfg))) == {"zeroshot/ids/top1", "zeroshot/ids/top5"} and prompts == [["tench", "goldfish"]]
+    # a split folder logs under its set's name (splits/val as "splits"), so two sets' val/ do not collide
+    evaluator = evaluate.TrainingEvaluator(f"{tmp_path / 'splits' / 'val'},{tmp_path / 'cifar'}", False, str(tmp_path),
+                                           {}, cfg, "cpu", torch.autocast("cpu", enabled=False), num_workers=0)
+    assert set(evaluator(CLIP(cfg))) == {f"zeroshot/{n}/top{k}" for n in ("splits", "cifar") for k in (1, 5)}
     (tmp_path / "names.txt").write_text("a tench\na goldfish\n")
     assert evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "names.txt"))[3] == ["a tench", "a goldfish"]
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
