@@ -54,6 +54,10 @@ def find_shards(data_dir, split):
         loose = glob.glob(os.path.join(d, "*.tar"))
         if shard_paths(d, split):
             continue
+        if split == "train" and shard_paths(d, "val"):  # prepared with --val_fraction 1
+            raise FileNotFoundError(
+                f"{d} holds val/ shards only: an evaluation set (prepared with --val_fraction 1). Train on a set "
+                f"with train/ shards, and evaluate on this one with: python evaluate.py RUN --retrieval {d}")
         if loose:  # shards from another tool (img2dataset), not split into train/ and val/
             raise FileNotFoundError(
                 f"no shards in {os.path.join(d, split)}, but {len(loose)} .tar files in {d} itself. Shards "

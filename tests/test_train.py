@@ -481,6 +481,10 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     # too little data for the batch: a message, not a traceback (the 240 samples hold 192 for training)
     with pytest.raises(SystemExit, match="batch_size 256 is larger than the 192 samples .* use a smaller --batch_size"):
         train.main(run_args(shapes_dir, str(tmp_path / "run"), batch_size=256))
+    # an evaluation set (--val_fraction 1: all in val/) is named as such
+    shutil.copytree(os.path.join(shapes_dir, "val"), tmp_path / "eval_only" / "val")
+    with pytest.raises(SystemExit, match="holds val/ shards only: an evaluation set"):
+        train.main(run_args(str(tmp_path / "eval_only"), str(tmp_path / "run")))
     # a val split is optional: an empty val folder trains without val loss or retrieval, not a stop
     data = tmp_path / "no_val"
     shutil.copytree(os.path.join(shapes_dir, "train"), data / "train")
