@@ -58,6 +58,10 @@ def find_shards(data_dir, split):
             raise FileNotFoundError(
                 f"{d} holds val/ shards only: an evaluation set (prepared with --val_fraction 1). Train on a set "
                 f"with train/ shards, and evaluate on this one with: python evaluate.py RUN --retrieval {d}")
+        if split == "val" and shard_paths(d, "train"):  # prepared with --val_fraction 0
+            raise FileNotFoundError(
+                f"{d} has no val/ shards (prepared with --val_fraction 0): evaluate on a held-out set, e.g. one "
+                f"prepared with --val_fraction 1, or on the training images as {os.path.join(d, 'train')}")
         if loose:  # shards from another tool (img2dataset), not split into train/ and val/
             raise FileNotFoundError(
                 f"no shards in {os.path.join(d, split)}, but {len(loose)} .tar files in {d} itself. Shards "

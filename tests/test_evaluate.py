@@ -192,6 +192,11 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--retrieval", str(tmp_path / "nowhere")])
     assert "no folder" in capsys.readouterr().err
+    prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "no_val"), "--limit", "10", "--val_fraction", "0",
+                       "--workers", "1"])
+    with pytest.raises(SystemExit):  # a set with no held-out split: said so, with the ways to go on
+        evaluate.main([ckpt, "--retrieval", str(tmp_path / "no_val")])
+    assert "has no val/ shards (prepared with --val_fraction 0)" in capsys.readouterr().err
     for k in (1, 5, 10):
         assert 0 <= saved[f"image_to_text_R@{k}"] <= 1 and 0 <= saved[f"text_to_image_R@{k}"] <= 1
     # images given as files are scored against texts; both are needed
