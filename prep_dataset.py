@@ -749,7 +749,7 @@ def main(argv=None):
                                               "shard_size", "chunk_size", "seed", "jpeg_quality")}
     if args.source in ("table", "hub"):
         settings.update(split=args.split, image_column=args.image_column, caption_column=args.caption_column)
-    if args.source == "table":
+    if args.source == "table" and args.image_root:  # only when given: a table prepared without it still matches
         settings.update(image_root=args.image_root)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
