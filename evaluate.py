@@ -415,7 +415,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here as a JSON object")
     p.add_argument("--images", nargs="+", default=None,
                    help="image files (or folders of them) to match against --texts")
-    p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images")
+    p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
+                   "per line")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if not args.zeroshot and not args.retrieval and not args.images:
@@ -448,6 +449,8 @@ def main(argv=None):
         templates = read_lines(templates[0], "--templates")
     if args.classnames and not os.path.isfile(args.classnames):
         p.error(f"--classnames {args.classnames}: no such file")
+    if args.texts and len(args.texts) == 1 and os.path.isfile(args.texts[0]):
+        args.texts = read_lines(args.texts[0], "--texts")
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)  # a device torch cannot use fails here, with torch's reason

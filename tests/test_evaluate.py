@@ -222,7 +222,10 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes"), "--batch_size", "0"])  # a division by zero
     assert "--batch_size 0: must be at least 1" in capsys.readouterr().err
+    (tmp_path / "texts.txt").write_text("red\nblue\n")  # the candidate captions from a file, one per line
+    from_file = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", str(tmp_path / "texts.txt")])
     probs = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", "red", "blue"])["images"]
+    assert from_file["images"] == probs
     assert list(probs) == [str(root / "red" / "0.png")] and sum(probs[str(root / "red" / "0.png")].values()) == pytest.approx(1)
     # folders of images too, a batch at a time: the same figures as all at once
     probs = evaluate.main([ckpt, "--images", str(root / "blue"), str(root / "red" / "0.png"), "--texts", "red", "blue",
