@@ -295,9 +295,13 @@ def table_rows(path):
     """The rows of a table file as dicts (None for a line that does not parse): CSV or TSV (comma, semicolon,
     tab or bar, as its header line shows), JSON lines, a JSON list of records, or Parquet."""
     if path.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq  # installed with datasets
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except pa.ArrowException as e:
+            sys.exit(f"{path} cannot be read as Parquet ({e}): is the file whole? Download or export it again")
         return
     with open(path, "rb") as f:
         utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")  # Excel's "Unicode text" export

@@ -381,6 +381,9 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     pq.write_table(pa.table({"__key__": ["k1"], "jpg": [green], "txt": ["green txt"]}), src / "wds.parquet")
     pq.write_table(pa.table({"jpg": [green], "json": [{"caption": "green json", "width": 50}]}), src / "wds_json.parquet")
     assert made("wds.parquet") == ["green txt"] and made("wds_json.parquet") == ["green json"]
+    (src / "cut.parquet").write_bytes((src / "wds.parquet").read_bytes()[:100])  # a download that stopped early
+    with pytest.raises(SystemExit, match="cut.parquet cannot be read as Parquet"):
+        made("cut.parquet")
     image = np.asarray(next(iter(tar_samples(tmp_path / "hub.parquet" / "train" / "shard-000000.tar").values()))[0])
     assert image[..., 1].mean() > 200 and image[..., 0].mean() < 40
     with pytest.raises(SystemExit, match="--source table"):  # a table file given to the hub source
