@@ -662,7 +662,7 @@ def write_shards(args, stage_dir):
                  "missing_caption": "An image takes its caption from the .txt of the same name (x.jpg + x.txt); "
                                     "captions kept in a table are read with --source table"}
         only = {"missing_image": "table", "missing_caption": "folder"}  # where the hint applies
-        sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped})"
+        sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped or 'none; it holds no samples'})"
                  + "".join(f". {hints[k]}" for k in hints if k in skipped and only.get(k, args.source) == args.source))
     # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks
     # stay until the end: stop now, with the figure, rather than on a full disk halfway through
