@@ -461,8 +461,11 @@ def main(argv=None):
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                    crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
         if val_dirs:
-            n_val = sum(manifests.get(d, {}).get("counts", {}).get("val", cfg.batch_size) for d in val_dirs)
-            val_batch = min(cfg.batch_size, n_val // world * world)
+            counts = [manifests.get(d, {}).get("counts", {}).get("val") for d in val_dirs]
+            if None in counts:  # shards without a manifest (another tool's): count them
+                counts = [ShardLoader(",".join(val_dirs), "val", 1, train=False, drop_last=False,
+                                      **{**loader_kw, "rank": 0, "world_size": 1}).dataset.num_samples]
+            val_batch = min(cfg.batch_size, sum(counts) // world * world)
             if val_batch > 0:
                 val_loader = ShardLoader(",".join(val_dirs), "val", val_batch, train=False, **loader_kw)
     except FileNotFoundError as e:  # no shards: the message says which command makes them

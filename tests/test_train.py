@@ -481,6 +481,11 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     # too little data for the batch: a message, not a traceback (the 240 samples hold 192 for training)
     with pytest.raises(SystemExit, match="batch_size 256 is larger than the 192 samples .* use a smaller --batch_size"):
         train.main(run_args(shapes_dir, str(tmp_path / "run"), batch_size=256))
+    # shards with no manifest (another tool's) and a val split smaller than the batch: val runs at its size
+    shutil.copytree(os.path.join(shapes_dir, "train"), tmp_path / "bare" / "train")
+    shutil.copytree(os.path.join(shapes_dir, "val"), tmp_path / "bare" / "val")
+    train.main(run_args(str(tmp_path / "bare"), str(tmp_path / "bare_run"), batch_size=64, max_steps=2, eval_interval=2))
+    assert "val_loss" in read_log(str(tmp_path / "bare_run"), "eval")[0]
     # an evaluation set (--val_fraction 1: all in val/) is named as such
     shutil.copytree(os.path.join(shapes_dir, "val"), tmp_path / "eval_only" / "val")
     with pytest.raises(SystemExit, match="holds val/ shards only: an evaluation set"):
