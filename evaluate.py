@@ -271,8 +271,12 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
 
 @torch.no_grad()
 def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
-                            num_workers=2, classnames_file=None):
+                            num_workers=2, classnames_file=None, max_samples=None):
     ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file)
+    if max_samples and len(ds) > max_samples:
+        # a quick look: a random subset, the same each run (a folder's images come class by class)
+        keep = sorted(np.random.default_rng(0).choice(len(ds), max_samples, replace=False).tolist())
+        ds = ds.select(keep) if hasattr(ds, "select") else [ds[i] for i in keep]
     tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
     weights = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device, autocast)
     # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes,
@@ -408,7 +412,8 @@ def main(argv=None):
                    help='prompt templates with {} for the class name, or a file with one per line')
     p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split); "
                    "several, comma-separated")
-    p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples (default: all)")
+    p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples and zero-shot images (a "
+                   "random subset of them, the same each run; default: all)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=default_num_workers(),
                    help="image decoding processes (default: this machine's cores, less one)")
@@ -483,7 +488,7 @@ def main(argv=None):
             names = [n for n in args.zeroshot.split(",") if n]
             for name in names:
                 acc = zeroshot_classification(model, name, cfg, device, autocast, templates, args.split,
-                                              args.batch_size, args.num_workers, args.classnames)
+                                              args.batch_size, args.num_workers, args.classnames, args.max_samples)
                 if len(names) == 1:
                     results.update(acc)
                 else:

@@ -138,6 +138,11 @@ def test_zeroshot_classification_scores_a_perfect_model_perfectly(tmp_path):
     got = evaluate.zeroshot_classification(oracle, str(tmp_path), cfg, "cpu", torch.autocast("cpu", enabled=False),
                                            templates=["a {}", "a photo of a {}."], batch_size=5, num_workers=2)
     assert got == {"top1": 1.0, "top5": 1.0, "classes": 3, "samples": 12, "unreadable": 1}
+    # a capped look (--max_samples): a random subset, the same each run, its labels still with their images
+    capped = [evaluate.zeroshot_classification(oracle, str(tmp_path), cfg, "cpu", torch.autocast("cpu", enabled=False),
+                                               batch_size=4, num_workers=0, max_samples=7) for _ in range(2)]
+    assert capped[0] == capped[1] and capped[0]["top1"] == 1.0
+    assert capped[0]["samples"] + capped[0]["unreadable"] == 7
 
 
 def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
