@@ -43,14 +43,19 @@ def default_num_workers(processes=1):
     return max(1, min(16, cores // processes - 1))
 
 
+def data_dirs(data_dir):
+    """The prepared sets a --data_dir lists, comma-separated: data/coco,data/t2i -> [data/coco, data/t2i]."""
+    return [d.strip() for d in str(data_dir).split(",") if d.strip()]
+
+
 def shard_paths(data_dir, split):
-    """DIR/split/*.tar, over every prepared set that data_dir lists, comma-separated (data/coco,data/t2i)."""
-    return sorted(p for d in str(data_dir).split(",") if d for p in glob.glob(os.path.join(d, split, "*.tar")))
+    """DIR/split/*.tar, over every prepared set that data_dir lists."""
+    return sorted(p for d in data_dirs(data_dir) for p in glob.glob(os.path.join(d, split, "*.tar")))
 
 
 def find_shards(data_dir, split):
     """shard_paths, where every listed set must have some: else an error that says how to make them."""
-    for d in filter(None, str(data_dir).split(",")):
+    for d in data_dirs(data_dir):
         loose = glob.glob(os.path.join(d, "*.tar"))
         if shard_paths(d, split):
             continue

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
-from dataloader import ShardLoader, default_num_workers, prepare_image, shard_paths
+from dataloader import ShardLoader, data_dirs, default_num_workers, prepare_image, shard_paths
 from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
@@ -99,7 +99,7 @@ def shard_split(paths):
     """A folder of shards (data/x/val) or a prepared dataset (data/x, meaning its val split), or several of
     either, comma-separated -> (the sets' dirs, comma-separated, and their split)."""
     found = []
-    for path in filter(None, paths.split(",")):
+    for path in data_dirs(paths):
         path = os.path.normpath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no folder {path}: give a folder of shards or a prepared dataset")
@@ -338,7 +338,7 @@ class TrainingEvaluator:
         self.classnames_file = classnames_file
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
         self.tasks = tasks if zeroshot != "none" else {}
-        self.datasets = [] if zeroshot in ("auto", "none", "") else [d for d in zeroshot.split(",") if d]
+        self.datasets = [] if zeroshot in ("auto", "none") else [n.strip() for n in zeroshot.split(",") if n.strip()]
         self.has_val = bool(data_dir and shard_paths(data_dir, "val"))
 
     def __call__(self, model):
@@ -485,7 +485,7 @@ def main(argv=None):
             for k in ("top1", "top5"):  # the headline figure: the mean over the tasks
                 results[k] = sum(t[k] for t in per_task.values()) / len(per_task)
         else:  # one set, or several, comma-separated (as train.py --zeroshot takes them): each its own results
-            names = [n for n in args.zeroshot.split(",") if n]
+            names = [n.strip() for n in args.zeroshot.split(",") if n.strip()]
             for name in names:
                 acc = zeroshot_classification(model, name, cfg, device, autocast, templates, args.split,
                                               args.batch_size, args.num_workers, args.classnames, args.max_samples)

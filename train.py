@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_run
 from clip import CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding
-from dataloader import ShardLoader, default_num_workers, shard_paths
+from dataloader import ShardLoader, data_dirs, default_num_workers, shard_paths
 from logger import Logger
 
 
@@ -441,10 +441,10 @@ def main(argv=None):
         if ddp:
             dist.barrier()
     # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
-    data_dirs = [d for d in cfg.data_dir.split(",") if d]
-    val_dirs = [d for d in data_dirs if shard_paths(d, "val")]  # a val split is optional, in each set
+    sets = data_dirs(cfg.data_dir)
+    val_dirs = [d for d in sets if shard_paths(d, "val")]  # a val split is optional, in each set
     manifests = {}
-    for d in data_dirs:
+    for d in sets:
         if os.path.exists(os.path.join(d, "manifest.json")):
             with open(os.path.join(d, "manifest.json")) as f:
                 manifests[d] = json.load(f)
@@ -510,9 +510,9 @@ def main(argv=None):
             json.dump(resolved, f, indent=2)
         n_params = sum(p.numel() for p in raw_model.parameters())
         ds, samples = train_loader.dataset, str(train_loader.dataset.num_samples)
-        if len(data_dirs) > 1:  # what each set brings: 192 + 192 = 384
+        if len(sets) > 1:  # what each set brings: 192 + 192 = 384
             rows = dict(zip(ds.paths, map(len, ds.shard_rows)))
-            samples = " + ".join(str(sum(rows[p] for p in shard_paths(d, "train"))) for d in data_dirs) + f" = {samples}"
+            samples = " + ".join(str(sum(rows[p] for p in shard_paths(d, "train"))) for d in sets) + f" = {samples}"
         print(f"{n_params / 1e6:.1f}M parameters | {samples} train samples, "
               f"{len(train_loader)} steps per epoch | chance-level loss ln(batch) = {math.log(cfg.batch_size):.3f}")
 

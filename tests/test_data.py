@@ -665,8 +665,8 @@ def test_several_prepared_sets_are_read_as_one(tmp_path):
     write_tar(tmp_path / "b" / "train" / "shard-000000.tar",  # named as a's first shard, in another folder
               [m for i in range(100, 111) for m in ((f"{i}.jpg", jpeg((i, 0, 0), (16, 16))), (f"{i}.txt", f"sample {i}".encode()))])
     tok = Tokenizer("cl100k_base", 16)
-    loader = ShardLoader(f"{tmp_path / 'a'},{tmp_path / 'b'}", "train", batch_size=4, image_size=16, context_length=16,
-                         num_workers=0, shuffle_buffer=8)
+    loader = ShardLoader(f"{tmp_path / 'a'}, {tmp_path / 'b'}", "train", batch_size=4, image_size=16, context_length=16,
+                         num_workers=0, shuffle_buffer=8)  # a space after the comma, as people type lists
     ids = [i for _, (_, tokens) in zip(range(len(loader)), loader) for i in sample_ids(tokens, tok)]
     assert len(loader) == 8 and sorted(ids) == list(range(21)) + list(range(100, 111))  # every sample of both, once
     # a set that has no shards is an error, not silently left out
