@@ -7,6 +7,7 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
     python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
     python evaluate.py CKPT --zeroshot imagenet --classnames LOC_synset_mapping.txt   # folders named n01440764...
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
+    python evaluate.py runs/demo --retrieval data/coco-test                   # a run's best.pt; COCO's 5k test images
     python evaluate.py CKPT --images a.jpg b.png --texts "a red circle" "a blue square"   # your own images
 
 Zero-shot: each class name is put into every prompt template, the text embeddings are averaged and
@@ -15,7 +16,9 @@ Images are preprocessed exactly as in training's evaluation (dataloader.prepare_
 resize to the checkpoint's image_size; the model normalises); images that are not from prepared shards
 are first turned upright and shown on white as prep_dataset.py does for training images (a phone
 photo's EXIF rotation, transparency, 16-bit greyscale); a file that does not decode is left out and
-counted ("unreadable"). train.py runs the same code periodically.
+counted ("unreadable"). Retrieval scores every caption of an image (COCO's five): a caption is found
+when its image ranks in the top k, an image when its best-ranked caption does. train.py runs the same
+code periodically.
 """
 import argparse
 import io
