@@ -45,9 +45,10 @@ def load_run(path, best=False, map_location="cpu"):
     loss; a run with no val split keeps none), else its newest checkpoint that loads. -> (state, path)"""
     if not os.path.isdir(path):
         return load_checkpoint(path, map_location), path
-    if best and os.path.isfile(os.path.join(path, "best.pt")):
-        return load_checkpoint(os.path.join(path, "best.pt"), map_location), os.path.join(path, "best.pt")
-    state, found = CheckpointManager(path).load_latest(map_location)
+    manager = CheckpointManager(path)
+    if best and os.path.isfile(manager.best_path):
+        return load_checkpoint(manager.best_path, map_location), manager.best_path
+    state, found = manager.load_latest(map_location)
     if state is None:
         raise CheckpointError(f"no checkpoint in {path}: give a run directory that train.py wrote, or a .pt file")
     return state, found

@@ -56,7 +56,6 @@ def shard_paths(data_dir, split):
 def find_shards(data_dir, split):
     """shard_paths, where every listed set must have some: else an error that says how to make them."""
     for d in data_dirs(data_dir):
-        loose = glob.glob(os.path.join(d, "*.tar"))
         if shard_paths(d, split):
             continue
         if split == "train" and shard_paths(d, "val"):  # prepared with --val_fraction 1
@@ -67,6 +66,7 @@ def find_shards(data_dir, split):
             raise FileNotFoundError(
                 f"{d} has no val/ shards (prepared with --val_fraction 0): evaluate on a held-out set, e.g. one "
                 f"prepared with --val_fraction 1, or on the training images as {os.path.join(d, 'train')}")
+        loose = glob.glob(os.path.join(d, "*.tar"))
         if loose:  # shards from another tool (img2dataset), not split into train/ and val/
             raise FileNotFoundError(
                 f"no shards in {os.path.join(d, split)}, but {len(loose)} .tar files in {d} itself. Shards "

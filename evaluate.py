@@ -166,6 +166,13 @@ def labelled_batch(rows, image_col, label_col, size):
 SPLIT_FOLDERS = ("test", "val", "valid", "validation", "train")  # held-out first: a folder's default split
 
 
+def set_name(name_or_dir):
+    """A zero-shot set's name in logs and results: imagenet/val -> imagenet (a "val" would collide with
+    another set's val/), cifar10 -> cifar10."""
+    parts = os.path.normpath(name_or_dir).split(os.sep)
+    return parts[-2] if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDERS else parts[-1]
+
+
 def class_folders(root, split=None):
     """A folder in torchvision's ImageFolder layout, ROOT/CLASS/**/image, or that layout one level down by
     split (ROOT/val/CLASS/...) -> (rows, class names), or None when it holds no such images. A folder whose
@@ -259,12 +266,14 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
         rows = labelled
     if classnames_file:  # folders named by id (ImageNet's n01440764): the names the prompts should say
         classnames = read_classnames(classnames_file, classnames)
-    elif all(re.fullmatch(r"n\d{8}", c) for c in classnames) or (  # ImageNet's ids; Flowers-102's numbers,
-            all(c.isdigit() for c in classnames) and max(map(len, classnames)) > 1):  # though digits (MNIST) are names
-        what = "WordNet ids" if classnames[0].startswith("n") else "numbers"
-        print(f"warning: the classes of {name_or_dir} are {what} ({classnames[0]}, ...), which prompts cannot "
-              "describe: name them with evaluate.py --classnames or train.py --zeroshot_classnames (for ImageNet, "
-              "its LOC_synset_mapping.txt)", file=sys.stderr)
+    else:
+        wordnet = all(re.fullmatch(r"n\d{8}", c) for c in classnames)  # ImageNet's folders
+        # Flowers-102's folders; digits alone (MNIST, SVHN) are what their images show
+        numbers = all(c.isdigit() for c in classnames) and max(map(len, classnames)) > 1
+        if wordnet or numbers:
+            print(f"warning: the classes of {name_or_dir} are {'WordNet ids' if wordnet else 'numbers'} "
+                  f"({classnames[0]}, ...), which prompts cannot describe: name them with evaluate.py --classnames "
+                  "or train.py --zeroshot_classnames (for ImageNet, its LOC_synset_mapping.txt)", file=sys.stderr)
     if all(re.match(r"\d+\.\D", c) for c in classnames):  # CUB-200's and Caltech-256's "001.Black_footed_Albatross"
         classnames = [c.split(".", 1)[1] for c in classnames]  # the number is the folder's order, not its name
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
@@ -287,7 +296,7 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     logits, targets, unreadable = [], [], 0
-    for images, labels, bad in tqdm(loader, desc=f"zero-shot {os.path.basename(os.path.normpath(name_or_dir))}"):
+    for images, labels, bad in tqdm(loader, desc=f"zero-shot {set_name(name_or_dir)}"):
         with autocast:
             logits.append(model.encode_image(images.to(device)).float() @ weights.T)
         targets.append(labels.to(device))
@@ -361,10 +370,7 @@ class TrainingEvaluator:
                 print(f"warning: zero-shot on {name} failed and is dropped for this run: {e}", file=sys.stderr)
                 self.datasets.remove(name)
                 continue
-            # the set's name: imagenet/val logs as zeroshot/imagenet, not as a "val" that another set's val/ would overwrite
-            parts = os.path.normpath(name).split(os.sep)
-            short = parts[-2] if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDERS else parts[-1]
-            out.update({f"zeroshot/{short}/{k}": acc[k] for k in ("top1", "top5")})
+            out.update({f"zeroshot/{set_name(name)}/{k}": acc[k] for k in ("top1", "top5")})
         return out
 
 # -----------------------------------------------------------------------------
@@ -495,7 +501,7 @@ def main(argv=None):
                 if len(names) == 1:
                     results.update(acc)
                 else:
-                    results.setdefault("zeroshot", {})[os.path.normpath(name).lstrip(os.sep)] = acc
+                    results.setdefault("zeroshot", {})[set_name(name)] = acc
     if args.images:
         try:
             probs = match_images_to_texts(model, cfg, images, args.texts, device, autocast, args.batch_size)

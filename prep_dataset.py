@@ -223,8 +223,7 @@ def tar_paths(pattern):
     compressed: .tar.gz, .tgz)."""
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):
-        folder = pattern
-        return sorted(p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(folder, e)))
+        return sorted(p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(pattern, e)))
 
     def ranges(p):  # {003..005} -> 003, 004, 005: the first range, then the rest of the pattern's
         m = re.search(r"\{(\d+)\.\.(\d+)\}", p)
@@ -320,16 +319,17 @@ def text_rows(f, path):
     if path.endswith((".jsonl", ".json")):
         first = f.readline()
         f.seek(0)
+        a_list = first.lstrip().startswith("[")
         try:  # a first line that parses alone: JSON lines (COCO's annotation file is one line too)
             json.loads(first)
-            whole = first.lstrip().startswith("[")
+            whole = a_list
         except ValueError:  # else one document over several lines, or JSON lines with a broken first line
             whole = True
         if whole:
             try:
                 doc = json.load(f)
             except ValueError as e:
-                if first.lstrip().startswith("["):
+                if a_list:
                     sys.exit(f"{path} is not valid JSON ({e}): fix it, or write one record per line (.jsonl)")
                 f.seek(0)
             else:
@@ -656,14 +656,16 @@ def write_shards(args, stage_dir):
     if not samples:
         shutil.rmtree(stage_dir)  # nothing worth keeping: the corrected command starts afresh
         hints = {"image_is_a_url": f"The images were URLs: {URL_HINT}",
-                 "missing_image": "Relative image paths are looked up from the table's folder, then from where "
-                                  "you run the command: name the images' folder with --image_root",
-                 "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)",
-                 "missing_caption": "An image takes its caption from the .txt of the same name (x.jpg + x.txt); "
-                                    "captions kept in a table are read with --source table"}
-        only = {"missing_image": "table", "missing_caption": "folder"}  # where the hint applies
+                 "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)"}
+        if args.source == "table":
+            hints["missing_image"] = ("Relative image paths start from --image_root if given, else from the table's "
+                                      "folder, then from where you run the command: name the images' folder with "
+                                      "--image_root")
+        if args.source == "folder":
+            hints["missing_caption"] = ("An image takes its caption from the .txt of the same name (x.jpg + x.txt); "
+                                        "captions kept in a table are read with --source table")
         sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped or 'none; it holds no samples'})"
-                 + "".join(f". {hints[k]}" for k in hints if k in skipped and only.get(k, args.source) == args.source))
+                 + "".join(f". {hint}" for reason, hint in hints.items() if reason in skipped))
     # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks
     # stay until the end: stop now, with the figure, rather than on a full disk halfway through
     need = sum(s[3] + 2048 + len(s[4]) for s in samples) - sum(

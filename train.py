@@ -432,7 +432,9 @@ def main(argv=None):
             print("  with settings changed from the run's own: " + ", ".join(changed))
 
     # ---- data
-    if cfg.make_shapes and not os.path.isdir(os.path.join(cfg.data_dir, "train")) and "," not in cfg.data_dir:
+    # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
+    sets = data_dirs(cfg.data_dir)
+    if cfg.make_shapes and len(sets) == 1 and not os.path.isdir(os.path.join(sets[0], "train")):
         if master:
             import prep_dataset
             print(f"{cfg.data_dir} has no shards: generating {cfg.make_shapes} samples of the shapes set")
@@ -440,8 +442,6 @@ def main(argv=None):
                                "--image_size", str(model_cfg.image_size), "--shard_size", "2000"])
         if ddp:
             dist.barrier()
-    # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
-    sets = data_dirs(cfg.data_dir)
     val_dirs = [d for d in sets if shard_paths(d, "val")]  # a val split is optional, in each set
     manifests = {}
     for d in sets:
