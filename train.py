@@ -455,7 +455,7 @@ def main(argv=None):
     tasks = {k: v for m in manifests.values() for k, v in m.get("tasks", {}).items()}  # the shapes set's zero-shot tasks
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
-                     num_workers=num_workers, pin_memory=device.type == "cuda", trim_tokens=True)
+                     num_workers=num_workers, pin_memory=device.type == "cuda", trim_tokens=True, device=device)
     val_loader = None
     try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
@@ -562,8 +562,7 @@ def main(argv=None):
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, tokens = next(batches)
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        images, tokens = next(batches)  # already on the device: the loader copies a batch ahead (dataloader.prefetch)
         # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
         flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
         loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)

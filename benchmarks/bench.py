@@ -5,6 +5,7 @@ side by side in one run (same batch, precision, thread count, torch).
     python benchmarks/bench.py --model tiny --batch_size 128
     python benchmarks/bench.py --model ViT-B/32 --batch_size 16 --compile both
     python benchmarks/bench.py --model base --batch_size 256 --precision bf16 --compile true   # one GPU
+    python benchmarks/bench.py --model base --batch_size 256 --compile true --sides ours --data device,copy,prefetch
     python benchmarks/bench.py --model tiny --patch_size 8 --vision_width 192 --text_width 192 \
         --vision_layers 6 --text_layers 6 --vision_heads 3 --text_heads 3 --embed_dim 192        # any size field
 
@@ -22,6 +23,7 @@ Without open_clip installed, only our side is measured.
 """
 import argparse
 import dataclasses
+import itertools
 import os
 import resource
 import statistics
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
+from dataloader import prefetch  # noqa: E402
 from train import PEAK_BF16_FLOPS, keep_freed_memory, param_groups  # noqa: E402
 
 
@@ -82,7 +85,7 @@ def openclip(cfg, device, fused):
     return model, opt, step_loss
 
 
-def prepare(name, build, cfg, args, device, autocast):
+def prepare(name, build, cfg, args, device, autocast, data="device"):
     """Build one side, run its first step (compiling, if asked) and the warm-up; return its step function."""
     torch.manual_seed(0)
     model, opt, loss_of = build(cfg, device, fused=True)
@@ -91,8 +94,17 @@ def prepare(name, build, cfg, args, device, autocast):
     tokens = torch.randint(0, 50_000, (args.batch_size, cfg.context_length), generator=g).to(device)
     tokens[:, -1] = 100257  # every caption runs the full context: the worst case for neither side
     step_fn = torch.compile(loss_of, mode=args.compile_mode) if args.compiled else loss_of
+    # where each step's batch comes from: already on the device (the step alone), or copied from pinned
+    # host memory as the loader delivers it, on the compute stream or a batch ahead on a side stream
+    if data == "device":
+        batches = itertools.repeat((images, tokens))
+    else:
+        host = itertools.repeat((images.cpu().pin_memory(), tokens.cpu().pin_memory()))
+        batches = (prefetch(host, device) if data == "prefetch" else
+                   ((i.to(device, non_blocking=True), t.to(device, non_blocking=True)) for i, t in host))
 
     def step():
+        images, tokens = next(batches)
         with autocast:
             loss = step_fn(images, tokens)
         loss.backward()
@@ -138,12 +150,20 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved; the median is reported")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sides", default="ours,openclip")
+    p.add_argument("--data", default="device",
+                   help="where each step's batch comes from, a comma list of: device (already there: the step "
+                        "alone), copy (from pinned host memory, on the compute stream), prefetch (the loader's "
+                        "copy a batch ahead on a side stream); on a GPU only")
     # the architecture's size fields override the preset's (both sides are built from the same config)
     sizes = [f.name for f in dataclasses.fields(CLIPConfig) if f.type in (int, "int")]
     for name in sizes:
         p.add_argument(f"--{name}", type=int, help="overrides the preset")
     args = p.parse_args()
+    if set(args.data.split(",")) - {"device", "copy", "prefetch"}:
+        p.error(f"--data {args.data}: choose from device, copy, prefetch")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and args.data != "device":
+        p.error("--data copy and prefetch time a copy to a GPU; on a CPU the batch is already where the step runs")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     cfg = get_config(args.model, **{k: getattr(args, k) for k in sizes if getattr(args, k) is not None})
@@ -169,10 +189,12 @@ def main():
                 print("openclip: not installed in this environment (see the docstring); skipped")
                 continue
         for compiled in {"false": [False], "true": [True], "both": [False, True]}[args.compile]:
-            args.compiled = compiled
-            run = prepare(f"{side}{' compiled' if compiled else ''}", builders[side], cfg, args, device, autocast)
-            run["flops"] = side_flops[side]
-            runs.append(run)
+            for data in args.data.split(","):
+                args.compiled = compiled
+                name = f"{side}{' compiled' if compiled else ''}{f' [{data}]' if args.data != 'device' else ''}"
+                run = prepare(name, builders[side], cfg, args, device, autocast, data)
+                run["flops"] = side_flops[side]
+                runs.append(run)
     # the sides take turns, round after round, and each reports its median round: a machine that
     # slows down for a while (other work, clocks, a noisy neighbour) then weighs on every side alike
     # the CPU's matmul rate too is measured once a round, under the same conditions as the steps
@@ -195,7 +217,7 @@ def main():
         r["gflops"] = r["flops"] * r["samples_per_s"] / 1e9
         r["mfu"] = r["gflops"] * 1e9 / peak if peak else float("nan")
         results.append(r)
-        print(f"{r['name']:<20} {r['samples_per_s']:8.2f} samples/s | {r['gflops']:7.1f} GFLOP/s | "
+        print(f"{r['name']:<28} {r['samples_per_s']:8.2f} samples/s | {r['gflops']:7.1f} GFLOP/s | "
               f"MFU {r['mfu']:.1%} | first step {r['first_step_s']:.1f}s | peak memory {r['peak_memory_gb']:.2f} GB")
     best = {side: max((r["samples_per_s"] for r in results if r["name"].startswith(side)), default=None)
             for side in ("ours", "openclip")}

@@ -6,7 +6,9 @@ Where a training step's time goes, and whether the fast paths compute the same t
    and for the worst single tensor. fp32 compiled lands near 1e-5; bf16 near 1e-2.
 2. On a GPU: each SDPA backend (cuDNN, flash, memory-efficient), forward and forward+backward, at the
    model's own attention shapes.
-3. A profile of the training step (compiled, in the run's precision): device time per step by kind
+3. On a GPU: the loader's side-stream prefetch delivers every batch whole while the GPU is busy
+   (and a copy without its synchronisation, run the same way, does not).
+4. A profile of the training step (compiled, in the run's precision): device time per step by kind
    (matmul, attention, fused elementwise kernels, optimizer and clipping, other), and the largest kernels.
 
     python benchmarks/profile_step.py                                   # base, batch 256, on a GPU
@@ -25,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import ours, prepare, sync, time_steps  # noqa: E402  the same model, optimizer, batch and step as bench.py
 from clip import CLIP, clip_loss, flops_per_sample, get_config  # noqa: E402
+from dataloader import prefetch  # noqa: E402
 from train import keep_freed_memory, parse_bool  # noqa: E402
 
 EOT = 100257  # cl100k_base's <|endoftext|>
@@ -68,6 +71,49 @@ def check_correctness(cfg, device, compiled, B):
         print(f"  {name:14s} loss {loss:.6f} | gradients' relative error: all {rel(flat(g), flat(ref)):.2e}, "
               f"worst tensor {worst:.2e}")
     torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def unsynchronised(batches, device):
+    """prefetch without its event wait and record_stream: what the check below must catch."""
+    stream = torch.cuda.Stream(device)
+    for images, tokens, *rest in batches:
+        with torch.cuda.stream(stream):
+            yield (images.to(device, non_blocking=True), tokens.to(device, non_blocking=True), *rest)
+
+
+def check_prefetch(cfg, B, device, n=24):
+    """The loader's side-stream copy (dataloader.prefetch) must hand over every batch whole. Two ways to
+    get it wrong, each provoked with no host sync in the loop, each batch summed on the compute stream:
+    - reuse: the compute stream lags behind matmuls queued ahead of each batch's sum, so a copy that took
+      the memory of a batch still to be summed shows as a wrong sum;
+    - early read: the first batch of a fresh iterator, handed to an idle compute stream while its copy
+      may still run. Batches of 4x the step's images, so the copy is slow.
+    The same loops run through a copy without the synchronisation, which must fail (else the check proves
+    nothing)."""
+    g = torch.Generator().manual_seed(2)
+    batch = lambda rows: (torch.randint(0, 256, (rows, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                                        generator=g).pin_memory(),
+                          torch.randint(0, 100_000, (rows, cfg.context_length), dtype=torch.int32, generator=g).pin_memory())
+    host, big = [batch(B) for _ in range(n)], [batch(4 * B) for _ in range(4)]
+    expected = lambda batches: torch.tensor([[i.long().sum().item(), t.long().sum().item()] for i, t in batches])
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16) / 64
+    summed = lambda images, tokens: torch.stack([images.long().sum(), tokens.long().sum()])
+    print(f"prefetch: batches that arrived with a wrong sum (reuse: {n} batches of {B} behind busy work; "
+          f"early read: the first batch of {len(big)} fresh iterators, {4 * B} rows each)")
+    for name, copy in (("dataloader.prefetch", prefetch), ("unsynchronised copy", unsynchronised)):
+        sums = []
+        for images, tokens in copy(iter(host), device):
+            for _ in range(8):
+                a = a @ a
+                a = a / a.norm()  # busy work on the compute stream, queued ahead of the batch's use
+            sums.append(summed(images, tokens))
+        reuse = (torch.stack(sums).cpu() != expected(host)).any(dim=1).sum().item()
+        firsts = []
+        for k in range(len(big)):
+            torch.cuda.synchronize(device)  # an idle compute stream reads a batch as soon as it is handed over
+            firsts.append(summed(*next(copy(iter(big[k:]), device))))
+        early = (torch.stack(firsts).cpu() != expected(big)).any(dim=1).sum().item()
+        print(f"  {name:20s} reuse {reuse} of {n}, early read {early} of {len(big)}")
 
 
 def timed_ms(fn, device, reps=20):
@@ -155,19 +201,27 @@ def main():
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", type=parse_bool, default=True)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--parts", default="correctness,sdpa,prefetch,profile",
+                   help="which parts to run, a comma list (prefetch and sdpa need a GPU)")
     args = p.parse_args()
+    parts = args.parts.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     cfg = get_config(args.model)
     print(f"{cfg}\n{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"torch {torch.__version__}")
-    check_correctness(cfg, device, args.compile, args.check_batch_size)
+    if "correctness" in parts:
+        check_correctness(cfg, device, args.compile, args.check_batch_size)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py sets it
-        sdpa_backends(cfg, args.batch_size, device)
+        if "sdpa" in parts:
+            sdpa_backends(cfg, args.batch_size, device)
+        if "prefetch" in parts:
+            check_prefetch(cfg, args.batch_size, device)
     else:
         keep_freed_memory()  # as train.py does on a CPU: else freeing and refaulting big gradients shows up
-    profile_step(cfg, args.batch_size, device, args.compile, bf16, args.top)
+    if "profile" in parts:
+        profile_step(cfg, args.batch_size, device, args.compile, bf16, args.top)
 
 
 if __name__ == "__main__":

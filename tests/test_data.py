@@ -718,19 +718,23 @@ def test_loader_keeps_few_shards_open_and_reads_the_same_with_or_without_pread(t
         assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
 
 
-def test_loader_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_loader_resume_is_exact(tmp_path, device):
+    # given a device (as train.py gives it), the loader has already fetched the batch after the one handed
+    # over (dataloader.prefetch): its state must still count only the batches handed over
     make_caption_shards(tmp_path, n=90, shard_size=20, image_size=48)
     kw = dict(batch_size=16, image_size=32, context_length=16, num_workers=1, augment=True, seed=3)
     ref = ShardLoader(tmp_path, "train", **kw)
     it = iter(ref)
     expected = [next(it) for _ in range(14)]  # 5 batches an epoch: crosses two epoch boundaries
-    part = ShardLoader(tmp_path, "train", **kw)
+    part = ShardLoader(tmp_path, "train", **kw, device=device)
     it = iter(part)
-    for _ in range(7):
-        next(it)
+    for images, tokens in expected[:7]:
+        got_images, got_tokens = next(it)
+        assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
     state = part.state_dict()
     assert state["epoch"] == 1 and state["position"] == 2
-    resumed = ShardLoader(tmp_path, "train", **kw)
+    resumed = ShardLoader(tmp_path, "train", **kw, device=device)
     resumed.load_state_dict(state)
     it = iter(resumed)
     for images, tokens in expected[7:]:
@@ -792,6 +796,10 @@ def test_eval_loader_is_ordered_and_can_keep_the_partial_batch(tmp_path):
     ids = [i for _, t in loader for i in sample_ids(t, tok)]
     assert ids == list(range(25))
     assert [i for _, t in loader for i in sample_ids(t, tok)] == ids  # a second pass is the same
+    # fetched a batch ahead for a device, the last batch still comes, once
+    ahead = ShardLoader(tmp_path, "val", batch_size=10, image_size=32, context_length=16, train=False,
+                        drop_last=False, num_workers=0, device="cpu")
+    assert [i for _, t in ahead for i in sample_ids(t, tok)] == ids
 
 
 def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(tmp_path):
