@@ -279,12 +279,12 @@ def prefetch(batches, device):
     """Yields `batches` with their images and token ids on `device`, copied one batch ahead.
 
     On CUDA the next batch's copy runs on a side stream while the current batch's step computes: a
-    224-px batch of 256 is 38 MB of uint8, about 1.5 ms over PCIe, which on the default stream would sit
-    between two steps. Each batch carries an event recorded after its copy, and the consuming stream
-    waits on that event alone (waiting on the side stream would also wait for the copy queued after it).
-    record_stream tells the allocator that the compute stream uses the memory, so it is not handed to
-    the next copy while a step still reads it. The pinned host buffers are kept until their copy ends by
-    torch's pinned-memory allocator."""
+    224-px batch of 256 is 38 MB of uint8, which copied on the compute stream sits between two steps
+    (1.3% of the `base` step on an H100). Each batch carries an event recorded after its copy, and the
+    compute stream waits on that event alone (waiting on the side stream would also wait for the copy
+    queued after it). record_stream tells the allocator that the compute stream uses the memory, so it
+    is not handed to the next copy while a step still reads it; torch's pinned-memory allocator likewise
+    keeps a host buffer until its copy has ended."""
     if device is None:
         yield from batches
         return
