@@ -119,15 +119,15 @@ def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None
     the samples' labels, and for each caption the index of its image (T,)."""
     loader = ShardLoader(data_dir, split, batch_size, cfg.image_size, cfg.context_length, cfg.encoding,
                          train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True,
-                         all_captions=True)
+                         all_captions=True, pin_memory=torch.device(device).type == "cuda", device=device)
     images, texts, labels, text_image = [], [], [], []
     total = min(len(loader), -(-max_samples // batch_size)) if max_samples else len(loader)
     for b, (img, tok, lab, counts) in enumerate(tqdm(loader, total=total, desc="embed", leave=False, disable=total < 5)):
         if b == total:
             break
         with autocast:
-            images.append(model.encode_image(img.to(device)).float())
-            texts.append(model.encode_text(tok.to(device)).float())
+            images.append(model.encode_image(img).float())  # on the device already: the loader copies ahead
+            texts.append(model.encode_text(tok).float())
         text_image += [len(labels) + i for i, c in enumerate(counts) for _ in range(c)]
         labels += lab
     images, texts = torch.cat(images), torch.cat(texts)
