@@ -276,7 +276,8 @@ class ShardDataset(torch.utils.data.Dataset):
 
 
 def prefetch(batches, device):
-    """Yields `batches` with their images and token ids on `device`, copied one batch ahead.
+    """Yields `batches` with their first two tensors (images and token ids, or labels) on `device`, copied
+    one batch ahead.
 
     On CUDA the next batch's copy runs on a side stream while the current batch's step computes: a
     224-px batch of 256 is 38 MB of uint8, which copied on the compute stream sits between two steps

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
-from dataloader import ShardLoader, data_dirs, default_num_workers, prepare_image, shard_paths
+from dataloader import ShardLoader, data_dirs, default_num_workers, prefetch, prepare_image, shard_paths
 from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
@@ -294,12 +294,15 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes,
     # where a file that does not decode is left out instead of ending the run
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                                         pin_memory=torch.device(device).type == "cuda")
     logits, targets, unreadable = [], [], 0
-    for images, labels, bad in tqdm(loader, desc=f"zero-shot {set_name(name_or_dir)}"):
+    # images and labels arrive on the device, the next batch copied while this one is embedded
+    batches = tqdm(prefetch(loader, device), total=len(loader), desc=f"zero-shot {set_name(name_or_dir)}")
+    for images, labels, bad in batches:
         with autocast:
-            logits.append(model.encode_image(images.to(device)).float() @ weights.T)
-        targets.append(labels.to(device))
+            logits.append(model.encode_image(images).float() @ weights.T)
+        targets.append(labels)
         unreadable += bad
     if unreadable:
         print(f"warning: {unreadable} of {len(ds)} images in {name_or_dir} did not decode; scored without them",
