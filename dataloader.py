@@ -44,7 +44,8 @@ def default_num_workers(processes=1):
 
 
 def data_dirs(data_dir):
-    """The prepared sets a --data_dir lists, comma-separated: data/coco,data/t2i -> [data/coco, data/t2i]."""
+    """The prepared sets a --data_dir lists, comma-separated: data/coco,data/t2i -> [data/coco, data/t2i].
+    evaluate.py's --zeroshot and --retrieval lists of sets are read the same way."""
     return [d.strip() for d in str(data_dir).split(",") if d.strip()]
 
 
@@ -330,14 +331,16 @@ class ShardLoader:
 
     def __init__(self, data_dir, split, batch_size, image_size, context_length, encoding="cl100k_base",
                  train=True, seed=0, rank=0, world_size=1, num_workers=2, augment=False, crop_scale=(0.8, 1.0),
-                 shuffle_buffer=10_000, pin_memory=False, drop_last=True, with_labels=False, trim_tokens=False,
-                 all_captions=False, device=None):
+                 shuffle_buffer=10_000, drop_last=True, with_labels=False, trim_tokens=False, all_captions=False,
+                 device=None):
         assert drop_last or world_size == 1, "a partial last batch would differ across ranks"
         self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
                                     encoding, train, seed, rank, world_size, augment, crop_scale,
                                     shuffle_buffer, drop_last, with_labels, trim_tokens, all_captions)
-        self.train, self.num_workers, self.pin_memory, self.with_labels = train, num_workers, pin_memory, with_labels
+        self.train, self.num_workers, self.with_labels = train, num_workers, with_labels
         self.all_captions, self.device = all_captions, device
+        # pinned (page-locked) host memory is what lets prefetch's copy to a GPU run asynchronously
+        self.pin_memory = device is not None and torch.device(device).type == "cuda"
         self.step = 0  # batches handed out since the start of epoch 0
         self.skipped_in_batches = 0
 

@@ -119,7 +119,7 @@ def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None
     the samples' labels, and for each caption the index of its image (T,)."""
     loader = ShardLoader(data_dir, split, batch_size, cfg.image_size, cfg.context_length, cfg.encoding,
                          train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True,
-                         all_captions=True, pin_memory=torch.device(device).type == "cuda", device=device)
+                         all_captions=True, device=device)
     images, texts, labels, text_image = [], [], [], []
     total = min(len(loader), -(-max_samples // batch_size)) if max_samples else len(loader)
     for b, (img, tok, lab, counts) in enumerate(tqdm(loader, total=total, desc="embed", leave=False, disable=total < 5)):
@@ -353,7 +353,7 @@ class TrainingEvaluator:
         self.classnames_file = classnames_file
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
         self.tasks = tasks if zeroshot != "none" else {}
-        self.datasets = [] if zeroshot in ("auto", "none") else [n.strip() for n in zeroshot.split(",") if n.strip()]
+        self.datasets = [] if zeroshot in ("auto", "none") else data_dirs(zeroshot)
         self.has_val = bool(data_dir and shard_paths(data_dir, "val"))
 
     def __call__(self, model):
@@ -497,7 +497,7 @@ def main(argv=None):
             for k in ("top1", "top5"):  # the headline figure: the mean over the tasks
                 results[k] = sum(t[k] for t in per_task.values()) / len(per_task)
         else:  # one set, or several, comma-separated (as train.py --zeroshot takes them): each its own results
-            names = [n.strip() for n in args.zeroshot.split(",") if n.strip()]
+            names = data_dirs(args.zeroshot)
             for name in names:
                 acc = zeroshot_classification(model, name, cfg, device, autocast, templates, args.split,
                                               args.batch_size, args.num_workers, args.classnames, args.max_samples)

@@ -390,7 +390,7 @@ def source_table(args):
         sys.exit(f"--image_root {args.image_root!r} is not a folder")
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
-    splits = args.split.split(",")
+    splits = [s.strip() for s in args.split.split(",")]  # train,restval or train, restval
     image_col = caption_col = split_col = None
     other_splits, kept = set(), 0
     for i, row in enumerate(table_rows(path)):

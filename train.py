@@ -289,7 +289,7 @@ def val_loss(model, loader, max_batches, device, autocast):
         if max_batches and b == max_batches:
             break
         with autocast:
-            total += clip_loss(*model(images.to(device), tokens.to(device))).float()
+            total += clip_loss(*model(images, tokens)).float()  # on the device already (the loader's prefetch)
         n += 1
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -455,7 +455,7 @@ def main(argv=None):
     tasks = {k: v for m in manifests.values() for k, v in m.get("tasks", {}).items()}  # the shapes set's zero-shot tasks
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
-                     num_workers=num_workers, pin_memory=device.type == "cuda", trim_tokens=True, device=device)
+                     num_workers=num_workers, trim_tokens=True, device=device)
     val_loader = None
     try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,

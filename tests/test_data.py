@@ -424,7 +424,8 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
     (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
     got, m = made(tmp_path / "dataset_coco.json", "k1", "--image_root", str(coco))
     assert sorted(got) == ["a 0\na 1", "d 0\nd 1"] and m["skipped"] == {"other_split": 2}
-    got, m = made(tmp_path / "dataset_coco.json", "k2", "--image_root", str(coco), "--split", "train,restval")
+    # a space after the comma, as the other comma lists (--data_dir, --zeroshot) allow
+    got, m = made(tmp_path / "dataset_coco.json", "k2", "--image_root", str(coco), "--split", "train, restval")
     assert got["b 0\nb 1"] == (0, 1, 0) and len(got) == 3 and m["skipped"] == {"other_split": 1}
     with pytest.raises(SystemExit, match="No row is in --split's splits"):
         made(tmp_path / "dataset_coco.json", "k3", "--image_root", str(coco), "--split", "validation")
