@@ -132,6 +132,24 @@ def padded_vocab_size(encoding):
 # the transformer, shared by both towers
 
 
+def attention(q, k, v, causal=False, mask=None):
+    """softmax(q k^T / sqrt(head size)) v over (B, heads, T, head size) tensors, through SDPA's fused kernels
+    (is_causal instead of a float mask keeps the flash / memory-efficient ones eligible). One exception: on a
+    CPU in bf16, SDPA's flash kernel spends ~25 us per (sample, head) in its backward whatever the length
+    (torch 2.13), several times the whole arithmetic of a short sequence; there the plain matmul-softmax-
+    matmul is 1.4-5x faster up to 128 keys and the step of `tiny` 2x (benchmarks/NOTES.md). Its scores are
+    B x heads x T x T, which is why longer sequences stay with the fused kernel."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.shape[-2] > 128:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # softmax in fp32, as the fused kernels
+    if causal:
+        T = scores.shape[-1]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, width, heads, causal):
         super().__init__()
@@ -143,8 +161,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         if pool is None:
             q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-            # is_causal instead of a float mask keeps the fused flash / memory-efficient kernels eligible
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            y = attention(q, k, v, causal=self.causal)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
         # only the query of row pool[b] of each sequence: keys and values still come from every row
         w, b = self.qkv.weight, self.qkv.bias
@@ -152,7 +169,7 @@ class Attention(nn.Module):
         k, v = F.linear(x, w[C:], b[C:]).view(B, T, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         # the causal mask of that one row: it sees positions 0..pool[b]
         mask = (torch.arange(T, device=x.device) <= pool[:, None]).view(B, 1, 1, T) if self.causal else None
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)  # (B, nh, 1, hs)
+        y = attention(q.transpose(1, 2), k, v, mask=mask)  # (B, nh, 1, hs)
         return self.proj(y.reshape(B, C))
 
 

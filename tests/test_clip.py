@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clip import (CLIP, PRESETS, Tokenizer, clip_loss, contrastive_loss, count_parameters, flops_per_sample,
+from clip import (CLIP, PRESETS, Tokenizer, attention, clip_loss, contrastive_loss, count_parameters, flops_per_sample,
                   get_config, sigmoid_loss)
 
 
@@ -155,6 +155,42 @@ def test_pooled_last_layer_equals_every_row_of_every_layer():
     model.set_grad_checkpointing(True)
     name = "text.transformer.blocks.1.attn.qkv.weight"
     torch.testing.assert_close(grads(model(images, tokens))[name], ref_grads[name], rtol=1e-4, atol=1e-5)
+
+@pytest.mark.parametrize("T", [17, 32, 200])
+def test_attention_in_bf16_on_a_cpu_equals_exact_attention(T, monkeypatch):
+    # on a CPU in bf16, attention() leaves SDPA's flash kernel for matmul-softmax-matmul up to 128 keys (its
+    # backward is slow there): either way, outputs and gradients equal exact attention up to bf16's rounding,
+    # bidirectional, causal, and for the pooled row under its mask
+    sdpa_calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    B, H, hs = 4, 2, 32
+    q, k, v, dy = (torch.randn(B, H, T, hs, generator=g).bfloat16() for _ in range(4))
+    pool = torch.randint(0, T, (B,), generator=g)
+    pool_mask = (torch.arange(T) <= pool[:, None]).view(B, 1, 1, T)
+
+    def exact(q, k, v, causal, mask):  # in float64, from the same bf16 inputs
+        s = q @ k.transpose(-2, -1) / math.sqrt(hs)
+        if causal:
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return s.softmax(dim=-1) @ v
+
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    for causal, mask, rows in ((False, None, T), (True, None, T), (False, pool_mask, 1)):
+        inputs = [x.clone().requires_grad_() for x in (q[:, :, :rows], k, v)]
+        reference = [x.detach().double().requires_grad_() for x in inputs]
+        attention(*inputs, causal=causal, mask=mask).backward(dy[:, :, :rows])
+        out = attention(*[x.detach() for x in inputs], causal=causal, mask=mask)
+        ref_out = exact(*reference, causal, mask)
+        ref_out.backward(dy[:, :, :rows].double())
+        assert rel(out, ref_out) < 1e-2, (causal, rows)
+        for x, ref in zip(inputs, reference):
+            assert rel(x.grad, ref.grad) < 2e-2, (causal, rows)
+    assert len(sdpa_calls) == (6 if T > 128 else 0)  # the fused kernel beyond 128 keys only
+    attention(q.float(), k.float(), v.float())  # fp32 on a CPU (and any GPU): always the fused kernel
+    assert len(sdpa_calls) == (7 if T > 128 else 1)
 
 # ---------------------------------------------------------------------------- tokenizer
 
