@@ -135,10 +135,10 @@ def padded_vocab_size(encoding):
 def attention(q, k, v, causal=False, mask=None):
     """softmax(q k^T / sqrt(head size)) v over (B, heads, T, head size) tensors, through SDPA's fused kernels
     (is_causal instead of a float mask keeps the flash / memory-efficient ones eligible). One exception: on a
-    CPU in bf16, SDPA's flash kernel spends ~25 us per (sample, head) in its backward whatever the length
-    (torch 2.13), several times the whole arithmetic of a short sequence; there the plain matmul-softmax-
-    matmul is 1.4-5x faster up to 128 keys and the step of `tiny` 2x (benchmarks/NOTES.md). Its scores are
-    B x heads x T x T, which is why longer sequences stay with the fused kernel."""
+    CPU in bf16, the flash kernel's backward costs 25-30 us per (sample, head) at 16-32 positions, against
+    2-5 us in fp32 (torch 2.13), far more than its arithmetic. Up to 128 keys the plain matmul-softmax-matmul
+    is faster there (3.8-13x at the presets' shapes, `benchmarks/profile_step.py --parts sdpa`), and the bf16
+    step of `tiny` twice as fast. Its scores take B x heads x T x T, so longer sequences keep the kernel."""
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.shape[-2] > 128:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # softmax in fp32, as the fused kernels

@@ -70,7 +70,7 @@ class TrainConfig:
     # speed and numerics
     device: str = "auto"  # auto (cuda, else mps, else cpu), cuda, mps, cpu; this machine's, never the checkpoint's
     compile: str = "auto"  # auto (on for CUDA), true, false
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16 (2-3x faster on CPUs with bf16 units), fp32
     grad_checkpointing: bool = False
     # logging, evaluation, checkpoints
     log_interval: int = 10  # steps; for this and the other intervals, 0 = only at the last step
@@ -262,6 +262,7 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
+
 def keep_freed_memory():
     """CPU training: ask glibc to keep freed memory for the next step instead of handing it back.
     By default every freed block over 32 MB goes back to the OS and the next step faults it in again,
@@ -277,6 +278,18 @@ def keep_freed_memory():
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     # blocks under 1 GB come from the heap, and its top is never trimmed below 2 GB of free space
     return mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+
+
+def cpu_multiplies_bf16():
+    """Whether this CPU has bf16 matrix units (x86's AVX512-BF16 or AMX, as Linux lists them). On the 2-core
+    benchmark machine, which has AVX512-BF16, a 2048^3 matmul runs 4x faster in bf16 than in fp32, and the
+    training steps of `tiny` and ViT-B/32 2x and 3x faster under `--precision bf16`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 # -----------------------------------------------------------------------------
 # evaluation during training
@@ -423,6 +436,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if device.type == "cpu" and cfg.precision == "auto" and master and cpu_multiplies_bf16():
+        print("this CPU has bf16 matrix units: --precision bf16 trains 2-3x faster here than the default fp32, "
+              "at bf16's precision (README, Performance)")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
 

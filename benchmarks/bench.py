@@ -6,6 +6,7 @@ side by side in one run (same batch, precision, thread count, torch).
     python benchmarks/bench.py --model ViT-B/32 --batch_size 16 --compile both
     python benchmarks/bench.py --model base --batch_size 256 --precision bf16 --compile true   # one GPU
     python benchmarks/bench.py --model base --batch_size 256 --compile true --sides ours --data device,copy,prefetch
+    python benchmarks/bench.py --model tiny --precision bf16 --sides ours,ours-sdpa   # a CPU's bf16 attention paths
     python benchmarks/bench.py --model tiny --patch_size 8 --vision_width 192 --text_width 192 \
         --vision_layers 6 --text_layers 6 --vision_heads 3 --text_heads 3 --embed_dim 192        # any size field
 
@@ -31,9 +32,11 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import clip  # noqa: E402
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from dataloader import prefetch  # noqa: E402
 from train import PEAK_BF16_FLOPS, keep_freed_memory, param_groups  # noqa: E402
@@ -63,6 +66,12 @@ def ours(cfg, device, fused):
     return model, opt, lambda images, tokens: clip_loss(*model(images, tokens))
 
 
+def sdpa_attention(q, k, v, causal=False, mask=None):
+    """Every attention through SDPA's fused kernels: side ours-sdpa, which shows what clip.attention gains by
+    leaving them on a CPU in bf16."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 def openclip(cfg, device, fused):
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -85,7 +94,7 @@ def openclip(cfg, device, fused):
     return model, opt, step_loss
 
 
-def prepare(name, build, cfg, args, device, autocast, data="device"):
+def prepare(name, build, cfg, args, device, autocast, data="device", attention=clip.attention):
     """Build one side, run its first step (compiling, if asked) and the warm-up; return its step function."""
     torch.manual_seed(0)
     model, opt, loss_of = build(cfg, device, fused=True)
@@ -105,6 +114,7 @@ def prepare(name, build, cfg, args, device, autocast, data="device"):
 
     def step():
         images, tokens = next(batches)
+        clip.attention = attention  # the sides take turns: each runs with its own
         with autocast:
             loss = step_fn(images, tokens)
         loss.backward()
@@ -149,7 +159,8 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved; the median is reported")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--sides", default="ours,openclip")
+    p.add_argument("--sides", default="ours,openclip",
+                   help="a comma list of: ours, openclip, ours-sdpa (ours with all attention through SDPA's kernels)")
     p.add_argument("--data", default="device",
                    help="where each step's batch comes from, a comma list of: device (already there: the step "
                         "alone), copy (from pinned host memory, on the compute stream), prefetch (the loader's "
@@ -159,6 +170,8 @@ def main():
     for name in sizes:
         p.add_argument(f"--{name}", type=int, help="overrides the preset")
     args = p.parse_args()
+    if set(args.sides.split(",")) - {"ours", "ours-sdpa", "openclip"}:
+        p.error(f"--sides {args.sides}: choose from ours, ours-sdpa, openclip")
     if set(args.data.split(",")) - {"device", "copy", "prefetch"}:
         p.error(f"--data {args.data}: choose from device, copy, prefetch")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +182,7 @@ def main():
     cfg = get_config(args.model, **{k: getattr(args, k) for k in sizes if getattr(args, k) is not None})
     flops = flops_per_sample(cfg)
     # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
-    side_flops = {"ours": flops, "openclip": flops_per_sample(cfg, pooled_last_layer=False)}
+    side_flops = {"ours": flops, "ours-sdpa": flops, "openclip": flops_per_sample(cfg, pooled_last_layer=False)}
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
@@ -179,7 +192,7 @@ def main():
         allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
         peak = None  # measured below, a round at a time, beside the steps
         peak_note = f"measured 2048^3 {'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
-    builders = {"ours": ours, "openclip": openclip}
+    builders = {"ours": ours, "ours-sdpa": ours, "openclip": openclip}
     runs = []
     for side in args.sides.split(","):
         if side == "openclip":
@@ -192,7 +205,8 @@ def main():
             for data in args.data.split(","):
                 args.compiled = compiled
                 name = f"{side}{' compiled' if compiled else ''}{f' [{data}]' if args.data != 'device' else ''}"
-                run = prepare(name, builders[side], cfg, args, device, autocast, data)
+                run = prepare(name, builders[side], cfg, args, device, autocast, data,
+                              attention=sdpa_attention if side == "ours-sdpa" else clip.attention)
                 run["flops"] = side_flops[side]
                 runs.append(run)
     # the sides take turns, round after round, and each reports its median round: a machine that
@@ -219,7 +233,7 @@ def main():
         results.append(r)
         print(f"{r['name']:<28} {r['samples_per_s']:8.2f} samples/s | {r['gflops']:7.1f} GFLOP/s | "
               f"MFU {r['mfu']:.1%} | first step {r['first_step_s']:.1f}s | peak memory {r['peak_memory_gb']:.2f} GB")
-    best = {side: max((r["samples_per_s"] for r in results if r["name"].startswith(side)), default=None)
+    best = {side: max((r["samples_per_s"] for r in results if r["name"].split()[0] == side), default=None)
             for side in ("ours", "openclip")}
     if best["ours"] and best["openclip"]:
         print(f"ratio, best of each side: ours / OpenCLIP = {best['ours'] / best['openclip']:.2f}x")

@@ -4,8 +4,8 @@ Where a training step's time goes, and whether the fast paths compute the same t
 1. Correctness: the loss and every gradient of the compiled model, and of bf16 autocast (eager and
    compiled), against the eager fp32 model (TF32 off), as ||g - g_ref|| / ||g_ref|| over all parameters
    and for the worst single tensor. fp32 compiled lands near 1e-5; bf16 near 1e-2.
-2. On a GPU: each SDPA backend (cuDNN, flash, memory-efficient), forward and forward+backward, at the
-   model's own attention shapes.
+2. Attention at the model's own shapes: on a GPU each SDPA backend (cuDNN, flash, memory-efficient), forward
+   and forward+backward; on a CPU, in bf16, SDPA's flash kernel against clip.attention's plain path.
 3. On a GPU: the loader's side-stream prefetch delivers every batch whole while the GPU is busy
    (and a copy without its synchronisation, run the same way, does not).
 4. A profile of the training step (compiled, in the run's precision): device time per step by kind
@@ -13,6 +13,7 @@ Where a training step's time goes, and whether the fast paths compute the same t
 
     python benchmarks/profile_step.py                                   # base, batch 256, on a GPU
     python benchmarks/profile_step.py --model tiny --batch_size 32 --compile false   # a quick CPU look
+    python benchmarks/profile_step.py --model tiny --batch_size 128 --parts sdpa     # CPU attention, bf16
 
 On a CPU the profile lists operators (there are no kernels); MFU and peak live in bench.py.
 """
@@ -26,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import ours, prepare, sync, time_steps  # noqa: E402  the same model, optimizer, batch and step as bench.py
-from clip import CLIP, clip_loss, flops_per_sample, get_config  # noqa: E402
+from clip import CLIP, attention, clip_loss, flops_per_sample, get_config  # noqa: E402
 from dataloader import prefetch  # noqa: E402
 from train import keep_freed_memory, parse_bool  # noqa: E402
 
@@ -145,6 +146,32 @@ def sdpa_backends(cfg, B, device):
                 print(f"  {tower:6s} {backend.name:20s} not available: {str(e).splitlines()[0][:80]}")
 
 
+def cpu_attention(cfg, B):
+    """On a CPU in bf16: SDPA's flash kernel against clip.attention, which takes matmul-softmax-matmul up to
+    128 keys, at the model's attention shapes; and the flash kernel's backward per (sample, head), in fp32
+    and in bf16, at a few lengths."""
+    shapes = {"vision": (cfg.vision_heads, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.vision_width, False),
+              "text": (cfg.text_heads, cfg.context_length, cfg.text_width, True)}
+    print(f"attention at the model's shapes, batch {B}, bf16 on the CPU: forward+backward, ms")
+    for tower, (heads, T, width, causal) in shapes.items():
+        q, k, v = [torch.randn(B, heads, T, width // heads, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        grad = torch.randn_like(q)
+        fused = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad), torch.device("cpu"))
+        ours = timed_ms(lambda: attention(q, k, v, causal=causal).backward(grad), torch.device("cpu"))
+        path = "matmul-softmax-matmul" if T <= 128 else "the fused kernel too"
+        print(f"  {tower:6s} {T:4d} positions: SDPA {fused:8.3f} | clip.attention ({path}) {ours:8.3f} | {fused / ours:.2f}x")
+    for T in (16, 32, 64, 128):
+        costs = []
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = [torch.randn(B, 4, T, 32, dtype=dtype, requires_grad=True) for _ in range(3)]
+            grad = torch.randn_like(q)
+            forward = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v).detach(), torch.device("cpu"))
+            both = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v).backward(grad), torch.device("cpu"))
+            costs.append((both - forward) / (B * 4) * 1e3)
+        print(f"  SDPA's backward at {T:3d} positions, head size 32: {costs[0]:6.1f} us per (sample, head) in fp32, "
+              f"{costs[1]:6.1f} in bf16")
+
+
 # by kernel (GPU) or operator (CPU) name; attention first, since cuDNN's attention kernels are named like matmuls
 KINDS = [("attention", ("flash", "fmha", "sdpa", "attention", "cudnn::fusion")),
          ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "aten::mm", "aten::addmm", "aten::bmm", "mkldnn")),
@@ -202,7 +229,7 @@ def main():
     p.add_argument("--compile", type=parse_bool, default=True)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--parts", default="correctness,sdpa,prefetch,profile",
-                   help="which parts to run, a comma list (prefetch and sdpa need a GPU)")
+                   help="which parts to run, a comma list (prefetch needs a GPU)")
     args = p.parse_args()
     parts = args.parts.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,6 +247,8 @@ def main():
             check_prefetch(cfg, args.batch_size, device)
     else:
         keep_freed_memory()  # as train.py does on a CPU: else freeing and refaulting big gradients shows up
+        if "sdpa" in parts:
+            cpu_attention(cfg, args.batch_size)
     if "profile" in parts:
         profile_step(cfg, args.batch_size, device, args.compile, bf16, args.top)
 

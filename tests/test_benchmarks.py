@@ -28,9 +28,13 @@ def test_training_step_benchmark_reports_throughput_and_mfu():
     assert float(samples_per_s) > 0 and 0 < float(mfu) < 200
     assert "GFLOP per sample" in out and "measured 2048^3 fp32 torch.mm" in out
     # bf16 steps on a CPU are measured against the CPU's bf16 matmul rate, not its fp32 one
-    out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours", "--rounds", "1", "--steps", "1",
-              "--warmup", "1", "--patch_size", "32", "--text_layers", "1", "--vision_layers", "1", "--precision", "bf16")
+    # beside the same model with every attention through SDPA's kernels (what clip.attention leaves in bf16)
+    out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours,ours-sdpa", "--rounds", "1",
+              "--steps", "1", "--warmup", "1", "--patch_size", "32", "--text_layers", "1", "--vision_layers", "1",
+              "--precision", "bf16")
     assert "bf16" in out.splitlines()[1] and "measured 2048^3 bf16 torch.mm" in out
+    rates = dict(re.findall(r"^(ours|ours-sdpa)\s+([\d.]+) samples/s", out, flags=re.M))
+    assert set(rates) == {"ours", "ours-sdpa"} and all(float(v) > 0 for v in rates.values())
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the kept-memory allocator setting is glibc's")
@@ -66,6 +70,11 @@ def test_step_profile_checks_the_fast_paths_and_splits_the_time():
     # bf16 autocast against the fp32 reference: close (bf16 rounding), and not identical (it did run in bf16)
     err = float(re.search(r"eager bf16 .* all ([\d.e+-]+),", out).group(1))
     assert 1e-5 < err < 0.1
+    # on a CPU: attention in bf16 at the model's shapes, SDPA against clip.attention's plain path
+    paths = re.findall(r"^  (vision|text)\s+(\d+) positions: SDPA\s+([\d.]+) \| clip.attention \(([^)]+)\)\s+([\d.]+)", out, flags=re.M)
+    assert [(t, n, path) for t, n, _, path, _ in paths] == [("vision", "17", "matmul-softmax-matmul"),
+                                                            ("text", "32", "matmul-softmax-matmul")]
+    assert all(float(a) > 0 and float(b) > 0 for _, _, a, _, b in paths)
     total = float(re.search(r"operator time ([\d.]+) ms a step", out).group(1))
     kinds = dict((k.strip(), float(v)) for k, v in re.findall(r"^  (\D+?)\s+([\d.]+) ms\s+[\d.]+%$", out, flags=re.M))
     assert {"matmul", "attention", "optimizer, clipping"} <= set(kinds)
