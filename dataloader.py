@@ -31,8 +31,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip import Tokenizer
+from prep_dataset import upright_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+EXIF_ORIENTATION = 0x0112  # the tag that says how a photo's pixels are rotated
 MAX_OPEN_SHARDS = 64  # open files per loader process
 
 
@@ -143,6 +145,10 @@ def prepare_image(image, size, rng=None, crop_scale=(0.8, 1.0)):
     crop (crop_scale of the area, aspect ratio in [3/4, 4/3]); without: a centre crop. Evaluation
     everywhere (val loss, zero-shot, retrieval) goes through here, so it matches training's eval path."""
     img = Image.open(io.BytesIO(image)) if isinstance(image, (bytes, bytearray)) else image
+    if img.mode not in ("RGB", "L") or "transparency" in img.info or img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        # what prep_dataset.py never writes but other tools' shards hold: a rotation tag, transparency, CMYK,
+        # 16 bits. Seen as prep shows an image (upright, transparency on white), as evaluation sees it too
+        img = upright_rgb(img)
     w, h = img.size
     if rng is not None:
         area = w * h * rng.uniform(*crop_scale)

@@ -825,6 +825,44 @@ def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(tmp_path):
     assert 2 not in ids and 100 in ids and len(ids) == 8  # bad ones replaced by the next good sample
 
 
+def test_other_tools_shards_are_seen_upright_and_on_white(tmp_path):
+    # prep_dataset.py writes upright RGB JPEGs; other tools' shards may hold a photo with a rotation tag, a
+    # PNG whose transparent pixels are black, CMYK. The loader shows them as prep would have: upright, on white
+    os.makedirs(tmp_path / "val")
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    pixels[:, :32] = (220, 30, 30)  # stored: red left, blue right; tagged "rotate 90 degrees clockwise"
+    pixels[:, 32:] = (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    rotated = buf.getvalue()
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[:, 32:] = (30, 200, 30, 255)  # left half transparent black, right half opaque green
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, "PNG")
+    transparent = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(buf, "JPEG")  # red, in ink
+    cmyk = buf.getvalue()
+    images = [rotated, transparent, cmyk, jpeg((40, 120, 200), (64, 64))]
+    members = []
+    for i, data in enumerate(images):
+        members += [(f"{i:03d}.{'png' if i == 1 else 'jpg'}", data), (f"{i:03d}.txt", f"sample {i}".encode())]
+    write_tar(tmp_path / "val" / "other-tool.tar", members)
+    loader = ShardLoader(tmp_path, "val", batch_size=4, image_size=32, context_length=16, train=False,
+                         drop_last=False, num_workers=0)
+    (batch, _), = list(loader)
+    got = batch.permute(0, 2, 3, 1).numpy().astype(int)
+    for i, data in enumerate(images):  # exactly what prep's view of the image gives
+        expected = dataloader.prepare_image(prep_dataset.upright_rgb(Image.open(io.BytesIO(data))), 32)
+        assert np.array_equal(got[i], expected), i
+    assert np.abs(got[0, :12] - (220, 30, 30)).max() < 30  # upright: red on top, blue below
+    assert np.abs(got[0, -12:] - (30, 30, 220)).max() < 30
+    assert got[1, :, :12].min() == 255 and np.abs(got[1, :, -12:] - (30, 200, 30)).max() < 5
+    assert got[2].mean(axis=(0, 1))[0] > 200 and got[2].mean(axis=(0, 1))[1:].max() < 60  # red on screen too
+
+
 def tarfile_index(path):
     """The reference: where tarfile says each regular file's bytes are, keyed the webdataset way."""
     out = {}
