@@ -33,7 +33,9 @@ from tqdm import tqdm
 from clip import Tokenizer
 from prep_dataset import upright_rgb
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# a shard key's image: the first of these present (every kind prep_dataset.py reads; other tools' shards hold
+# some of them, prep's own only .jpg)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "jpe", "jfif", "avif", "bmp", "gif", "tif", "tiff")
 EXIF_ORIENTATION = 0x0112  # the tag that says how a photo's pixels are rotated
 MAX_OPEN_SHARDS = 64  # open files per loader process
 

@@ -827,7 +827,8 @@ def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(tmp_path):
 
 def test_other_tools_shards_are_seen_upright_and_on_white(tmp_path):
     # prep_dataset.py writes upright RGB JPEGs; other tools' shards may hold a photo with a rotation tag, a
-    # PNG whose transparent pixels are black, CMYK. The loader shows them as prep would have: upright, on white
+    # PNG or GIF whose transparent pixels are black, CMYK, 16-bit grey. The loader shows them as prep would
+    # have: upright, on white
     os.makedirs(tmp_path / "val")
     pixels = np.zeros((32, 64, 3), dtype=np.uint8)
     pixels[:, :32] = (220, 30, 30)  # stored: red left, blue right; tagged "rotate 90 degrees clockwise"
@@ -845,12 +846,21 @@ def test_other_tools_shards_are_seen_upright_and_on_white(tmp_path):
     buf = io.BytesIO()
     Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(buf, "JPEG")  # red, in ink
     cmyk = buf.getvalue()
-    images = [rotated, transparent, cmyk, jpeg((40, 120, 200), (64, 64))]
+    gif = Image.new("P", (64, 64), 1)
+    gif.putpalette([0, 0, 0, 200, 40, 40] + [0] * 762)
+    gif.paste(0, (0, 0, 32, 64))  # left half: palette entry 0, the transparent one
+    buf = io.BytesIO()
+    gif.save(buf, "GIF", transparency=0)
+    grey16 = Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16))  # 16 bits: 40000 of 65535
+    buf16 = io.BytesIO()
+    grey16.save(buf16, "TIFF")
+    images = [rotated, transparent, cmyk, jpeg((40, 120, 200), (64, 64)), buf.getvalue(), buf16.getvalue()]
+    kinds = ["jpg", "png", "jpg", "jpg", "gif", "tif"]
     members = []
     for i, data in enumerate(images):
-        members += [(f"{i:03d}.{'png' if i == 1 else 'jpg'}", data), (f"{i:03d}.txt", f"sample {i}".encode())]
+        members += [(f"{i:03d}.{kinds[i]}", data), (f"{i:03d}.txt", f"sample {i}".encode())]
     write_tar(tmp_path / "val" / "other-tool.tar", members)
-    loader = ShardLoader(tmp_path, "val", batch_size=4, image_size=32, context_length=16, train=False,
+    loader = ShardLoader(tmp_path, "val", batch_size=6, image_size=32, context_length=16, train=False,
                          drop_last=False, num_workers=0)
     (batch, _), = list(loader)
     got = batch.permute(0, 2, 3, 1).numpy().astype(int)
@@ -861,6 +871,8 @@ def test_other_tools_shards_are_seen_upright_and_on_white(tmp_path):
     assert np.abs(got[0, -12:] - (30, 30, 220)).max() < 30
     assert got[1, :, :12].min() == 255 and np.abs(got[1, :, -12:] - (30, 200, 30)).max() < 5
     assert got[2].mean(axis=(0, 1))[0] > 200 and got[2].mean(axis=(0, 1))[1:].max() < 60  # red on screen too
+    assert got[4, :, :12].min() == 255 and np.abs(got[4, :, -12:] - (200, 40, 40)).max() == 0  # a GIF's too
+    assert np.abs(got[5] - 40000 // 256).max() <= 1  # 16-bit grey scaled to 8 bits, not clipped to white
 
 
 def tarfile_index(path):
