@@ -442,14 +442,34 @@ def load_hub_set(name_or_dir, split, streaming=False):
     return ds.to_iterable_dataset() if streaming else ds
 
 
+def hub_split_names(name_or_dir):
+    """The splits a `datasets` set has (a lone Dataset that save_to_disk wrote: none)."""
+    import datasets
+    if os.path.isfile(os.path.join(name_or_dir, "dataset_dict.json")):
+        with open(os.path.join(name_or_dir, "dataset_dict.json")) as f:
+            return json.load(f)["splits"]
+    if os.path.isfile(os.path.join(name_or_dir, "state.json")):
+        return []
+    return datasets.get_dataset_split_names(name_or_dir)
+
+
 def source_hub(args):
     """Any `datasets` dataset with an image column and a caption column: a hub name (streamed) or a local
-    dataset folder, e.g. an imagefolder with a metadata.jsonl of captions, or what save_to_disk wrote."""
+    dataset folder, e.g. an imagefolder with a metadata.jsonl of captions, or what save_to_disk wrote.
+    The split read is the first of --split that the set has. A set whose rows name their split in a
+    "split" column gives the rows of --split, read from its only split if it has none of them: Flickr30k
+    on the hub is one "test" split whose split column holds Karpathy's train, val and test."""
     from datasets import Image as HFImage
     if args.input and os.path.isfile(args.input):
         sys.exit(f"{args.input} is a file: read a .csv, .tsv, .jsonl, .json or .parquet table with --source table")
+    splits = [s.strip() for s in args.split.split(",")]
     try:
-        ds = load_hub_set(args.input, args.split, streaming=True)
+        names = hub_split_names(args.input)
+    except Exception:  # splits that cannot be listed: load_dataset below says what is wrong, if anything
+        names = []
+    split = next((s for s in splits if s in names), names[0] if len(names) == 1 else splits[0])
+    try:
+        ds = load_hub_set(args.input, split, streaming=True)
     except Exception as e:
         sys.exit(f"could not load {args.input!r} with datasets ({type(e).__name__}: {e}). Give a hub name "
                  "(with a network) or a local dataset folder, and --split")
@@ -457,9 +477,21 @@ def source_hub(args):
     image_col = args.image_column or next((n for n, f in features.items() if isinstance(f, HFImage)), None)
     image_col = pick_column(features, IMAGE_COLUMNS, image_col, "image")
     caption_col = pick_column(features, CAPTION_COLUMNS, args.caption_column, "caption")
+    split_col = next((n for n in features if str(n).strip().lower() == "split"), None)
+    if split_col is not None:
+        print(f"the set's rows name their split: keeping those of --split {args.split} (from its split {split!r})")
+    elif split not in splits:
+        sys.exit(f"{args.input} has no split {args.split!r}, only {names}: choose one with --split")
     if isinstance(features[image_col], HFImage):
         ds = ds.cast_column(image_col, HFImage(decode=False))  # raw bytes (or a path): decoded in the workers
+    other_splits, kept = set(), 0
     for i, ex in enumerate(streamed(ds, args)):
+        if split_col is not None and str(ex.get(split_col)).strip() not in splits:
+            if len(other_splits) < 20:
+                other_splits.add(str(ex.get(split_col)).strip())
+            yield f"{i:09d}", None, None, {"skip": "other_split"}
+            continue
+        kept += 1
         image = image_cell(ex.get(image_col))
         if i == 0 and isinstance(image, str) and image.startswith(("http://", "https://")):
             # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
@@ -467,6 +499,8 @@ def source_hub(args):
         if isinstance(image, str) and os.path.isdir(args.input) and not os.path.isabs(image):
             image = os.path.join(args.input, image)  # a local set's text column of paths: from its folder
         yield f"{i:09d}", image, ex.get(caption_col), None
+    if other_splits and not kept:
+        tqdm.write(f"the set's split column holds {sorted(other_splits)}, none of --split {args.split}", file=sys.stderr)
 
 
 def read_tar_samples(path):

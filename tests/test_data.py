@@ -512,9 +512,26 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
                                         "caption": ["red in train", "red on disk"]},
                                        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
     datasets.DatasetDict({"train": split.select([0]), "test": split.select([1])}).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"test": split.select([1])}).save_to_disk(str(tmp_path / "saved_test"))
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "saved"), "--split", "test", "--out_dir",
                        str(tmp_path / "saved_out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "saved_out" / "train" / "shard-000000.tar").values()] == ["red on disk"]
+    # Flickr30k's layout on the hub: one "test" split whose "split" column holds Karpathy's train/val/test
+    flickr = datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": None}] * 4,
+                                         "caption": [["a", "b"], ["c"], ["d"], ["e"]], "split": ["train", "test", "train", "val"]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "caption": datasets.Sequence(datasets.Value("string")),
+                                                                    "split": datasets.Value("string")}))
+    datasets.DatasetDict({"test": flickr}).save_to_disk(str(tmp_path / "flickr"))
+    for wanted, captions in (("train", ["a\nb", "d"]), ("test", ["c"]), ("val, train", ["a\nb", "d", "e"])):
+        out = tmp_path / f"flickr_{len(captions)}"
+        m = prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "flickr"), "--split", wanted, "--out_dir",
+                               str(out), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+        assert sorted(c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()) == captions
+        assert m["skipped"] == {"other_split": 4 - len(captions)}
+    with pytest.raises(SystemExit, match="no split 'train', only \\['test'\\]"):  # and without a split column
+        prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "saved_test"), "--out_dir",
+                           str(tmp_path / "nothing"), "--image_size", "32", "--workers", "1"])
     split.select([0]).save_to_disk(str(tmp_path / "lone"))  # a lone Dataset: no splits to choose from
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "lone"), "--out_dir", str(tmp_path / "lone_out"),
                        "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
