@@ -493,7 +493,7 @@ def source_hub(args):
             continue
         kept += 1
         image = image_cell(ex.get(image_col))
-        if i == 0 and isinstance(image, str) and image.startswith(("http://", "https://")):
+        if kept == 1 and isinstance(image, str) and image.startswith(("http://", "https://")):
             # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
             sys.exit(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): {URL_HINT}")
         if isinstance(image, str) and os.path.isdir(args.input) and not os.path.isabs(image):
