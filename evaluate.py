@@ -435,6 +435,8 @@ def main(argv=None):
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
                    "per line")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 on CUDA, fp32 elsewhere; bf16 is 2-3x faster on CPUs with bf16 units, as in training")
     args = p.parse_args(argv)
     if not args.zeroshot and not args.retrieval and not args.images:
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
@@ -473,7 +475,8 @@ def main(argv=None):
         torch.empty(0, device=device)  # a device torch cannot use fails here, with torch's reason
     except (RuntimeError, AssertionError) as e:
         p.error(f"--device {args.device}: {e}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         model, cfg = load_model(args.checkpoint, device)
         get_encoding(cfg.encoding)  # the checkpoint's tokenizer, which may need a download
