@@ -436,7 +436,7 @@ def main(argv=None):
                    "per line")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 on CUDA, fp32 elsewhere; bf16 is 2-3x faster on CPUs with bf16 units, as in training")
+                   help="auto: bf16 on CUDA, fp32 elsewhere; as train.py --precision (bf16 suits CPUs with bf16 units too)")
     args = p.parse_args(argv)
     if not args.zeroshot and not args.retrieval and not args.images:
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
