@@ -220,6 +220,21 @@ def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path, cap
     assert [r["step"] for r in read_log(split)][-2:] == [7, 8]
 
 
+def test_a_bf16_run_on_a_cpu_resumes_exactly_too(shapes_dir, tmp_path):
+    # --precision bf16 is the fast way on CPUs with bf16 units: its runs resume bit for bit as fp32 ones do
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train.main(run_args(shapes_dir, straight, precision="bf16", eval_interval=0))
+    train.main(run_args(shapes_dir, split, precision="bf16", eval_interval=0))
+    os.remove(os.path.join(split, "ckpt-00000006.pt"))  # as if it had stopped at step 3
+    train.main(["--resume", os.path.join(split, "ckpt-00000003.pt")])
+    a = load_checkpoint(os.path.join(straight, "ckpt-00000006.pt"))
+    b = load_checkpoint(os.path.join(split, "ckpt-00000006.pt"))
+    assert a["config"]["precision"] == b["config"]["precision"] == "bf16"
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
+
+
 def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
     """A run killed for real once its step-3 checkpoint exists, then resumed, ends with the weights of an
     uninterrupted run (the process may have got a little further before the kill: resume goes from the newest)."""
