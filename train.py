@@ -182,6 +182,29 @@ def param_groups(model, weight_decay):
         (decay if p.dim() >= 2 and "pos_embedding" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+
+def clipped_step(optimizer, params, grad_clip, loss, fused, ddp):
+    """The optimizer's step on gradients clipped to a global norm of grad_clip (0: not clipped), skipped when
+    the loss or the gradient is not finite. Returns the gradient's norm before clipping, and 1.0 if the step
+    was skipped (else 0.0), both on the device: with fused AdamW nothing waits for the host."""
+    params = [p for p in params if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
+    if fused:
+        # fused AdamW divides each gradient by grad_scale as it reads it: clipping without a pass of its own
+        # over every gradient, which costs as much as the token table's update on a CPU; and found_inf skips
+        # the step on the device
+        optimizer.grad_scale = (grad_norm + 1e-6).div(grad_clip).clamp(min=1.0) if grad_clip > 0 else None
+        optimizer.found_inf = bad
+        optimizer.step()
+    elif not bad.item():
+        if grad_clip > 0:  # max_norm 0 would zero every gradient
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
+        optimizer.step()
+    return grad_norm, bad
+
 # -----------------------------------------------------------------------------
 # one optimisation step's gradients
 
@@ -582,19 +605,7 @@ def main(argv=None):
         # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
         flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
         loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        else:  # no clipping (max_norm 0 would zero every gradient), but the norm is still logged
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
-        # a non-finite loss or gradient skips the update, decided on the device: no host sync per step
-        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
-        if ddp:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
-        if fused:
-            optimizer.found_inf = bad
-            optimizer.step()
-        elif not bad.item():
-            optimizer.step()
+        grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, fused, ddp)
         optimizer.zero_grad(set_to_none=True)
         bad_run = (bad_run + bad) * bad
         bad_max_run, bad_total = torch.maximum(bad_max_run, bad_run), bad_total + bad

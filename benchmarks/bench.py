@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip  # noqa: E402
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from dataloader import prefetch  # noqa: E402
-from train import PEAK_BF16_FLOPS, keep_freed_memory, param_groups  # noqa: E402
+from train import PEAK_BF16_FLOPS, clipped_step, keep_freed_memory, param_groups  # noqa: E402
 
 
 def matmul_peak(device, dtype):
@@ -63,7 +63,9 @@ def sync(device):
 def ours(cfg, device, fused):
     model = CLIP(cfg).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
-    return model, opt, lambda images, tokens: clip_loss(*model(images, tokens))
+    # train.py's update: clipping at 1.0 inside fused AdamW, and a non-finite step skipped on the device
+    update = lambda loss: clipped_step(opt, model.parameters(), 1.0, loss, fused, ddp=False)
+    return model, opt, lambda images, tokens: clip_loss(*model(images, tokens)), update
 
 
 def sdpa_attention(q, k, v, causal=False, mask=None):
@@ -91,13 +93,17 @@ def openclip(cfg, device, fused):
     def step_loss(images, tokens):
         out = model((images.float() / 255 - mean) / std, tokens.long())
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"].exp())
-    return model, opt, step_loss
+
+    def update(loss):  # as OpenCLIP's training loop does it
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return model, opt, step_loss, update
 
 
 def prepare(name, build, cfg, args, device, autocast, data="device", attention=clip.attention):
     """Build one side, run its first step (compiling, if asked) and the warm-up; return its step function."""
     torch.manual_seed(0)
-    model, opt, loss_of = build(cfg, device, fused=True)
+    model, opt, loss_of, update = build(cfg, device, fused=True)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device)
     tokens = torch.randint(0, 50_000, (args.batch_size, cfg.context_length), generator=g).to(device)
@@ -118,8 +124,7 @@ def prepare(name, build, cfg, args, device, autocast, data="device", attention=c
         with autocast:
             loss = step_fn(images, tokens)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(loss)
         opt.zero_grad(set_to_none=True)
 
     if device.type == "cuda":

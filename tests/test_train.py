@@ -164,6 +164,45 @@ def test_weight_decay_only_on_weight_matrices():
             "visual.ln_f.weight", "text.transformer.blocks.0.attn.qkv.bias"} <= {names[id(p)] for p in no_decay["params"]}
     assert len(decayed) + len(no_decay["params"]) == len(list(model.parameters()))
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_step_equals_clipping_then_adamw(fused):
+    # train.py clips inside fused AdamW (it divides each gradient as it reads it) instead of in a pass of its
+    # own: the same update as clip_grad_norm_ then AdamW, clipped or not, and no update at all when not finite
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 5000, (8, cfg.context_length), generator=torch.Generator().manual_seed(1))
+
+    def run(step_fn, grad_clip, poison=False):
+        torch.manual_seed(0)
+        model = CLIP(cfg)
+        opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+        norms = []
+        for k in range(3):
+            loss = clip_loss(*model(images, tokens))
+            loss = loss * float("nan") if poison and k == 1 else loss
+            loss.backward()
+            norms.append(step_fn(model, opt, grad_clip, loss))
+            opt.zero_grad(set_to_none=True)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), norms
+
+    def reference(model, opt, grad_clip, loss):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+        return norm.item()
+
+    ours = lambda model, opt, grad_clip, loss: train.clipped_step(opt, model.parameters(), grad_clip, loss, fused,
+                                                                  ddp=False)[0].item()
+    for grad_clip, poison in ((0.5, False), (1e6, False), (0.0, False), (0.5, True)):
+        got, got_norms = run(ours, grad_clip, poison)
+        want, want_norms = run(reference, grad_clip, poison)
+        assert got_norms == pytest.approx(want_norms, rel=1e-6, nan_ok=True)
+        if grad_clip == 0.5 and not poison:
+            assert min(want_norms) > 2 * grad_clip  # so the clipping did act
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
 # ---------------------------------------------------------------------------- accumulation
 
 
