@@ -18,6 +18,7 @@ Where a training step's time goes, and whether the fast paths compute the same t
 On a CPU the profile lists operators (there are no kernels); MFU and peak live in bench.py.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import ours, prepare, sync, time_steps  # noqa: E402  the same model, optimizer, batch and step as bench.py
+from bench import matmul_peak, ours, prepare, sync, time_steps  # noqa: E402  the same model, optimizer, batch and step as bench.py
 from clip import CLIP, attention, clip_loss, flops_per_sample, get_config  # noqa: E402
 from dataloader import prefetch  # noqa: E402
 from train import keep_freed_memory, parse_bool  # noqa: E402
@@ -196,7 +197,8 @@ def profile_step(cfg, B, device, compiled, bf16, top):
     print(f"first step (compiling, if compiled) {run['first_step_s']:.1f} s")
     step_ms = time_steps(step, 20, device) / 20 * 1e3
     n = 3
-    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU],
+                 record_shapes=device.type == "cpu") as prof:
         for _ in range(n):
             step()
         sync(device)
@@ -218,6 +220,26 @@ def profile_step(cfg, B, device, compiled, bf16, top):
     print(f"the {top} largest, ms a step, calls a step:")
     for e in sorted(events, key=ms, reverse=True)[:top]:
         print(f"  {ms(e):8.3f} {e.count // n:5d}x  {kind_of(e.key):18s} {e.key[:100]}")
+    if device.type == "cpu":
+        matmul_rates(prof, n, device, bf16, top)
+
+
+def matmul_rates(prof, n, device, bf16, top):
+    """On a CPU: each matmul shape's rate against this machine's 2048^3 rate, measured now: how near its
+    peak the step's matmuls run, and so the MFU the step could reach if nothing else took time."""
+    peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in ("aten::mm", "aten::addmm", "aten::bmm"):
+            continue
+        a, b = e.input_shapes[1:3] if e.key == "aten::addmm" else e.input_shapes[:2]  # addmm: bias first
+        flop = 2 * math.prod(a) * b[-1] * e.count / n  # (..., m, k) @ (..., k, n)
+        rows.append((e.cpu_time_total / n / 1e3, flop, e.count // n, f"{e.key} {a} @ {b}"))
+    ms, flop = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    print(f"matmuls: {ms:.1f} ms a step at {flop / ms / 1e6:.1f} GFLOP/s, {flop / ms * 1e3 / peak:.1%} of the "
+          f"2048^3 rate measured now ({peak / 1e9:.0f} GFLOP/s); the {top} largest shapes:")
+    for t, f, calls, name in sorted(rows, reverse=True)[:top]:
+        print(f"  {t:8.3f} ms {calls:4d}x  {f / t / 1e6:7.1f} GFLOP/s  {f / t * 1e3 / peak:6.1%}  {name}")
 
 
 def main():

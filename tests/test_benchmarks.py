@@ -80,6 +80,11 @@ def test_step_profile_checks_the_fast_paths_and_splits_the_time():
     assert {"matmul", "attention", "optimizer, clipping"} <= set(kinds)
     assert sum(kinds.values()) == pytest.approx(total, rel=0.01)
     assert min(kinds.values()) > 0
+    # on a CPU: the matmuls' rate against the machine's own 2048^3 rate, and by shape
+    share = float(re.search(r"^matmuls: [\d.]+ ms a step at [\d.]+ GFLOP/s, ([\d.]+)% of the 2048\^3 rate", out,
+                            flags=re.M).group(1))
+    assert 0 < share < 300
+    assert re.search(r"^\s+[\d.]+ ms\s+\d+x\s+[\d.]+ GFLOP/s\s+[\d.]+%\s+aten::(add)?mm \[", out, flags=re.M)
 
 
 def test_zeroshot_benchmark_reports_each_worker_count():
