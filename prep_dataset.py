@@ -390,25 +390,17 @@ def source_table(args):
         sys.exit(f"--image_root {args.image_root!r} is not a folder")
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
-    splits = [s.strip() for s in args.split.split(",")]  # train,restval or train, restval
-    image_col = caption_col = split_col = None
-    other_splits, kept = set(), 0
-    for i, row in enumerate(table_rows(path)):
+    image_col = caption_col = None
+    for i, row, in_split in split_rows(table_rows(path), args.split, "table"):
         if not isinstance(row, dict):
             yield f"{i:09d}", None, None, {"skip": "bad_row"}
             continue
         if image_col is None:  # the first row names the columns
             image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
             caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
-            split_col = next((n for n in row if str(n).strip().lower() == "split"), None)
-            if split_col is not None:
-                print(f"the table's rows name their split: keeping those of --split {args.split}")
-        if split_col is not None and str(row.get(split_col)).strip() not in splits:  # Karpathy's test images stay out
-            if len(other_splits) < 20:
-                other_splits.add(str(row.get(split_col)).strip())
+        if not in_split:
             yield f"{i:09d}", None, None, {"skip": "other_split"}
             continue
-        kept += 1
         image = image_cell(row.get(image_col))
         if isinstance(image, (bytes, bytearray)):
             yield f"{i:09d}", bytes(image), row.get(caption_col), None
@@ -423,8 +415,39 @@ def source_table(args):
             yield f"{i:09d}", None, None, {"skip": "missing_image"}
             continue
         yield f"{i:09d}", image, row.get(caption_col), None
-    if other_splits and not kept:
-        tqdm.write(f"the table's split column holds {sorted(other_splits)}, none of --split {args.split}", file=sys.stderr)
+
+
+def split_list(text):
+    """--split's comma list: train,restval or train, restval -> [train, restval]."""
+    return [s.strip() for s in text.split(",")]
+
+
+def split_column(names):
+    """The column that names each row's split (Karpathy's split files; Flickr30k on the hub), or None."""
+    return next((n for n in names if str(n).strip().lower() == "split"), None)
+
+
+def split_rows(rows, split, what):
+    """(i, row, in_split) for the rows of a table or a `datasets` set. Where the rows name their split in a
+    split column, only those of --split (a comma list) are in: Karpathy's test images stay out of a training
+    set. Anything that is not a record (a line that does not parse) passes as it is."""
+    splits = split_list(split)
+    column, looked, others, kept = None, False, set(), 0
+    for i, row in enumerate(rows):
+        if isinstance(row, dict) and not looked:  # the first record names the columns
+            looked, column = True, split_column(row)
+            if column is not None:
+                print(f"the {what}'s rows name their split: keeping those of --split {split}")
+        value = str(row.get(column)).strip() if column is not None and isinstance(row, dict) else None
+        if value is None or value in splits:
+            kept += value is not None
+            yield i, row, True
+        else:
+            if len(others) < 20:
+                others.add(value)
+            yield i, row, False
+    if others and not kept:
+        tqdm.write(f"the {what}'s split column holds {sorted(others)}, none of --split {split}", file=sys.stderr)
 
 
 def load_hub_set(name_or_dir, split, streaming=False):
@@ -462,7 +485,7 @@ def source_hub(args):
     from datasets import Image as HFImage
     if args.input and os.path.isfile(args.input):
         sys.exit(f"{args.input} is a file: read a .csv, .tsv, .jsonl, .json or .parquet table with --source table")
-    splits = [s.strip() for s in args.split.split(",")]
+    splits = split_list(args.split)
     try:
         names = hub_split_names(args.input)
     except Exception:  # splits that cannot be listed: load_dataset below says what is wrong, if anything
@@ -477,30 +500,25 @@ def source_hub(args):
     image_col = args.image_column or next((n for n, f in features.items() if isinstance(f, HFImage)), None)
     image_col = pick_column(features, IMAGE_COLUMNS, image_col, "image")
     caption_col = pick_column(features, CAPTION_COLUMNS, args.caption_column, "caption")
-    split_col = next((n for n in features if str(n).strip().lower() == "split"), None)
-    if split_col is not None:
-        print(f"the set's rows name their split: keeping those of --split {args.split} (from its split {split!r})")
-    elif split not in splits:
+    if split_column(features) is None and split not in splits:
         sys.exit(f"{args.input} has no split {args.split!r}, only {names}: choose one with --split")
+    if split not in splits:
+        print(f"{args.input} has no split {args.split!r}: reading its only one, {split!r}, by its split column")
     if isinstance(features[image_col], HFImage):
         ds = ds.cast_column(image_col, HFImage(decode=False))  # raw bytes (or a path): decoded in the workers
-    other_splits, kept = set(), 0
-    for i, ex in enumerate(streamed(ds, args)):
-        if split_col is not None and str(ex.get(split_col)).strip() not in splits:
-            if len(other_splits) < 20:
-                other_splits.add(str(ex.get(split_col)).strip())
+    first = True
+    for i, ex, in_split in split_rows(streamed(ds, args), args.split, "set"):
+        if not in_split:
             yield f"{i:09d}", None, None, {"skip": "other_split"}
             continue
-        kept += 1
         image = image_cell(ex.get(image_col))
-        if kept == 1 and isinstance(image, str) and image.startswith(("http://", "https://")):
+        if first and isinstance(image, str) and image.startswith(("http://", "https://")):
             # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
             sys.exit(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): {URL_HINT}")
+        first = False
         if isinstance(image, str) and os.path.isdir(args.input) and not os.path.isabs(image):
             image = os.path.join(args.input, image)  # a local set's text column of paths: from its folder
         yield f"{i:09d}", image, ex.get(caption_col), None
-    if other_splits and not kept:
-        tqdm.write(f"the set's split column holds {sorted(other_splits)}, none of --split {args.split}", file=sys.stderr)
 
 
 def read_tar_samples(path):

@@ -183,16 +183,16 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def clipped_step(optimizer, params, grad_clip, loss, fused, ddp):
+def clipped_step(optimizer, params, grad_clip, loss):
     """The optimizer's step on gradients clipped to a global norm of grad_clip (0: not clipped), skipped when
     the loss or the gradient is not finite. Returns the gradient's norm before clipping, and 1.0 if the step
     was skipped (else 0.0), both on the device: with fused AdamW nothing waits for the host."""
     params = [p for p in params if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
-    if ddp:
+    if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
-    if fused:
+    if optimizer.defaults.get("fused"):
         # fused AdamW divides each gradient by grad_scale as it reads it: clipping without a pass of its own
         # over every gradient, which costs as much as the token table's update on a CPU; and found_inf skips
         # the step on the device
@@ -516,9 +516,9 @@ def main(argv=None):
     raw_model = CLIP(model_cfg).to(device)
     if cfg.grad_checkpointing:
         raw_model.set_grad_checkpointing(True)
-    fused = device.type in ("cuda", "cpu")  # fused AdamW: one kernel for all parameters, and it can skip a step on device
-    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.max_lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    # fused AdamW (not on mps): one kernel for all parameters, which also clips and skips a step on the device
+    optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
     step = 0
     if start is not None:
         raw_model.load_state_dict(start["model"])
@@ -605,7 +605,7 @@ def main(argv=None):
         # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
         flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
         loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)
-        grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, fused, ddp)
+        grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss)
         optimizer.zero_grad(set_to_none=True)
         bad_run = (bad_run + bad) * bad
         bad_max_run, bad_total = torch.maximum(bad_max_run, bad_run), bad_total + bad

@@ -64,7 +64,7 @@ def ours(cfg, device, fused):
     model = CLIP(cfg).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
     # train.py's update: clipping at 1.0 inside fused AdamW, and a non-finite step skipped on the device
-    update = lambda loss: clipped_step(opt, model.parameters(), 1.0, loss, fused, ddp=False)
+    update = lambda loss: clipped_step(opt, model.parameters(), 1.0, loss)
     return model, opt, lambda images, tokens: clip_loss(*model(images, tokens)), update
 
 

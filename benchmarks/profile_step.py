@@ -124,12 +124,16 @@ def timed_ms(fn, device, reps=20):
     return time_steps(fn, reps, device) / reps * 1e3
 
 
+def attention_shapes(cfg):
+    """Each tower's attention: heads, positions, width, causal."""
+    return {"vision": (cfg.vision_heads, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.vision_width, False),
+            "text": (cfg.text_heads, cfg.context_length, cfg.text_width, True)}
+
+
 def sdpa_backends(cfg, B, device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    shapes = {"vision": (cfg.vision_heads, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.vision_width, False),
-              "text": (cfg.text_heads, cfg.context_length, cfg.text_width, True)}
     print(f"SDPA at the model's shapes, batch {B}, bf16: forward / forward+backward, ms")
-    for tower, (heads, T, width, causal) in shapes.items():
+    for tower, (heads, T, width, causal) in attention_shapes(cfg).items():
         q, k, v = [torch.randn(B, heads, T, width // heads, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3)]
         grad = torch.randn_like(q)
@@ -151,10 +155,8 @@ def cpu_attention(cfg, B):
     """On a CPU in bf16: SDPA's flash kernel against clip.attention, which takes matmul-softmax-matmul up to
     128 keys, at the model's attention shapes; and the flash kernel's backward per (sample, head), in fp32
     and in bf16, at a few lengths."""
-    shapes = {"vision": (cfg.vision_heads, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.vision_width, False),
-              "text": (cfg.text_heads, cfg.context_length, cfg.text_width, True)}
     print(f"attention at the model's shapes, batch {B}, bf16 on the CPU: forward+backward, ms")
-    for tower, (heads, T, width, causal) in shapes.items():
+    for tower, (heads, T, width, causal) in attention_shapes(cfg).items():
         q, k, v = [torch.randn(B, heads, T, width // heads, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         grad = torch.randn_like(q)
         fused = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad), torch.device("cpu"))

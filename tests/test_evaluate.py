@@ -238,7 +238,7 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     assert list(probs) == [str(root / "blue" / f"{i}.png") for i in range(3)] + [str(root / "red" / "0.png")]
     whole = evaluate.main([ckpt, "--images", str(root / "blue"), str(root / "red" / "0.png"), "--texts", "red", "blue"])
     assert all(probs[k] == pytest.approx(whole["images"][k], abs=1e-6) for k in probs)
-    # in bf16 (2-3x faster on a CPU with bf16 units): the same figures up to bf16's rounding, not identical
+    # in bf16 (as on a CPU with bf16 units): the same figures up to bf16's rounding, not identical
     half = evaluate.main([ckpt, "--images", str(root / "blue"), str(root / "red" / "0.png"), "--texts", "red", "blue",
                           "--precision", "bf16"])["images"]
     diffs = [abs(half[k][t] - whole["images"][k][t]) for k in half for t in ("red", "blue")]

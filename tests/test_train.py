@@ -193,8 +193,7 @@ def test_clipped_step_equals_clipping_then_adamw(fused):
             opt.step()
         return norm.item()
 
-    ours = lambda model, opt, grad_clip, loss: train.clipped_step(opt, model.parameters(), grad_clip, loss, fused,
-                                                                  ddp=False)[0].item()
+    ours = lambda model, opt, grad_clip, loss: train.clipped_step(opt, model.parameters(), grad_clip, loss)[0].item()
     for grad_clip, poison in ((0.5, False), (1e6, False), (0.0, False), (0.5, True)):
         got, got_norms = run(ours, grad_clip, poison)
         want, want_norms = run(reference, grad_clip, poison)
@@ -202,6 +201,12 @@ def test_clipped_step_equals_clipping_then_adamw(fused):
         if grad_clip == 0.5 and not poison:
             assert min(want_norms) > 2 * grad_clip  # so the clipping did act
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    if fused:  # the clipping factor goes to AdamW, which divides the gradients by it: no pass of its own
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = torch.full((4,), 3.0)  # norm 6
+        opt = torch.optim.AdamW([p], fused=True)
+        assert train.clipped_step(opt, [p], 1.5, torch.tensor(0.0))[0].item() == 6.0
+        assert opt.grad_scale.item() == pytest.approx(4.0)
 
 # ---------------------------------------------------------------------------- accumulation
 
