@@ -42,17 +42,33 @@ from dataloader import prefetch  # noqa: E402
 from train import PEAK_BF16_FLOPS, clipped_step, keep_freed_memory, param_groups  # noqa: E402
 
 
-def matmul_peak(device, dtype):
-    n = 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
+def matmul_peak(device, dtype, budget_s=2.0):
+    """This device's matmul rate in dtype, from n^3 products with n = 2048, or less where one product would
+    take over budget_s: a CPU without bf16 units (AVX2 only, say) emulates bf16 matmuls at
+    about 1 GFLOP/s, where one 2048^3 product takes 15 s. Returns (FLOP/s, n)."""
+    def operands(n):
+        return torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    # the fastest of a few 256^3 products bounds the others' times from above (a product's time grows as n^3,
+    # or slower: large products run nearer the peak)
+    a, b = operands(256)
+    times = []
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
         a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    guess = lambda n: min(times) * (n / 256) ** 3
+    n = next(n for n in (2048, 1024, 512, 256) if guess(n) <= budget_s or n == 256)
+    reps = max(1, min(10, int(budget_s / guess(n))))
+    a, b = operands(n)
+    a @ b  # warm-up
     sync(device)
-    reps, t = 10, time.perf_counter()
+    t = time.perf_counter()
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t), n
 
 
 def sync(device):
@@ -196,7 +212,7 @@ def main():
         # as train.py does on a CPU; process-wide, so both sides run with it
         allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
         peak = None  # measured below, a round at a time, beside the steps
-        peak_note = f"measured 2048^3 {'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
+        peak_note = "measured {n}^3 " + f"{'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
     builders = {"ours": ours, "ours-sdpa": ours, "openclip": openclip}
     runs = []
     for side in args.sides.split(","):
@@ -223,9 +239,10 @@ def main():
             run["rates"].append(args.steps * args.batch_size / time_steps(run["step"], args.steps, device))
         if device.type == "cpu":
             # in the precision the steps run in: a CPU with bf16 units multiplies bf16 faster than fp32
-            matmul_rates.append(matmul_peak(device, torch.bfloat16 if bf16 else torch.float32))
+            rate, n = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+            matmul_rates.append(rate)
     if device.type == "cpu":
-        peak = statistics.median(matmul_rates)
+        peak, peak_note = statistics.median(matmul_rates), peak_note.format(n=n)
     print(f"{cfg}\n{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
           f"GFLOP/s ({peak_note})")

@@ -227,9 +227,9 @@ def profile_step(cfg, B, device, compiled, bf16, top):
 
 
 def matmul_rates(prof, n, device, bf16, top):
-    """On a CPU: each matmul shape's rate against this machine's 2048^3 rate, measured now: how near its
+    """On a CPU: each matmul shape's rate against this machine's 2048^3 rate (or smaller: bench.matmul_peak), measured now: how near its
     peak the step's matmuls run, and so the MFU the step could reach if nothing else took time."""
-    peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    peak, size = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key not in ("aten::mm", "aten::addmm", "aten::bmm"):
@@ -239,7 +239,7 @@ def matmul_rates(prof, n, device, bf16, top):
         rows.append((e.cpu_time_total / n / 1e3, flop, e.count // n, f"{e.key} {a} @ {b}"))
     ms, flop = sum(r[0] for r in rows), sum(r[1] for r in rows)
     print(f"matmuls: {ms:.1f} ms a step at {flop / ms / 1e6:.1f} GFLOP/s, {flop / ms * 1e3 / peak:.1%} of the "
-          f"2048^3 rate measured now ({peak / 1e9:.0f} GFLOP/s); the {top} largest shapes:")
+          f"{size}^3 rate measured now ({peak / 1e9:.0f} GFLOP/s); the {top} largest shapes:")
     for t, f, calls, name in sorted(rows, reverse=True)[:top]:
         print(f"  {t:8.3f} ms {calls:4d}x  {f / t / 1e6:7.1f} GFLOP/s  {f / t * 1e3 / peak:6.1%}  {name}")
 

@@ -32,7 +32,8 @@ def test_training_step_benchmark_reports_throughput_and_mfu():
     out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours,ours-sdpa", "--rounds", "1",
               "--steps", "1", "--warmup", "1", "--patch_size", "32", "--text_layers", "1", "--vision_layers", "1",
               "--precision", "bf16")
-    assert "bf16" in out.splitlines()[1] and "measured 2048^3 bf16 torch.mm" in out
+    # (at 2048^3, or smaller where this CPU emulates bf16 and a 2048^3 product would take over 2 s)
+    assert "bf16" in out.splitlines()[1] and re.search(r"measured (2048|1024|512|256)\^3 bf16 torch.mm", out)
     rates = dict(re.findall(r"^(ours|ours-sdpa)\s+([\d.]+) samples/s", out, flags=re.M))
     assert set(rates) == {"ours", "ours-sdpa"} and all(float(v) > 0 for v in rates.values())
 
@@ -81,7 +82,7 @@ def test_step_profile_checks_the_fast_paths_and_splits_the_time():
     assert sum(kinds.values()) == pytest.approx(total, rel=0.01)
     assert min(kinds.values()) > 0
     # on a CPU: the matmuls' rate against the machine's own 2048^3 rate, and by shape
-    share = float(re.search(r"^matmuls: [\d.]+ ms a step at [\d.]+ GFLOP/s, ([\d.]+)% of the 2048\^3 rate", out,
+    share = float(re.search(r"^matmuls: [\d.]+ ms a step at [\d.]+ GFLOP/s, ([\d.]+)% of the \d+\^3 rate", out,
                             flags=re.M).group(1))
     assert 0 < share < 300
     assert re.search(r"^\s+[\d.]+ ms\s+\d+x\s+[\d.]+ GFLOP/s\s+[\d.]+%\s+aten::(add)?mm \[", out, flags=re.M)

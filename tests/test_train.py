@@ -520,6 +520,23 @@ def test_the_gpu_peak_is_the_datasheet_figure_of_that_exact_model(monkeypatch):
     assert train.peak_flops(torch.device("cpu")) is None
 
 
+def test_bf16_on_a_cpu_is_suggested_where_it_is_fast_and_warned_against_where_it_is_emulated(tmp_path, monkeypatch):
+    cpus = {"flags\t\t: fpu sse2 avx avx2 fma avx512f\n": False,          # AVX2/AVX-512 without bf16: emulated
+            "flags\t\t: fpu avx2 avx512f avx512_bf16\n": True,            # AVX512-BF16
+            "flags\t\t: fpu avx2 amx_tile amx_bf16\n": True,              # AMX
+            "Features\t: fp asimd sve i8mm bf16\nCPU part\t: 0xd40\n": True}  # an Arm with BF16
+    for text, units in cpus.items():
+        (tmp_path / "cpuinfo").write_text(text * 2)  # one block per core
+        assert train.cpu_multiplies_bf16(str(tmp_path / "cpuinfo")) is units, text
+    assert train.cpu_multiplies_bf16(str(tmp_path / "none")) is None  # no /proc (macOS): unknown, so no advice
+    for units, precision, advice in [(True, "auto", "runs 2-3x faster"), (False, "bf16", "warning: this CPU has no bf16"),
+                                     (True, "bf16", None), (False, "auto", None), (None, "bf16", None),
+                                     (False, "fp32", None), (True, "fp32", None)]:
+        monkeypatch.setattr(train, "cpu_multiplies_bf16", lambda: units)
+        line = train.cpu_bf16_advice(precision)
+        assert (line is None) if advice is None else (advice in line), (units, precision, line)
+
+
 def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, max_steps=3))
