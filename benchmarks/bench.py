@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip  # noqa: E402
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from dataloader import prefetch  # noqa: E402
-from train import PEAK_BF16_FLOPS, clipped_step, keep_freed_memory, param_groups  # noqa: E402
+from train import PEAK_BF16_FLOPS, clipped_step, cpu_multiplies_bf16, keep_freed_memory, param_groups  # noqa: E402
 
 
 def matmul_peak(device, dtype, budget_s=2.0):
@@ -213,6 +213,8 @@ def main():
         allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
         peak = None  # measured below, a round at a time, beside the steps
         peak_note = "measured {n}^3 " + f"{'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
+        if bf16 and cpu_multiplies_bf16() is False:  # emulated: small products can beat the large one's rate
+            peak_note += "; this CPU has no bf16 units, so it emulates bf16 matmuls and the MFU means little"
     builders = {"ours": ours, "ours-sdpa": ours, "openclip": openclip}
     runs = []
     for side in args.sides.split(","):
