@@ -479,7 +479,7 @@ def main(argv=None):
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     advice = cpu_bf16_advice(args.precision) if device.type == "cpu" else None
     if advice:
-        print(advice)
+        print(advice, file=sys.stderr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         model, cfg = load_model(args.checkpoint, device)

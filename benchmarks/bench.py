@@ -45,7 +45,7 @@ from train import PEAK_BF16_FLOPS, clipped_step, cpu_multiplies_bf16, keep_freed
 def matmul_peak(device, dtype, budget_s=2.0):
     """This device's matmul rate in dtype, from n^3 products with n = 2048, or less where one product would
     take over budget_s: a CPU without bf16 units (AVX2 only, say) emulates bf16 matmuls at
-    about 1 GFLOP/s, where one 2048^3 product takes 15 s. Returns (FLOP/s, n)."""
+    about 1 GFLOP/s, where one 2048^3 product takes about 18 s. Returns (FLOP/s, n)."""
     def operands(n):
         return torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     # the fastest of a few 256^3 products bounds the others' times from above (a product's time grows as n^3,
