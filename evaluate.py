@@ -61,25 +61,40 @@ def recall_at_k(image_emb, text_emb, text_image=None, ks=RETRIEVAL_KS, block=409
     """Text j describes image text_image[j] (by default image j; COCO's images have five captions each).
     Recall@k: how often the true match ranks among the k most similar. For a caption that is its image;
     for an image, its best-ranked caption (the usual protocol when an image has several).
+    Candidates that score exactly as high as the true match (a caption several images share, a duplicate
+    image, a model whose embeddings all coincide) are ranked in random order: recall is its expected value
+    then, so such ties neither all count as found nor all as missed.
     The similarities are made `block` rows at a time: 100k val pairs would need 40 GB at once."""
     if text_image is None:
         text_image = torch.arange(len(text_emb), device=text_emb.device)
     out = {}
     for name, queries, candidates in (("image_to_text", image_emb, text_emb), ("text_to_image", text_emb, image_emb)):
-        ranks = []
+        above, own, others = [], [], []
         for i in range(0, len(queries), block):
             sim = queries[i:i + block] @ candidates.T  # (block, N)
             if name == "text_to_image":  # query i + r's true match is image text_image[i + r]
                 true_sim = sim[torch.arange(len(sim), device=sim.device), text_image[i:i + block]]
+                ties_own = torch.ones(len(sim), dtype=torch.long, device=sim.device)
             else:  # image i + r's captions are the columns where text_image == i + r: keep the best of them
                 cols = ((text_image >= i) & (text_image < i + len(sim))).nonzero()[:, 0]
                 rows = text_image[cols] - i
                 true_sim = sim.new_full((len(sim),), float("-inf")).scatter_reduce(0, rows, sim[rows, cols], "amax")
-            # rank of the true match = how many candidates score strictly higher (the same matmul's values)
-            ranks.append((sim > true_sim[:, None]).sum(dim=1))
-        rank = torch.cat(ranks)
+                # how many of its own captions score that best value
+                ties_own = torch.zeros(len(sim), dtype=torch.long, device=sim.device).scatter_add(
+                    0, rows, (sim[rows, cols] == true_sim[rows]).long())
+            # the same matmul's values: how many candidates score strictly higher, and how many tie
+            above.append((sim > true_sim[:, None]).sum(dim=1))
+            own.append(ties_own)
+            others.append((sim == true_sim[:, None]).sum(dim=1) - ties_own)
+        above, own, others = (torch.cat(x).double() for x in (above, own, others))
         for k in ks:
-            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+            # the tied places left within the top k, m; the chance that none of them holds one of the `own` true
+            # candidates, the tied ones in random order: C(others, m) / C(others + own, m), 0 when m > others
+            m = (k - above).clamp(min=0)
+            log_miss = (torch.lgamma(others + 1) - torch.lgamma((others - m).clamp(min=0) + 1)
+                        - torch.lgamma(others + own + 1) + torch.lgamma(others + own - m + 1))
+            miss = torch.where(m > others, torch.zeros_like(m), log_miss.exp())
+            out[f"{name}_R@{k}"] = (1 - miss).mean().item()
     return out
 
 

@@ -96,6 +96,27 @@ def test_retrieval_embeds_every_caption_of_every_image(tmp_path):
     assert img.shape[0] == 4 and text_image.tolist() == [0, 1, 1, 2, 2, 2, 3] and txt.shape[0] == 7
 
 
+def test_tied_candidates_are_ranked_at_random_not_in_the_true_matchs_favour():
+    # a model whose embeddings all coincide: every candidate ties, so recall@k is k / N (it used to be 100%)
+    same = F.normalize(torch.ones(10, 16), dim=-1)
+    got = evaluate.recall_at_k(same, same)
+    for k in (1, 5, 10):
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(k / 10) and got[f"text_to_image_R@{k}"] == pytest.approx(k / 10)
+    # 4 images (e_i + 2 e_7), each with a caption of its own (0.1 e_i) and a copy of one caption (e_7) that every
+    # image scores higher than its own; image 0 holds two copies. Every image's best caption ties with all 5 copies
+    img = torch.eye(4, 8) + 2 * torch.eye(8)[7]
+    txt = torch.cat([0.1 * torch.eye(4, 8), torch.eye(8)[7].expand(5, 8)])
+    owner = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0])
+    got = evaluate.recall_at_k(img, txt, owner, ks=(1, 2, 4))
+    # images 1-3: 1 of the 5 tied is theirs (R@k = k / 5); image 0: 2 of 5, R@1 2/5, R@2 1 - C(3,2)/C(5,2), R@4 1
+    assert got["image_to_text_R@1"] == pytest.approx((3 * 1 / 5 + 2 / 5) / 4)
+    assert got["image_to_text_R@2"] == pytest.approx((3 * 2 / 5 + (1 - 3 / 10)) / 4)
+    assert got["image_to_text_R@4"] == pytest.approx((3 * 4 / 5 + 1) / 4)
+    # as queries: an own caption finds its image alone at the top; a copy ties over the 4 images
+    assert got["text_to_image_R@1"] == pytest.approx((4 + 5 * 1 / 4) / 9)
+    assert got["text_to_image_R@2"] == pytest.approx((4 + 5 * 2 / 4) / 9)
+
+
 def test_a_perfect_model_scores_100_percent():
     emb = F.normalize(torch.randn(30, 16), dim=-1)
     assert all(v == 1.0 for v in evaluate.recall_at_k(emb, emb).values())
