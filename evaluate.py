@@ -74,7 +74,7 @@ def recall_at_k(image_emb, text_emb, text_image=None, ks=RETRIEVAL_KS, block=409
             sim = queries[i:i + block] @ candidates.T  # (block, N)
             if name == "text_to_image":  # query i + r's true match is image text_image[i + r]
                 true_sim = sim[torch.arange(len(sim), device=sim.device), text_image[i:i + block]]
-                ties_own = torch.ones(len(sim), dtype=torch.long, device=sim.device)
+                ties_own = (true_sim == true_sim).long()  # 1, or 0 where it is NaN (no match is found then)
             else:  # image i + r's captions are the columns where text_image == i + r: keep the best of them
                 cols = ((text_image >= i) & (text_image < i + len(sim))).nonzero()[:, 0]
                 rows = text_image[cols] - i
@@ -93,7 +93,7 @@ def recall_at_k(image_emb, text_emb, text_image=None, ks=RETRIEVAL_KS, block=409
             m = (k - above).clamp(min=0)
             log_miss = (torch.lgamma(others + 1) - torch.lgamma((others - m).clamp(min=0) + 1)
                         - torch.lgamma(others + own + 1) + torch.lgamma(others + own - m + 1))
-            miss = torch.where(m > others, torch.zeros_like(m), log_miss.exp())
+            miss = torch.where(m > others, torch.zeros_like(m), log_miss.exp()).masked_fill(own == 0, 1.0)
             out[f"{name}_R@{k}"] = (1 - miss).mean().item()
     return out
 

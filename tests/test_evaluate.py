@@ -115,6 +115,9 @@ def test_tied_candidates_are_ranked_at_random_not_in_the_true_matchs_favour():
     # as queries: an own caption finds its image alone at the top; a copy ties over the 4 images
     assert got["text_to_image_R@1"] == pytest.approx((4 + 5 * 1 / 4) / 9)
     assert got["text_to_image_R@2"] == pytest.approx((4 + 5 * 2 / 4) / 9)
+    # NaN embeddings (a diverged model) find nothing: NaN ties with nothing, not even itself
+    broken = torch.full((6, 8), float("nan"))
+    assert all(v == 0.0 for v in evaluate.recall_at_k(broken, broken).values())
 
 
 def test_a_perfect_model_scores_100_percent():
