@@ -37,7 +37,6 @@ from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import ShardLoader, data_dirs, default_num_workers, prefetch, prepare_image, shard_paths
 from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
-from train import cpu_bf16_advice
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -492,6 +491,9 @@ def main(argv=None):
     except (RuntimeError, AssertionError) as e:
         p.error(f"--device {args.device}: {e}")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    # imported here: train.py imports this file as it runs, and a top-level import of train would load a
+    # second copy of train.py beside its __main__
+    from train import cpu_bf16_advice
     advice = cpu_bf16_advice(args.precision) if device.type == "cpu" else None
     if advice:
         print(advice, file=sys.stderr)

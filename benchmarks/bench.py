@@ -212,9 +212,6 @@ def main():
         # as train.py does on a CPU; process-wide, so both sides run with it
         allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
         peak = None  # measured below, a round at a time, beside the steps
-        peak_note = "measured {n}^3 " + f"{'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
-        if bf16 and cpu_multiplies_bf16() is False:  # emulated: small products can beat the large one's rate
-            peak_note += "; this CPU has no bf16 units, so it emulates bf16 matmuls and the MFU means little"
     builders = {"ours": ours, "ours-sdpa": ours, "openclip": openclip}
     runs = []
     for side in args.sides.split(","):
@@ -244,7 +241,10 @@ def main():
             rate, n = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
             matmul_rates.append(rate)
     if device.type == "cpu":
-        peak, peak_note = statistics.median(matmul_rates), peak_note.format(n=n)
+        peak = statistics.median(matmul_rates)
+        peak_note = f"measured {n}^3 {'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
+        if bf16 and cpu_multiplies_bf16() is False:  # emulated: small products can beat the large one's rate
+            peak_note += "; this CPU has no bf16 units, so it emulates bf16 matmuls and the MFU means little"
     print(f"{cfg}\n{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
           f"GFLOP/s ({peak_note})")

@@ -227,8 +227,9 @@ def profile_step(cfg, B, device, compiled, bf16, top):
 
 
 def matmul_rates(prof, n, device, bf16, top):
-    """On a CPU: each matmul shape's rate against this machine's 2048^3 rate (or smaller: bench.matmul_peak), measured now: how near its
-    peak the step's matmuls run, and so the MFU the step could reach if nothing else took time."""
+    """On a CPU: each matmul shape's rate against this machine's 2048^3 rate (or a smaller size's, as
+    bench.matmul_peak chooses), measured now: how near its peak the step's matmuls run, and so the MFU the
+    step could reach if nothing else took time."""
     peak, size = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):

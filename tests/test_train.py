@@ -264,10 +264,13 @@ def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path, cap
     assert [r["step"] for r in read_log(split)][-2:] == [7, 8]
 
 
-def test_a_bf16_run_on_a_cpu_resumes_exactly_too(shapes_dir, tmp_path):
+def test_a_bf16_run_on_a_cpu_resumes_exactly_too(shapes_dir, tmp_path, capsys, monkeypatch):
     # --precision bf16 is the fast way on CPUs with bf16 units: its runs resume bit for bit as fp32 ones do
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train.main(run_args(shapes_dir, straight, precision="bf16", eval_interval=0))
+    with monkeypatch.context() as m:  # on a CPU that would emulate bf16, the run says so (and runs all the same)
+        m.setattr(train, "cpu_multiplies_bf16", lambda: False)
+        train.main(run_args(shapes_dir, straight, precision="bf16", eval_interval=0))
+    assert "warning: this CPU has no bf16 matrix units" in capsys.readouterr().err
     train.main(run_args(shapes_dir, split, precision="bf16", eval_interval=0))
     os.remove(os.path.join(split, "ckpt-00000006.pt"))  # as if it had stopped at step 3
     train.main(["--resume", os.path.join(split, "ckpt-00000003.pt")])
