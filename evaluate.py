@@ -451,7 +451,8 @@ def main(argv=None):
                    "per line")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 on CUDA, fp32 elsewhere; as train.py --precision (bf16 suits CPUs with bf16 units too)")
+                   help="auto: bf16 on GPUs with bf16 tensor cores, fp32 elsewhere; as train.py --precision (bf16 suits "
+                   "CPUs with bf16 units too)")
     args = p.parse_args(argv)
     if not args.zeroshot and not args.retrieval and not args.images:
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
@@ -490,13 +491,15 @@ def main(argv=None):
         torch.empty(0, device=device)  # a device torch cannot use fails here, with torch's reason
     except (RuntimeError, AssertionError) as e:
         p.error(f"--device {args.device}: {e}")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     # imported here: train.py imports this file as it runs, and a top-level import of train would load a
     # second copy of train.py beside its __main__
-    from train import cpu_bf16_advice
-    advice = cpu_bf16_advice(args.precision) if device.type == "cpu" else None
-    if advice:
-        print(advice, file=sys.stderr)
+    from train import choose_precision
+    try:
+        bf16, note = choose_precision(args.precision, device)
+    except ValueError as e:
+        p.error(str(e))
+    if note:
+        print(note, file=sys.stderr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     try:
         model, cfg = load_model(args.checkpoint, device)

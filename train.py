@@ -69,8 +69,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = no clipping
     # speed and numerics
     device: str = "auto"  # auto (cuda, else mps, else cpu), cuda, mps, cpu; this machine's, never the checkpoint's
-    compile: str = "auto"  # auto (on for CUDA), true, false
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), bf16 (2-3x faster on CPUs with bf16 units), fp32
+    compile: str = "auto"  # auto (on for CUDA GPUs that Triton supports), true, false
+    precision: str = "auto"  # auto (bf16 on GPUs with bf16 tensor cores, fp32 elsewhere), bf16 (2-3x faster on CPUs with bf16 units), fp32
     grad_checkpointing: bool = False
     # logging, evaluation, checkpoints
     log_interval: int = 10  # steps; for this and the other intervals, 0 = only at the last step
@@ -329,6 +329,49 @@ def cpu_bf16_advice(precision):
                 "leave out --precision bf16 to run in fp32")
     return None
 
+
+def gpu_facts(device):
+    """What --precision auto and --compile auto depend on: whether this GPU has bf16 tensor cores (NVIDIA's
+    from compute capability 8.0, Ampere, on; AMD's under ROCm), and whether torch.compile's GPU backend,
+    Triton, runs on it (installed, which torch's Linux CUDA wheels are, and compute capability 7.0 or more)."""
+    import importlib.util
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"name": f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}",
+            "bf16": bool(torch.version.hip) or major >= 8, "triton_installed": importlib.util.find_spec("triton") is not None,
+            "triton_supported": major >= 7}
+
+
+def choose_precision(precision, device):
+    """--precision on this device -> (whether to run under bf16 autocast, a note for stderr or None). auto is
+    bf16 on a GPU with bf16 tensor cores and fp32 elsewhere. An older GPU (a T4 or a V100, common in the cloud)
+    has none, and Triton cannot generate bf16 code for it ("Feature '.bf16' requires .target sm_80"): asked for
+    there, bf16 is a ValueError that says so, not a compiler error inside the first step."""
+    if device.type == "cuda":
+        gpu = gpu_facts(device)
+        if gpu["bf16"]:
+            return precision != "fp32", None
+        if precision == "bf16":
+            raise ValueError(f"--precision bf16: this GPU ({gpu['name']}) has no bf16 tensor cores, which start at "
+                             "compute capability 8.0 (Ampere); leave out --precision to train in fp32")
+        return False, f"this GPU ({gpu['name']}) has no bf16 tensor cores: training in fp32" if precision == "auto" else None
+    return precision == "bf16", cpu_bf16_advice(precision) if device.type == "cpu" else None
+
+
+def choose_compile(compile, device):
+    """--compile on this device -> (whether to torch.compile the model, a note for stderr or None). auto
+    compiles on a GPU that Triton runs on, and nowhere else (on a CPU, compiling pays only on long runs)."""
+    if device.type != "cuda":
+        return compile == "true", None
+    gpu = gpu_facts(device)
+    if gpu["triton_installed"] and gpu["triton_supported"]:
+        return compile != "false", None
+    why = ("torch.compile needs Triton on a GPU, which is not installed (torch's Linux CUDA wheels bring it; on "
+           "Windows: pip install triton-windows)" if not gpu["triton_installed"] else
+           f"torch.compile needs Triton, which this GPU ({gpu['name']}) is too old for (compute capability 7.0 on)")
+    if compile == "true":
+        raise ValueError(f"--compile true: {why}; leave out --compile to train without it")
+    return False, f"{why}: training without it" if compile == "auto" else None
+
 # -----------------------------------------------------------------------------
 # evaluation during training
 
@@ -473,12 +516,15 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    advice = cpu_bf16_advice(cfg.precision) if device.type == "cpu" and master else None
-    if advice:
-        print(advice, file=sys.stderr)
+    try:  # each with a note where auto chose for a reason worth knowing (a T4: fp32, a CPU with bf16 units: try bf16)
+        (use_bf16, precision_note), (use_compile, compile_note) = (choose_precision(cfg.precision, device),
+                                                                   choose_compile(cfg.compile, device))
+    except ValueError as e:
+        sys.exit(str(e))
+    for note in (precision_note, compile_note):
+        if note and master:
+            print(note, file=sys.stderr)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
 
     if start is not None and master:
         print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")

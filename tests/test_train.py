@@ -540,6 +540,41 @@ def test_bf16_on_a_cpu_is_suggested_where_it_is_fast_and_warned_against_where_it
         assert (line is None) if advice is None else (advice in line), (units, precision, line)
 
 
+def test_a_gpu_without_bf16_tensor_cores_or_triton_trains_in_fp32_uncompiled_and_says_why(monkeypatch, shapes_dir, tmp_path):
+    # a T4 or V100 (compute capability 7.x): bf16 would fail in the compiler; a P100 (6.0): Triton refuses it
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    gpus = {"A100": dict(name="NVIDIA A100, compute capability 8.0", bf16=True, triton_installed=True, triton_supported=True),
+            "T4": dict(name="Tesla T4, compute capability 7.5", bf16=False, triton_installed=True, triton_supported=True),
+            "P100": dict(name="Tesla P100, compute capability 6.0", bf16=False, triton_installed=True, triton_supported=False),
+            "no Triton": dict(name="NVIDIA RTX 4090, compute capability 8.9", bf16=True, triton_installed=False,
+                              triton_supported=True)}
+    # (gpu, flag) -> the choice, or the error's words. Where auto says no, a note says why
+    precision = {("A100", "auto"): True, ("A100", "bf16"): True, ("A100", "fp32"): False, ("T4", "auto"): False,
+                 ("T4", "fp32"): False, ("T4", "bf16"): "no bf16 tensor cores", ("P100", "auto"): False}
+    compile_ = {("A100", "auto"): True, ("A100", "false"): False, ("T4", "auto"): True, ("P100", "auto"): False,
+                ("P100", "false"): False, ("P100", "true"): "too old", ("no Triton", "auto"): False,
+                ("no Triton", "true"): "not installed"}
+    for choose, table in ((train.choose_precision, precision), (train.choose_compile, compile_)):
+        for (gpu, flag), expected in table.items():
+            monkeypatch.setattr(train, "gpu_facts", lambda device: gpus[gpu])
+            if isinstance(expected, str):
+                with pytest.raises(ValueError, match=expected):
+                    choose(flag, cuda)
+                continue
+            chosen, note = choose(flag, cuda)
+            assert chosen is expected, (choose.__name__, gpu, flag)
+            assert (note is not None) == (flag == "auto" and not chosen), (choose.__name__, gpu, flag, note)
+            assert note is None or gpus[gpu]["name"] in note or "not installed" in note
+    # a CPU compiles only when asked, and takes bf16 only when asked
+    assert train.choose_compile("auto", cpu) == (False, None) and train.choose_compile("true", cpu) == (True, None)
+    assert train.choose_precision("auto", cpu)[0] is False and train.choose_precision("bf16", cpu)[0] is True
+    # train.py and evaluate.py stop on such a choice with its message, before any work
+    monkeypatch.setattr(train, "choose_precision", lambda precision, device: (_ for _ in ()).throw(ValueError("no bf16 here")))
+    with pytest.raises(SystemExit, match="no bf16 here"):
+        train.main(run_args(shapes_dir, str(tmp_path / "run")))
+    assert not os.path.exists(os.path.join(tmp_path, "run", "log.jsonl"))
+
+
 def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, max_steps=3))
