@@ -85,7 +85,8 @@ def recall_at_k(image_emb, text_emb, text_image=None, ks=RETRIEVAL_KS, block=409
             above.append((sim > true_sim[:, None]).sum(dim=1))
             own.append(ties_own)
             others.append((sim == true_sim[:, None]).sum(dim=1) - ties_own)
-        above, own, others = (torch.cat(x).double() for x in (above, own, others))
+        # counts of N queries; float64 for lgamma of counts up to N, on the CPU: Apple's MPS has no float64
+        above, own, others = (torch.cat(x).cpu().double() for x in (above, own, others))
         for k in ks:
             # the tied places left within the top k, m; the chance that none of them holds one of the `own` true
             # candidates, the tied ones in random order: C(others, m) / C(others + own, m), 0 when m > others
