@@ -451,9 +451,9 @@ def main(argv=None):
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
                    "per line")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 on GPUs with bf16 tensor cores, fp32 elsewhere; as train.py --precision (bf16 suits "
-                   "CPUs with bf16 units too)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs with bf16 tensor cores, fp16 on older ones with fp16 tensor cores, fp32 "
+                   "elsewhere; as train.py --precision (bf16 suits CPUs with bf16 units too)")
     args = p.parse_args(argv)
     if not args.zeroshot and not args.retrieval and not args.images:
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
@@ -496,12 +496,12 @@ def main(argv=None):
     # second copy of train.py beside its __main__
     from train import choose_precision
     try:
-        bf16, note = choose_precision(args.precision, device)
+        dtype, note = choose_precision(args.precision, device)
     except ValueError as e:
         p.error(str(e))
     if note:
         print(note, file=sys.stderr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     try:
         model, cfg = load_model(args.checkpoint, device)
         get_encoding(cfg.encoding)  # the checkpoint's tokenizer, which may need a download

@@ -70,7 +70,9 @@ class TrainConfig:
     # speed and numerics
     device: str = "auto"  # auto (cuda, else mps, else cpu), cuda, mps, cpu; this machine's, never the checkpoint's
     compile: str = "auto"  # auto (on for CUDA GPUs that Triton supports), true, false
-    precision: str = "auto"  # auto (bf16 on GPUs with bf16 tensor cores, fp32 elsewhere), bf16 (2-3x faster on CPUs with bf16 units), fp32
+    # auto: bf16 on GPUs with bf16 tensor cores, fp16 (loss-scaled) on older ones with fp16 tensor cores, else fp32;
+    # bf16 (also 2-3x faster on CPUs with bf16 units), fp16, fp32
+    precision: str = "auto"
     grad_checkpointing: bool = False
     # logging, evaluation, checkpoints
     log_interval: int = 10  # steps; for this and the other intervals, 0 = only at the last step
@@ -183,34 +185,44 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def clipped_step(optimizer, params, grad_clip, loss):
+def clipped_step(optimizer, params, grad_clip, loss, scaler=None):
     """The optimizer's step on gradients clipped to a global norm of grad_clip (0: not clipped), skipped when
     the loss or the gradient is not finite. Returns the gradient's norm before clipping, and 1.0 if the step
-    was skipped (else 0.0), both on the device: with fused AdamW nothing waits for the host."""
+    went wrong (else 0.0), both on the device: with fused AdamW nothing waits for the host.
+    With fp16's loss scaler the gradients arrive multiplied by its scale: they are divided back first, and a
+    step whose gradient overflowed fp16 is skipped too but not counted as gone wrong; the scaler halves its
+    scale instead (and doubles it again after 2000 steps without an overflow)."""
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        scaler.unscale_(optimizer)
     params = [p for p in params if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+    flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float()  # (loss bad, gradient bad)
     if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank skips together
+    skip, bad = flags.max(), flags[0] if scaling else flags.max()
     if optimizer.defaults.get("fused"):
         # fused AdamW divides each gradient by grad_scale as it reads it: clipping without a pass of its own
         # over every gradient, which costs as much as the token table's update on a CPU; and found_inf skips
         # the step on the device
         optimizer.grad_scale = (grad_norm + 1e-6).div(grad_clip).clamp(min=1.0) if grad_clip > 0 else None
-        optimizer.found_inf = bad
+        optimizer.found_inf = skip
         optimizer.step()
-    elif not bad.item():
+    elif not skip.item():
         if grad_clip > 0:  # max_norm 0 would zero every gradient
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
         optimizer.step()
+    if scaling:
+        scaler.update()  # from the overflow check of unscale_, the same on every rank (the gradients are)
     return grad_norm, bad
 
 # -----------------------------------------------------------------------------
 # one optimisation step's gradients
 
 
-def forward_backward(model, images, tokens, micro_batch_size, autocast):
+def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=None):
     """Accumulates into .grad the gradient of the loss over the whole (global) batch; returns the loss.
+    With fp16's loss scaler, the gradient times its scale (small gradients would round to zero in fp16).
 
     With micro-batches, naive accumulation would shrink the contrastive negatives to one micro-batch.
     Instead (feature caching, as in GradCache): 1) embed every micro-batch without gradients; 2) compute
@@ -225,7 +237,7 @@ def forward_backward(model, images, tokens, micro_batch_size, autocast):
     if m >= B:
         with autocast:
             loss = clip_loss(*model(images, tokens))
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         return loss.detach()
     chunks = list(zip(images.split(m), tokens.split(m)))
     with torch.no_grad(), autocast:  # 1) embeddings of the whole batch, no activations kept
@@ -235,7 +247,7 @@ def forward_backward(model, images, tokens, micro_batch_size, autocast):
     scale = cached[0][2].detach().requires_grad_()
     bias = None if cached[0][3] is None else cached[0][3].detach().requires_grad_()
     loss = clip_loss(img, txt, scale, bias)  # 2) the full-batch loss, gathered over ranks inside
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()  # scaled, so are the embeddings' gradients
     for k, (i, t) in enumerate(chunks):  # 3) each micro-batch again, with gradients
         last = k == len(chunks) - 1
         if is_ddp:
@@ -332,29 +344,40 @@ def cpu_bf16_advice(precision):
 
 def gpu_facts(device):
     """What --precision auto and --compile auto depend on: whether this GPU has bf16 tensor cores (NVIDIA's
-    from compute capability 8.0, Ampere, on; AMD's under ROCm), and whether torch.compile's GPU backend,
-    Triton, runs on it (installed, which torch's Linux CUDA wheels are, and compute capability 7.0 or more)."""
+    from compute capability 8.0, Ampere, on; AMD's under ROCm), fp16 ones (7.0, Volta, on), and whether
+    torch.compile's GPU backend, Triton, runs on it (installed, which torch's Linux CUDA wheels are, and
+    compute capability 7.0 or more)."""
     import importlib.util
     major, minor = torch.cuda.get_device_capability(device)
     return {"name": f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}",
-            "bf16": bool(torch.version.hip) or major >= 8, "triton_installed": importlib.util.find_spec("triton") is not None,
-            "triton_supported": major >= 7}
+            "bf16": bool(torch.version.hip) or major >= 8, "fp16": bool(torch.version.hip) or major >= 7,
+            "triton_installed": importlib.util.find_spec("triton") is not None, "triton_supported": major >= 7}
 
 
 def choose_precision(precision, device):
-    """--precision on this device -> (whether to run under bf16 autocast, a note for stderr or None). auto is
-    bf16 on a GPU with bf16 tensor cores and fp32 elsewhere. An older GPU (a T4 or a V100, common in the cloud)
-    has none, and Triton cannot generate bf16 code for it ("Feature '.bf16' requires .target sm_80"): asked for
-    there, bf16 is a ValueError that says so, not a compiler error inside the first step."""
+    """--precision on this device -> (the autocast dtype, or None for fp32; a note for stderr or None). auto is
+    bf16 on a GPU with bf16 tensor cores; on an older one with fp16 tensor cores (a T4 or a V100, common in the
+    cloud) it is fp16, with loss scaling, as bf16 there has no tensor cores and Triton cannot even generate
+    code for it ("Feature '.bf16' requires .target sm_80"): asked for there, bf16 is a ValueError that says so,
+    not a compiler error inside the first step. Elsewhere auto is fp32."""
     if device.type == "cuda":
         gpu = gpu_facts(device)
-        if gpu["bf16"]:
-            return precision != "fp32", None
-        if precision == "bf16":
+        if precision == "bf16" and not gpu["bf16"]:
             raise ValueError(f"--precision bf16: this GPU ({gpu['name']}) has no bf16 tensor cores, which start at "
-                             "compute capability 8.0 (Ampere); leave out --precision to train in fp32")
-        return False, f"this GPU ({gpu['name']}) has no bf16 tensor cores: training in fp32" if precision == "auto" else None
-    return precision == "bf16", cpu_bf16_advice(precision) if device.type == "cpu" else None
+                             "compute capability 8.0 (Ampere); leave out --precision to train in "
+                             f"{'fp16 with loss scaling' if gpu['fp16'] else 'fp32'}")
+        if precision != "auto":
+            return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision], None
+        if gpu["bf16"]:
+            return torch.bfloat16, None
+        if gpu["fp16"]:
+            return torch.float16, f"this GPU ({gpu['name']}) has fp16 tensor cores but no bf16 ones: training in fp16, with loss scaling"
+        return None, f"this GPU ({gpu['name']}) has no tensor cores: training in fp32"
+    if precision == "fp16" and device.type == "cpu":
+        return torch.float16, ("warning: --precision fp16 is for GPUs without bf16 tensor cores; most CPUs emulate fp16 "
+                               "matmuls, many times slower than fp32 ones: leave out --precision to run in fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return dtype, cpu_bf16_advice(precision) if device.type == "cpu" else None
 
 
 def choose_compile(compile, device):
@@ -432,7 +455,7 @@ def main(argv=None):
         changed = [f"{k} {resumed[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
                    if k in resumed and k not in ("out_dir", "resume", "init_from", "device") and resumed[k] != v]
     for name, allowed in (("device", ("auto", "cuda", "mps", "cpu")), ("compile", ("auto", "true", "false")),
-                          ("precision", ("auto", "bf16", "fp32")),
+                          ("precision", ("auto", "bf16", "fp16", "fp32")),
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:
             sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -517,14 +540,17 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     try:  # each with a note where auto chose for a reason worth knowing (a T4: fp32, a CPU with bf16 units: try bf16)
-        (use_bf16, precision_note), (use_compile, compile_note) = (choose_precision(cfg.precision, device),
-                                                                   choose_compile(cfg.compile, device))
+        (dtype, precision_note), (use_compile, compile_note) = (choose_precision(cfg.precision, device),
+                                                                choose_compile(cfg.compile, device))
     except ValueError as e:
         sys.exit(str(e))
     for note in (precision_note, compile_note):
         if note and master:
             print(note, file=sys.stderr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    # fp16 keeps only 5 exponent bits: the loss is scaled up before the backward so that small gradients do
+    # not round to zero, and the scale adapts to stay clear of overflow (off, a no-op, in bf16 and fp32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     if start is not None and master:
         print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")
@@ -585,6 +611,8 @@ def main(argv=None):
         raw_model.load_state_dict(start["model"])
         if cfg.resume:
             optimizer.load_state_dict(start["optimizer"])
+            if start.get("scaler"):  # an fp16 run's loss scale (a run resumed in another precision drops it)
+                scaler.load_state_dict(start["scaler"])
             train_loader.load_state_dict(start["loader"])
             set_rng_state(start["rng"])
             step = start["step"]
@@ -603,7 +631,7 @@ def main(argv=None):
     logger = Logger(cfg.out_dir, enabled=master, resume_step=step if cfg.resume else None)
     if master:
         resolved = {**asdict(cfg), "model_config": asdict(model_cfg), "world_size": world, "device": str(device),
-                    "precision": "bf16" if use_bf16 else "fp32", "compile": use_compile,
+                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "compile": use_compile,
                     "loader_workers": num_workers}
         print(json.dumps(resolved, indent=2))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -639,7 +667,7 @@ def main(argv=None):
             sys.exit(f"step {step}: the weights hold NaN/inf; not saving them. Resume from the last good "
                      f"checkpoint in {cfg.out_dir} with a lower --max_lr.")
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "loader": train_loader.state_dict(), "rng": rng_state(), "config": asdict(cfg),
+                 "loader": train_loader.state_dict(), "rng": rng_state(), "scaler": scaler.state_dict(), "config": asdict(cfg),
                  "model_config": asdict(model_cfg), "encoding": model_cfg.encoding, "val_loss": val}
         try:
             path = manager.save(step, state, val)
@@ -665,8 +693,8 @@ def main(argv=None):
         images, tokens = next(batches)  # already on the device: the loader copies a batch ahead (dataloader.prefetch)
         # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
         flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
-        loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast)
-        grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss)
+        loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler)
+        grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
         optimizer.zero_grad(set_to_none=True)
         bad_run = (bad_run + bad) * bad
         bad_max_run, bad_total = torch.maximum(bad_max_run, bad_run), bad_total + bad
@@ -702,6 +730,8 @@ def main(argv=None):
                       "eta_min": (cfg.max_steps - step) * dt / steps_since / 60}  # at this interval's pace, no evals
             if peak:
                 record["mfu"] = flops_since / dt / peak
+            if scaler.is_enabled():
+                record["loss_scale"] = scaler.get_scale()
             logger.log(record)
             loss_sum.zero_()
             good_steps.zero_()

@@ -208,6 +208,44 @@ def test_clipped_step_equals_clipping_then_adamw(fused):
         assert train.clipped_step(opt, [p], 1.5, torch.tensor(0.0))[0].item() == 6.0
         assert opt.grad_scale.item() == pytest.approx(4.0)
 
+def test_loss_scaling_changes_no_update_and_an_overflow_is_skipped_without_counting_as_bad():
+    # fp16's loss scaler multiplies the loss by a power of two and divides the gradients back: in fp32 the
+    # updates are bit for bit those of an unscaled run, one batch or micro-batches alike
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 5000, (16, cfg.context_length), generator=torch.Generator().manual_seed(1))
+    fp32, fp16 = torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.float16)
+
+    def run(scaler, micro=0, autocast=fp32, steps=3):
+        torch.manual_seed(0)
+        model = CLIP(cfg)
+        opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-3, fused=True)
+        out = []
+        for _ in range(steps):
+            before = torch.cat([p.detach().flatten() for p in model.parameters()])
+            loss = train.forward_backward(model, images, tokens, micro, autocast, scaler)
+            norm, bad = train.clipped_step(opt, model.parameters(), 1.0, loss, scaler)
+            opt.zero_grad(set_to_none=True)
+            moved = not torch.equal(before, torch.cat([p.detach().flatten() for p in model.parameters()]))
+            out.append((norm.item(), bad.item(), moved, scaler.get_scale() if scaler else None, loss.item()))
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), out
+
+    for micro in (0, 8):
+        want, _ = run(None, micro)
+        got, steps = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), micro)
+        assert torch.equal(got, want), micro
+        assert [s[3] for s in steps] == [2.0 ** 16] * 3  # no overflow, no change of scale
+    # in fp16, a scale of 2^28 overflows: each such step is skipped, not counted as bad, and halves the scale;
+    # once the gradients fit, the model trains (an occasional overflow later is skipped the same way)
+    _, steps = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 28), autocast=fp16, steps=28)
+    scale = 2.0 ** 28
+    for norm, bad, moved, new_scale, _ in steps:
+        overflow = not math.isfinite(norm)
+        assert bad == 0 and moved != overflow and new_scale == (scale / 2 if overflow else scale)
+        scale = new_scale
+    assert not math.isfinite(steps[0][0]) and scale < 2.0 ** 20 and steps[-1][4] < steps[0][4] / 2
+
+
 # ---------------------------------------------------------------------------- accumulation
 
 
@@ -264,22 +302,30 @@ def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path, cap
     assert [r["step"] for r in read_log(split)][-2:] == [7, 8]
 
 
-def test_a_bf16_run_on_a_cpu_resumes_exactly_too(shapes_dir, tmp_path, capsys, monkeypatch):
-    # --precision bf16 is the fast way on CPUs with bf16 units: its runs resume bit for bit as fp32 ones do
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_bf16_or_fp16_run_on_a_cpu_resumes_exactly_too(precision, shapes_dir, tmp_path, capsys, monkeypatch):
+    # --precision bf16 is the fast way on CPUs with bf16 units, fp16 (with its loss scale) on GPUs without them:
+    # their runs resume bit for bit as fp32 ones do
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    with monkeypatch.context() as m:  # on a CPU that would emulate bf16, the run says so (and runs all the same)
+    with monkeypatch.context() as m:  # on a CPU that would emulate it, the run says so (and runs all the same)
         m.setattr(train, "cpu_multiplies_bf16", lambda: False)
-        train.main(run_args(shapes_dir, straight, precision="bf16", eval_interval=0))
-    assert "warning: this CPU has no bf16 matrix units" in capsys.readouterr().err
-    train.main(run_args(shapes_dir, split, precision="bf16", eval_interval=0))
+        train.main(run_args(shapes_dir, straight, precision=precision, eval_interval=0))
+    warning = {"bf16": "warning: this CPU has no bf16 matrix units", "fp16": "warning: --precision fp16 is for GPUs"}
+    assert warning[precision] in capsys.readouterr().err
+    train.main(run_args(shapes_dir, split, precision=precision, eval_interval=0))
     os.remove(os.path.join(split, "ckpt-00000006.pt"))  # as if it had stopped at step 3
     train.main(["--resume", os.path.join(split, "ckpt-00000003.pt")])
     a = load_checkpoint(os.path.join(straight, "ckpt-00000006.pt"))
     b = load_checkpoint(os.path.join(split, "ckpt-00000006.pt"))
-    assert a["config"]["precision"] == b["config"]["precision"] == "bf16"
+    assert a["config"]["precision"] == b["config"]["precision"] == precision
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
+    # fp16's loss scale is logged and carried by the checkpoint (bf16 has none)
+    assert a["scaler"] == b["scaler"] and bool(a["scaler"]) == (precision == "fp16")
+    assert all(("loss_scale" in r) == (precision == "fp16") for r in read_log(split))
+    if precision == "fp16":
+        assert read_log(split)[-1]["loss_scale"] == a["scaler"]["scale"]
 
 
 def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
@@ -540,20 +586,27 @@ def test_bf16_on_a_cpu_is_suggested_where_it_is_fast_and_warned_against_where_it
         assert (line is None) if advice is None else (advice in line), (units, precision, line)
 
 
-def test_a_gpu_without_bf16_tensor_cores_or_triton_trains_in_fp32_uncompiled_and_says_why(monkeypatch, shapes_dir, tmp_path):
-    # a T4 or V100 (compute capability 7.x): bf16 would fail in the compiler; a P100 (6.0): Triton refuses it
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    gpus = {"A100": dict(name="NVIDIA A100, compute capability 8.0", bf16=True, triton_installed=True, triton_supported=True),
-            "T4": dict(name="Tesla T4, compute capability 7.5", bf16=False, triton_installed=True, triton_supported=True),
-            "P100": dict(name="Tesla P100, compute capability 6.0", bf16=False, triton_installed=True, triton_supported=False),
-            "no Triton": dict(name="NVIDIA RTX 4090, compute capability 8.9", bf16=True, triton_installed=False,
-                              triton_supported=True)}
-    # (gpu, flag) -> the choice, or the error's words. Where auto says no, a note says why
-    precision = {("A100", "auto"): True, ("A100", "bf16"): True, ("A100", "fp32"): False, ("T4", "auto"): False,
-                 ("T4", "fp32"): False, ("T4", "bf16"): "no bf16 tensor cores", ("P100", "auto"): False}
-    compile_ = {("A100", "auto"): True, ("A100", "false"): False, ("T4", "auto"): True, ("P100", "auto"): False,
-                ("P100", "false"): False, ("P100", "true"): "too old", ("no Triton", "auto"): False,
-                ("no Triton", "true"): "not installed"}
+def test_a_gpu_without_bf16_tensor_cores_or_triton_trains_in_fp16_or_fp32_uncompiled_and_says_why(monkeypatch, shapes_dir,
+                                                                                                  tmp_path):
+    # a T4 or V100 (compute capability 7.x): bf16 would fail in the compiler, fp16 has tensor cores; a P100
+    # (6.0): no tensor cores, and Triton refuses it
+    cuda, cpu, bf16, fp16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16, torch.float16
+    gpus = {"A100": dict(name="NVIDIA A100, compute capability 8.0", bf16=True, fp16=True, triton_installed=True,
+                         triton_supported=True),
+            "T4": dict(name="Tesla T4, compute capability 7.5", bf16=False, fp16=True, triton_installed=True,
+                       triton_supported=True),
+            "P100": dict(name="Tesla P100, compute capability 6.0", bf16=False, fp16=False, triton_installed=True,
+                         triton_supported=False),
+            "no Triton": dict(name="NVIDIA RTX 4090, compute capability 8.9", bf16=True, fp16=True,
+                              triton_installed=False, triton_supported=True)}
+    # (gpu, flag) -> (the choice, whether a note says why), or the error's words
+    precision = {("A100", "auto"): (bf16, False), ("A100", "bf16"): (bf16, False), ("A100", "fp16"): (fp16, False),
+                 ("A100", "fp32"): (None, False), ("T4", "auto"): (fp16, True), ("T4", "fp16"): (fp16, False),
+                 ("T4", "fp32"): (None, False), ("T4", "bf16"): "no bf16 tensor cores.*fp16 with loss scaling",
+                 ("P100", "auto"): (None, True), ("P100", "bf16"): "no bf16 tensor cores.*fp32"}
+    compile_ = {("A100", "auto"): (True, False), ("A100", "false"): (False, False), ("T4", "auto"): (True, False),
+                ("P100", "auto"): (False, True), ("P100", "false"): (False, False), ("P100", "true"): "too old",
+                ("no Triton", "auto"): (False, True), ("no Triton", "true"): "not installed"}
     for choose, table in ((train.choose_precision, precision), (train.choose_compile, compile_)):
         for (gpu, flag), expected in table.items():
             monkeypatch.setattr(train, "gpu_facts", lambda device: gpus[gpu])
@@ -562,12 +615,13 @@ def test_a_gpu_without_bf16_tensor_cores_or_triton_trains_in_fp32_uncompiled_and
                     choose(flag, cuda)
                 continue
             chosen, note = choose(flag, cuda)
-            assert chosen is expected, (choose.__name__, gpu, flag)
-            assert (note is not None) == (flag == "auto" and not chosen), (choose.__name__, gpu, flag, note)
+            assert (chosen, note is not None) == expected, (choose.__name__, gpu, flag, note)
             assert note is None or gpus[gpu]["name"] in note or "not installed" in note
-    # a CPU compiles only when asked, and takes bf16 only when asked
+    # a CPU compiles only when asked, and takes bf16 or fp16 only when asked (fp16 with a warning: it is emulated)
     assert train.choose_compile("auto", cpu) == (False, None) and train.choose_compile("true", cpu) == (True, None)
-    assert train.choose_precision("auto", cpu)[0] is False and train.choose_precision("bf16", cpu)[0] is True
+    assert train.choose_precision("auto", cpu)[0] is None and train.choose_precision("bf16", cpu)[0] is bf16
+    dtype, note = train.choose_precision("fp16", cpu)
+    assert dtype is fp16 and note.startswith("warning")
     # train.py and evaluate.py stop on such a choice with its message, before any work
     monkeypatch.setattr(train, "choose_precision", lambda precision, device: (_ for _ in ()).throw(ValueError("no bf16 here")))
     with pytest.raises(SystemExit, match="no bf16 here"):
@@ -581,7 +635,7 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
     with pytest.raises(SystemExit, match="--resume"):
         train.main(run_args(shapes_dir, out, max_steps=3))
     with pytest.raises(SystemExit, match="choose one of"):
-        train.main(run_args(shapes_dir, str(tmp_path / "other"), precision="fp16"))
+        train.main(run_args(shapes_dir, str(tmp_path / "other"), precision="fp8"))
 
 
 def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
