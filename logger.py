@@ -98,8 +98,9 @@ def plot_runs(run_dirs, out_path):
     panels = [("loss", [("train", "loss"), ("eval", "val_loss")]), ("learning rate", [("train", "lr")]),
               ("grad norm", [("train", "grad_norm")]), ("temperature (logit scale)", [("train", "logit_scale")]),
               ("samples/s", [("train", "samples_per_s")])]
-    if any(series(records, "train", "mfu")[0] for records in runs.values()):  # logged on GPUs
-        panels.append(("MFU", [("train", "mfu")]))
+    for title, key in (("MFU", "mfu"), ("fp16 loss scale", "loss_scale")):  # logged on GPUs; in fp16 runs
+        if any(series(records, "train", key)[0] for records in runs.values()):
+            panels.append((title, [("train", key)]))
     panels += eval_panels([r for records in runs.values() for r in records])
     cols = 3
     rows = math.ceil(len(panels) / cols)
@@ -120,6 +121,8 @@ def plot_runs(run_dirs, out_path):
         ax.grid(alpha=0.3)
         if title == "loss" and any(series(r, "train", "loss")[1] for r in runs.values()):
             ax.set_yscale("log")
+        if title == "fp16 loss scale":  # powers of two, halved at each overflow
+            ax.set_yscale("log", base=2)
         if ax.lines:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:

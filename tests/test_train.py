@@ -1,5 +1,6 @@
 import errno
 import glob
+import json
 import math
 import os
 import pickle
@@ -696,6 +697,15 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: labels.append(kw["label"]) or plot(ax, *a, **kw))
     logger.plot_runs([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")], str(tmp_path / "two.png"))
     assert {str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")} <= set(labels)
+    # what only some runs log gets a panel where one of them has it: an fp16 run's loss scale
+    titles, set_title = [], matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **kw: titles.append(t) or set_title(ax, t, *a, **kw))
+    logger.plot_runs([out], str(tmp_path / "one.png"))
+    assert "fp16 loss scale" not in titles and "MFU" not in titles
+    with open(os.path.join(tmp_path / "a" / "run", "log.jsonl"), "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 7, "loss": 2.0, "loss_scale": 32768.0}) + "\n")
+    logger.plot_runs([out, str(tmp_path / "a" / "run")], str(tmp_path / "both.png"))
+    assert "fp16 loss scale" in titles
 
 # ---------------------------------------------------------------------------- DDP
 
