@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -383,6 +384,13 @@ def choose_precision(precision, device):
 def choose_compile(compile, device):
     """--compile on this device -> (whether to torch.compile the model, a note for stderr or None). auto
     compiles on a GPU that Triton runs on, and nowhere else (on a CPU, compiling pays only on long runs)."""
+    if device.type == "cpu" and compile == "true":
+        # on a CPU torch.compile writes C++ and builds it with the compiler inductor looks for
+        cxx = os.environ.get("CXX", "cl" if os.name == "nt" else "clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(cxx) is None:
+            raise ValueError(f"--compile true: on a CPU torch.compile builds C++, and there is no C++ compiler here "
+                             f"({cxx}): install one (Debian/Ubuntu: apt install g++; macOS: xcode-select --install), "
+                             "or leave out --compile")
     if device.type != "cuda":
         return compile == "true", None
     gpu = gpu_facts(device)

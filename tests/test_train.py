@@ -587,8 +587,7 @@ def test_bf16_on_a_cpu_is_suggested_where_it_is_fast_and_warned_against_where_it
         assert (line is None) if advice is None else (advice in line), (units, precision, line)
 
 
-def test_a_gpu_without_bf16_tensor_cores_or_triton_trains_in_fp16_or_fp32_uncompiled_and_says_why(monkeypatch, shapes_dir,
-                                                                                                  tmp_path):
+def test_precision_and_compiling_follow_what_the_hardware_can_do_and_say_why(monkeypatch, shapes_dir, tmp_path):
     # a T4 or V100 (compute capability 7.x): bf16 would fail in the compiler, fp16 has tensor cores; a P100
     # (6.0): no tensor cores, and Triton refuses it
     cuda, cpu, bf16, fp16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16, torch.float16
@@ -620,6 +619,11 @@ def test_a_gpu_without_bf16_tensor_cores_or_triton_trains_in_fp16_or_fp32_uncomp
             assert note is None or gpus[gpu]["name"] in note or "not installed" in note
     # a CPU compiles only when asked, and takes bf16 or fp16 only when asked (fp16 with a warning: it is emulated)
     assert train.choose_compile("auto", cpu) == (False, None) and train.choose_compile("true", cpu) == (True, None)
+    monkeypatch.setenv("CXX", "no-such-compiler++")  # a machine without a C++ compiler, which compiling on a CPU needs
+    with pytest.raises(ValueError, match=r"no C\+\+ compiler here \(no-such-compiler\+\+\)"):
+        train.choose_compile("true", cpu)
+    assert train.choose_compile("auto", cpu) == (False, None)
+    monkeypatch.delenv("CXX")
     assert train.choose_precision("auto", cpu)[0] is None and train.choose_precision("bf16", cpu)[0] is bf16
     dtype, note = train.choose_precision("fp16", cpu)
     assert dtype is fp16 and note.startswith("warning")
