@@ -286,10 +286,12 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# dense bf16 tensor-core peaks from the datasheets; the first name contained in the device's name wins
+# dense bf16 tensor-core peaks from the datasheets (for the GPUs without bf16 ones, V100 and T4, their fp16
+# peak: what --precision auto trains in there); the first name contained in the device's name wins
 PEAK_BF16_FLOPS = {"B200": 2250e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12,
                    "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-                   "A6000": 155e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
+                   "A6000": 155e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+                   "V100S": 130e12, "V100-PCIE": 112e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device):

@@ -563,7 +563,9 @@ def test_the_gpu_peak_is_the_datasheet_figure_of_that_exact_model(monkeypatch):
     cuda, expected = torch.device("cuda", 0), {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
                                                 "NVIDIA H100 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
                                                 "NVIDIA A10": 125e12, "NVIDIA L4": 121e12, "NVIDIA L40": 181e12,
-                                                "NVIDIA L40S": 362e12, "NVIDIA B200": 2250e12, "Some Future GPU": None}
+                                                "NVIDIA L40S": 362e12, "NVIDIA B200": 2250e12, "Tesla V100-SXM2-32GB": 125e12,
+                                                "Tesla V100-PCIE-16GB": 112e12, "Tesla V100S-PCIE-32GB": 130e12,
+                                                "Tesla T4": 65e12, "NVIDIA GeForce RTX 4090": 165e12, "Some Future GPU": None}
     for name, peak in expected.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         assert train.peak_flops(cuda) == peak, name
