@@ -35,8 +35,11 @@ class Logger:
     def log(self, record, console=True):
         if not self.enabled:
             return
+        # inf and NaN (a gradient that overflowed fp16, a diverged loss) as null: JSON has no such numbers, and
+        # strict readers (jq, JavaScript) reject the Infinity and NaN that json.dumps would write
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
         if console:
             print(" | ".join(format_field(k, v) for k, v in record.items()), flush=True)
 

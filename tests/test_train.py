@@ -682,6 +682,19 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
         train.main(run_args(f"{shapes_dir},{tmp_path / 'nowhere'}", str(tmp_path / "nowhere_run")))
 
 
+def test_the_log_is_strict_json_with_non_finite_numbers_as_null(tmp_path, capsys):
+    log = logger.Logger(str(tmp_path))
+    log.log({"kind": "train", "step": 1, "loss": 2.5, "grad_norm": float("inf"), "lr": float("nan")})
+
+    def strict(token):
+        raise ValueError(f"{token} is not JSON")
+    (line,) = open(tmp_path / "log.jsonl").read().splitlines()
+    assert json.loads(line, parse_constant=strict) == {"kind": "train", "step": 1, "loss": 2.5, "grad_norm": None,
+                                                       "lr": None}
+    assert "grad_norm inf" in capsys.readouterr().out  # the console still says what happened
+    assert logger.series(logger.read_log(str(tmp_path / "log.jsonl")), "train", "grad_norm") == ([], [])
+
+
 def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
