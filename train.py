@@ -703,8 +703,16 @@ def main(argv=None):
         images, tokens = next(batches)  # already on the device: the loader copies a batch ahead (dataloader.prefetch)
         # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
         flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
-        loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler)
-        grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
+        try:
+            loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler)
+            grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
+        except torch.OutOfMemoryError:
+            per_pass = cfg.micro_batch_size or local_batch
+            smaller = max(d for d in range(1, per_pass // 2 + 1) if local_batch % d == 0) if per_pass > 1 else None
+            sys.exit(f"step {step + 1}: out of memory on {device} at {per_pass} samples per forward pass. Lower the "
+                     "memory a pass takes, with the same gradients: " +
+                     (f"--micro_batch_size {smaller} (feature caching, README), or " if smaller else "") +
+                     "--grad_checkpointing true. A smaller --batch_size would change the training itself.")
         optimizer.zero_grad(set_to_none=True)
         bad_run = (bad_run + bad) * bad
         bad_max_run, bad_total = torch.maximum(bad_max_run, bad_run), bad_total + bad

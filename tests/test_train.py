@@ -636,6 +636,19 @@ def test_precision_and_compiling_follow_what_the_hardware_can_do_and_say_why(mon
     assert not os.path.exists(os.path.join(tmp_path, "run", "log.jsonl"))
 
 
+def test_running_out_of_gpu_memory_says_which_settings_keep_the_gradients(shapes_dir, tmp_path, monkeypatch):
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train, "forward_backward", out_of_memory)
+    # 16 samples a pass: half of them, a divisor of the batch, in micro-batches; then with micro-batches of 6 of 12
+    with pytest.raises(SystemExit, match=r"step 1: out of memory on cpu at 16 samples .*--micro_batch_size 8 .*"
+                                         r"--grad_checkpointing true"):
+        train.main(run_args(shapes_dir, str(tmp_path / "a")))
+    with pytest.raises(SystemExit, match=r"at 6 samples .*--micro_batch_size 3 "):
+        train.main(run_args(shapes_dir, str(tmp_path / "b"), batch_size=12, micro_batch_size=6))
+
+
 def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, max_steps=3))
