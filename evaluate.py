@@ -450,8 +450,9 @@ def main(argv=None):
                    help="image files (or folders of them) to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
                    "per line")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                   else "cpu", help="as train.py picks it: cuda, else Apple's mps, else cpu (cuda:1, say, for another GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else
+                   "mps" if torch.backends.mps.is_available() else "cpu",
+                   help="as train.py picks it: cuda, else Apple's mps, else cpu (cuda:1, say, for another GPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPUs with bf16 tensor cores, fp16 on older ones with fp16 tensor cores, fp32 "
                    "elsewhere; as train.py --precision (bf16 suits CPUs with bf16 units too)")

@@ -374,11 +374,12 @@ def choose_precision(precision, device):
         if gpu["bf16"]:
             return torch.bfloat16, None
         if gpu["fp16"]:
-            return torch.float16, f"this GPU ({gpu['name']}) has fp16 tensor cores but no bf16 ones: training in fp16, with loss scaling"
+            return torch.float16, (f"this GPU ({gpu['name']}) has fp16 tensor cores but no bf16 ones: training in "
+                                   "fp16, with loss scaling")
         return None, f"this GPU ({gpu['name']}) has no tensor cores: training in fp32"
     if precision == "fp16" and device.type == "cpu":
-        return torch.float16, ("warning: --precision fp16 is for GPUs without bf16 tensor cores; most CPUs emulate fp16 "
-                               "matmuls, many times slower than fp32 ones: leave out --precision to run in fp32")
+        return torch.float16, ("warning: --precision fp16 is for GPUs without bf16 tensor cores; most CPUs emulate "
+                               "fp16 matmuls, many times slower than fp32 ones: leave out --precision to run in fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return dtype, cpu_bf16_advice(precision) if device.type == "cpu" else None
 
@@ -549,7 +550,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    try:  # each with a note where auto chose for a reason worth knowing (a T4: fp32, a CPU with bf16 units: try bf16)
+    try:  # each with a note worth knowing (a T4 trains in fp16; a CPU with bf16 units would be faster in bf16)
         (dtype, precision_note), (use_compile, compile_note) = (choose_precision(cfg.precision, device),
                                                                 choose_compile(cfg.compile, device))
     except ValueError as e:
@@ -641,8 +642,8 @@ def main(argv=None):
     logger = Logger(cfg.out_dir, enabled=master, resume_step=step if cfg.resume else None)
     if master:
         resolved = {**asdict(cfg), "model_config": asdict(model_cfg), "world_size": world, "device": str(device),
-                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "compile": use_compile,
-                    "loader_workers": num_workers}
+                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
+                    "compile": use_compile, "loader_workers": num_workers}
         print(json.dumps(resolved, indent=2))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
@@ -676,8 +677,8 @@ def main(argv=None):
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             sys.exit(f"step {step}: the weights hold NaN/inf; not saving them. Resume from the last good "
                      f"checkpoint in {cfg.out_dir} with a lower --max_lr.")
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "loader": train_loader.state_dict(), "rng": rng_state(), "scaler": scaler.state_dict(), "config": asdict(cfg),
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "loader": train_loader.state_dict(), "rng": rng_state(), "config": asdict(cfg),
                  "model_config": asdict(model_cfg), "encoding": model_cfg.encoding, "val_loss": val}
         try:
             path = manager.save(step, state, val)
