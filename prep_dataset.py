@@ -450,12 +450,19 @@ def split_rows(rows, split, what):
         tqdm.write(f"the {what}'s split column holds {sorted(others)}, none of --split {split}", file=sys.stderr)
 
 
+def saved_to_disk(name_or_dir):
+    """What save_to_disk left in a folder: "splits" (a DatasetDict's dataset_dict.json), "one" (a lone Dataset's
+    state.json, no splits to choose from), or None (a hub name, or a local copy that load_dataset reads)."""
+    if os.path.isfile(os.path.join(name_or_dir, "dataset_dict.json")):
+        return "splits"
+    return "one" if os.path.isfile(os.path.join(name_or_dir, "state.json")) else None
+
+
 def load_hub_set(name_or_dir, split, streaming=False):
     """A `datasets` split: from the hub or a local copy of a hub set (load_dataset), or from a folder that
-    save_to_disk wrote (load_from_disk; a lone Dataset there has no splits to choose from)."""
+    save_to_disk wrote (load_from_disk)."""
     import datasets
-    marks = ("state.json", "dataset_dict.json")  # what save_to_disk leaves in the folder
-    if not any(os.path.isfile(os.path.join(name_or_dir, m)) for m in marks):
+    if saved_to_disk(name_or_dir) is None:
         return datasets.load_dataset(name_or_dir, split=split, streaming=streaming)
     ds = datasets.load_from_disk(name_or_dir)
     if isinstance(ds, datasets.DatasetDict):
@@ -468,12 +475,11 @@ def load_hub_set(name_or_dir, split, streaming=False):
 def hub_split_names(name_or_dir):
     """The splits a `datasets` set has (a lone Dataset that save_to_disk wrote: none)."""
     import datasets
-    if os.path.isfile(os.path.join(name_or_dir, "dataset_dict.json")):
+    saved = saved_to_disk(name_or_dir)
+    if saved == "splits":
         with open(os.path.join(name_or_dir, "dataset_dict.json")) as f:
             return json.load(f)["splits"]
-    if os.path.isfile(os.path.join(name_or_dir, "state.json")):
-        return []
-    return datasets.get_dataset_split_names(name_or_dir)
+    return [] if saved == "one" else datasets.get_dataset_split_names(name_or_dir)
 
 
 def source_hub(args):
