@@ -64,7 +64,8 @@ fi
 run "$PY" -m pip install -q -r requirements.txt  # a no-op when everything is already there
 
 echo "== 4/5 devices"
-run "$PY" -c "import torch; n = torch.cuda.device_count(); print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {n} GPU(s)'); [print(f'  cuda:{i} {torch.cuda.get_device_name(i)}') for i in range(n)]"
+# compute capability: 8.0 on trains in bf16, 7.x in fp16 with a loss scale, below that in fp32 (train.py says which)
+run "$PY" -c "import torch; n = torch.cuda.device_count(); print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {n} GPU(s)'); [print(f'  cuda:{i} {torch.cuda.get_device_name(i)}, compute capability %d.%d' % torch.cuda.get_device_capability(i)) for i in range(n)]"
 if [ "$CPU" = 0 ] && [ "$DRY" = 0 ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no GPU: check the driver (nvidia-smi) and that the CUDA build of torch was installed')"
 fi
