@@ -11,8 +11,10 @@ side by side in one run (same batch, precision, thread count, torch).
         --vision_layers 6 --text_layers 6 --vision_heads 3 --text_heads 3 --embed_dim 192        # any size field
 
 MFU = achieved FLOP/s / peak. The peak is, on a CPU, this machine's own matmul rate in the run's precision
-(fp32, or bf16 with --precision bf16) measured in the same run (a 2048^3 torch.mm); on a GPU, the
-datasheet's dense bf16 figure (train.PEAK_BF16_FLOPS).
+(fp32, or bf16 / fp16 with --precision) measured in the same run (a 2048^3 torch.mm); on a GPU, the
+datasheet's dense bf16 figure (train.PEAK_BF16_FLOPS; fp16 for a V100 or T4). --precision fp16 (what
+train.py picks on a GPU with fp16 tensor cores but no bf16 ones) runs both sides with a loss scaler, as
+OpenCLIP's "amp" precision does.
 Throughput is the steady state after warm-up steps; compile time is reported on its own.
 
 OpenCLIP (random init, nothing downloaded) is a benchmark-only dependency. It imports torchvision, which
@@ -39,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip  # noqa: E402
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from dataloader import prefetch  # noqa: E402
-from train import PEAK_BF16_FLOPS, clipped_step, cpu_multiplies_bf16, keep_freed_memory, param_groups  # noqa: E402
+from train import (PEAK_BF16_FLOPS, choose_precision, clipped_step, cpu_multiplies_bf16, keep_freed_memory,  # noqa: E402
+                   param_groups)
 
 
 def matmul_peak(device, dtype, budget_s=2.0):
@@ -76,11 +79,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def ours(cfg, device, fused):
+def ours(cfg, device, fused, scaler):
     model = CLIP(cfg).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
     # train.py's update: clipping at 1.0 inside fused AdamW, and a non-finite step skipped on the device
-    update = lambda loss: clipped_step(opt, model.parameters(), 1.0, loss)
+    update = lambda loss: clipped_step(opt, model.parameters(), 1.0, loss, scaler)
     return model, opt, lambda images, tokens: clip_loss(*model(images, tokens)), update
 
 
@@ -90,7 +93,7 @@ def sdpa_attention(q, k, v, causal=False, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
-def openclip(cfg, device, fused):
+def openclip(cfg, device, fused, scaler):
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
     vision = CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, head_width=cfg.vision_width // cfg.vision_heads,
@@ -110,16 +113,19 @@ def openclip(cfg, device, fused):
         out = model((images.float() / 255 - mean) / std, tokens.long())
         return loss_fn(out["image_features"], out["text_features"], out["logit_scale"].exp())
 
-    def update(loss):  # as OpenCLIP's training loop does it
+    def update(loss):  # as OpenCLIP's training loop does it (its fp16 "amp" precision through the scaler)
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
     return model, opt, step_loss, update
 
 
-def prepare(name, build, cfg, args, device, autocast, data="device", attention=clip.attention):
+def prepare(name, build, cfg, args, device, autocast, data="device", attention=clip.attention, fp16=False):
     """Build one side, run its first step (compiling, if asked) and the warm-up; return its step function."""
     torch.manual_seed(0)
-    model, opt, loss_of, update = build(cfg, device, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # fp16's loss scale, each side its own
+    model, opt, loss_of, update = build(cfg, device, fused=True, scaler=scaler)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g).to(device)
     tokens = torch.randint(0, 50_000, (args.batch_size, cfg.context_length), generator=g).to(device)
@@ -139,7 +145,7 @@ def prepare(name, build, cfg, args, device, autocast, data="device", attention=c
         clip.attention = attention  # the sides take turns: each runs with its own
         with autocast:
             loss = step_fn(images, tokens)
-        loss.backward()
+        scaler.scale(loss).backward()
         update(loss)
         opt.zero_grad(set_to_none=True)
 
@@ -173,7 +179,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="as train.py --precision: auto is bf16 on GPUs with bf16 tensor cores, fp16 on older ones")
     p.add_argument("--compile", default="false", choices=["false", "true", "both"])
     p.add_argument("--compile_mode", default=None, choices=[None, "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode, for both sides (default: its default)")
@@ -198,8 +205,14 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and args.data != "device":
         p.error("--data copy and prefetch time a copy to a GPU; on a CPU the batch is already where the step runs")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    try:
+        dtype, note = choose_precision(args.precision, device)
+    except ValueError as e:
+        p.error(str(e))
+    if note:
+        print(note, file=sys.stderr)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     cfg = get_config(args.model, **{k: getattr(args, k) for k in sizes if getattr(args, k) is not None})
     flops = flops_per_sample(cfg)
     # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
@@ -226,7 +239,8 @@ def main():
                 args.compiled = compiled
                 name = f"{side}{' compiled' if compiled else ''}{f' [{data}]' if args.data != 'device' else ''}"
                 run = prepare(name, builders[side], cfg, args, device, autocast, data,
-                              attention=sdpa_attention if side == "ours-sdpa" else clip.attention)
+                              attention=sdpa_attention if side == "ours-sdpa" else clip.attention,
+                              fp16=dtype == torch.float16)
                 run["flops"] = side_flops[side]
                 runs.append(run)
     # the sides take turns, round after round, and each reports its median round: a machine that
@@ -238,14 +252,15 @@ def main():
             run["rates"].append(args.steps * args.batch_size / time_steps(run["step"], args.steps, device))
         if device.type == "cpu":
             # in the precision the steps run in: a CPU with bf16 units multiplies bf16 faster than fp32
-            rate, n = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+            rate, n = matmul_peak(device, dtype or torch.float32)
             matmul_rates.append(rate)
     if device.type == "cpu":
         peak = statistics.median(matmul_rates)
-        peak_note = f"measured {n}^3 {'bf16' if bf16 else 'fp32'} torch.mm, median of the rounds; {allocator}"
-        if bf16 and cpu_multiplies_bf16() is False:  # emulated: small products can beat the large one's rate
-            peak_note += "; this CPU has no bf16 units, so it emulates bf16 matmuls and the MFU means little"
-    print(f"{cfg}\n{args.model}, batch {args.batch_size}, {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, "
+        peak_note = f"measured {n}^3 {precision} torch.mm, median of the rounds; {allocator}"
+        # emulated: small products can beat the large one's rate (this CPU has no bf16 units; fp16 units are rarer)
+        if precision == "fp16" or (precision == "bf16" and cpu_multiplies_bf16() is False):
+            peak_note += f"; {precision} matmuls are emulated on most CPUs, and then the MFU means little"
+    print(f"{cfg}\n{args.model}, batch {args.batch_size}, {precision}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {flops / 1e9:.2f} GFLOP per sample; peak {peak / 1e9 if peak else float('nan'):.0f} "
           f"GFLOP/s ({peak_note})")
     results = []

@@ -36,6 +36,11 @@ def test_training_step_benchmark_reports_throughput_and_mfu():
     assert "bf16" in out.splitlines()[1] and re.search(r"measured (2048|1024|512|256)\^3 bf16 torch.mm", out)
     rates = dict(re.findall(r"^(ours|ours-sdpa)\s+([\d.]+) samples/s", out, flags=re.M))
     assert set(rates) == {"ours", "ours-sdpa"} and all(float(v) > 0 for v in rates.values())
+    # fp16, what train.py picks on a V100 or T4: the step runs with its loss scaler
+    out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours", "--rounds", "1", "--steps", "1",
+              "--warmup", "1", "--patch_size", "32", "--text_layers", "1", "--vision_layers", "1", "--precision", "fp16")
+    assert ", fp16, " in out and re.search(r"measured (2048|1024|512|256)\^3 fp16 torch.mm", out)
+    assert float(re.search(r"^ours\s+([\d.]+) samples/s", out, flags=re.M)[1]) > 0
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the kept-memory allocator setting is glibc's")
