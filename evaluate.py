@@ -496,14 +496,11 @@ def main(argv=None):
         p.error(f"--device {args.device}: {e}")
     # imported here: train.py imports this file as it runs, and a top-level import of train would load a
     # second copy of train.py beside its __main__
-    from train import choose_precision
+    from train import precision_context
     try:
-        dtype, note = choose_precision(args.precision, device)
+        _, autocast = precision_context(args.precision, device)
     except ValueError as e:
         p.error(str(e))
-    if note:
-        print(note, file=sys.stderr)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     try:
         model, cfg = load_model(args.checkpoint, device)
         get_encoding(cfg.encoding)  # the checkpoint's tokenizer, which may need a download

@@ -384,6 +384,15 @@ def choose_precision(precision, device):
     return dtype, cpu_bf16_advice(precision) if device.type == "cpu" else None
 
 
+def precision_context(precision, device, verbose=True):
+    """choose_precision's dtype and the autocast it calls for (nothing to do in fp32), its note printed to
+    stderr; a precision that cannot work here raises ValueError. train.py, evaluate.py and bench.py use it."""
+    dtype, note = choose_precision(precision, device)
+    if note and verbose:
+        print(note, file=sys.stderr)
+    return dtype, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
 def choose_compile(compile, device):
     """--compile on this device -> (whether to torch.compile the model, a note for stderr or None). auto
     compiles on a GPU that Triton runs on, and nowhere else (on a CPU, compiling pays only on long runs)."""
@@ -551,14 +560,12 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     try:  # each with a note worth knowing (a T4 trains in fp16; a CPU with bf16 units would be faster in bf16)
-        (dtype, precision_note), (use_compile, compile_note) = (choose_precision(cfg.precision, device),
-                                                                choose_compile(cfg.compile, device))
+        (dtype, autocast), (use_compile, compile_note) = (precision_context(cfg.precision, device, verbose=master),
+                                                          choose_compile(cfg.compile, device))
     except ValueError as e:
         sys.exit(str(e))
-    for note in (precision_note, compile_note):
-        if note and master:
-            print(note, file=sys.stderr)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    if compile_note and master:
+        print(compile_note, file=sys.stderr)
     # fp16 keeps only 5 exponent bits: the loss is scaled up before the backward so that small gradients do
     # not round to zero, and the scale adapts to stay clear of overflow (off, a no-op, in bf16 and fp32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

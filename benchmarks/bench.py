@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip  # noqa: E402
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from dataloader import prefetch  # noqa: E402
-from train import (PEAK_BF16_FLOPS, choose_precision, clipped_step, cpu_multiplies_bf16, keep_freed_memory,  # noqa: E402
-                   param_groups)
+from train import (PEAK_BF16_FLOPS, clipped_step, cpu_multiplies_bf16, keep_freed_memory, param_groups,  # noqa: E402
+                   precision_context)
 
 
 def matmul_peak(device, dtype, budget_s=2.0):
@@ -206,13 +206,10 @@ def main():
     if device.type != "cuda" and args.data != "device":
         p.error("--data copy and prefetch time a copy to a GPU; on a CPU the batch is already where the step runs")
     try:
-        dtype, note = choose_precision(args.precision, device)
+        dtype, autocast = precision_context(args.precision, device)
     except ValueError as e:
         p.error(str(e))
-    if note:
-        print(note, file=sys.stderr)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     cfg = get_config(args.model, **{k: getattr(args, k) for k in sizes if getattr(args, k) is not None})
     flops = flops_per_sample(cfg)
     # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
