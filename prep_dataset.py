@@ -170,6 +170,7 @@ def source_folder(args):
     if not args.input or not os.path.isdir(args.input):
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
     images, captions, duplicates, tables = {}, {}, set(), []  # (folder, stem) -> path
+    others = {}  # (folder, stem) -> extension, of files of other types: a caption beside one names an image we cannot read
     visited = set()  # linked folders are followed (data kept on another disk), each real folder once
     walk = os.walk(args.input, followlinks=True)
     for root, folders, files in tqdm(walk, desc="list files", unit=" folders", leave=False, dynamic_ncols=True):
@@ -190,6 +191,8 @@ def source_folder(args):
                 images[(root, stem)] = os.path.join(root, name)
             elif ext in TABLE_EXTENSIONS:
                 tables.append(os.path.join(root, name))
+            elif ext:
+                others[(root, stem)] = ext
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
         sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
                  f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "
@@ -202,12 +205,14 @@ def source_folder(args):
     for root, stem in images:
         if (root, stem) not in captions:
             lone_images[stem] = lone_images.get(stem, 0) + 1
+    paired = set()
     for root, stem in sorted(images):
         key = os.path.relpath(os.path.join(root, stem), args.input)
         caption = captions.get((root, stem))
         found = lone_captions.get(stem, [])
         if caption is None and len(found) == 1 and lone_images[stem] == 1:
             caption = found[0]
+        paired.add(caption)
         if (root, stem) in duplicates:
             yield key, None, None, {"skip": "duplicate_stem"}
         elif caption is None:  # none, or several it could be
@@ -215,6 +220,10 @@ def source_folder(args):
         else:
             with open(caption, "rb") as f:
                 yield key, images[(root, stem)], f.read(), None
+    # a caption whose own file is of a type not read (a phone's x.heic beside x.txt): counted, not passed over
+    for (root, stem), path in sorted(captions.items()):
+        if path not in paired and (root, stem) in others:
+            yield os.path.relpath(os.path.join(root, stem), args.input), None, None, {"skip": "unsupported_image_type"}
 
 
 def tar_paths(pattern):
@@ -720,6 +729,9 @@ def write_shards(args, stage_dir):
                                       "folder, then from where you run the command: name the images' folder with "
                                       "--image_root")
         if args.source == "folder":
+            hints["unsupported_image_type"] = ("Images of types that PIL does not read (a phone's HEIC photos, RAW, "
+                                               f"SVG) were passed over: convert them to JPEG first (read: "
+                                               f"{' '.join(sorted(IMAGE_EXTENSIONS))})")
             hints["missing_caption"] = ("An image takes its caption from the .txt of the same name (x.jpg + x.txt); "
                                         "captions kept in a table are read with --source table")
         sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped or 'none; it holds no samples'})"

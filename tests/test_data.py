@@ -239,9 +239,12 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (src / "m.jpg").write_bytes(jpeg((9, 9, 9)))
     (src / "m.caption").write_text("not this one")
     (src / "m.txt").write_text("the txt caption")
+    (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo, of a type PIL does not read
+    (src / "IMG_0001.txt").write_text("a photo")
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
-    assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1}
+    assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1,
+                            "unsupported_image_type": 1}
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
     by_caption = {c: img for img, c in samples.values()}
     assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing", "a red logo",
@@ -258,6 +261,13 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (tmp_path / "lone" / "README.txt").write_text("not a caption")
     with pytest.raises(SystemExit, match=r"'missing_caption': 1.*the \.txt of the same name"):
         prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "lone"), "--out_dir", str(tmp_path / "l")])
+    # nothing but a phone's HEIC photos: the error says so, instead of finding no samples at all
+    (tmp_path / "phone").mkdir()
+    for i in range(3):
+        (tmp_path / "phone" / f"IMG_000{i}.heic").write_bytes(b"\0\0\0\x18ftypheic")
+        (tmp_path / "phone" / f"IMG_000{i}.txt").write_text("a photo")
+    with pytest.raises(SystemExit, match=r"'unsupported_image_type': 3.*HEIC.*convert them to JPEG"):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "phone"), "--out_dir", str(tmp_path / "p")])
 
 
 
