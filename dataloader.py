@@ -22,6 +22,7 @@ import io
 import json
 import mmap
 import os
+import signal
 import sys
 from itertools import count
 
@@ -328,6 +329,13 @@ def prefetch(batches, device):
         yield ready(pending)
 
 
+def ignore_sigterm(worker_id):
+    """In each loader process: a SIGTERM sent to the whole process group (torchrun's and SLURM's way of
+    stopping a job) is for the training process to handle (it saves a checkpoint first); a loader process that
+    died of it would end the run before that. The loader processes still exit with the training process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterating a train loader goes on forever, epoch after epoch, from its state; an eval loader
     (train=False) makes one pass in order, with no augmentation. Token ids come as (B, context_length);
@@ -383,7 +391,7 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=ignore_sigterm)
         # counted here, as each batch is handed over: prefetch has already fetched the next one, and a
         # checkpoint taken now must resume from that batch, not after it
         for images, tokens, skipped, labels, counts in prefetch(loader, self.device):

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -704,69 +705,97 @@ def main(argv=None):
     loss_sum, good_steps, bad_run, bad_max_run, bad_total = zero(), zero(), zero(), zero(), zero()
     t_last, steps_since, flops_since = time.time(), 0, 0.0
     start_step = step
-    while step < cfg.max_steps:
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, tokens = next(batches)  # already on the device: the loader copies a batch ahead (dataloader.prefetch)
-        # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
-        flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
-        try:
-            loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler)
-            grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
-        except torch.OutOfMemoryError:
-            per_pass = cfg.micro_batch_size or local_batch
-            smaller = max(d for d in range(1, per_pass // 2 + 1) if local_batch % d == 0) if per_pass > 1 else None
-            sys.exit(f"step {step + 1}: out of memory on {device} at {per_pass} samples per forward pass. Lower the "
-                     "memory a pass takes, with the same gradients: " +
-                     (f"--micro_batch_size {smaller} (feature caching, README), or " if smaller else "") +
-                     "--grad_checkpointing true. A smaller --batch_size would change the training itself.")
-        optimizer.zero_grad(set_to_none=True)
-        bad_run = (bad_run + bad) * bad
-        bad_max_run, bad_total = torch.maximum(bad_max_run, bad_run), bad_total + bad
-        loss_sum += torch.where(bad > 0, 0.0, loss.float())
-        good_steps += 1 - bad
-        step += 1
-        steps_since += 1
-        last = step == cfg.max_steps
-        if step == start_step + 1 and not due(step, cfg.log_interval) and not last:
-            # the first step compiles and waits for the loader's workers to start: tens of seconds that
-            # would make the first interval's samples/s, MFU and minutes left wrong; time from its end
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # once: the step's kernels finish inside its own time
-            if master:
-                print(f"step {step}: {time.time() - t_last:.1f}s (the first step: "
-                      f"{'compiling, ' if use_compile else ''}loader start-up); throughput is timed from here")
-            t_last, steps_since, flops_since = time.time(), 0, 0.0
+    # a SIGTERM (how torchrun, SLURM or a cloud's preemption stop a job; `kill`) is not fatal in the middle of a
+    # step: the run stops after the step, with a checkpoint there, and goes on from it with --resume
+    stop = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        while step < cfg.max_steps:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, tokens = next(batches)  # on the device already: the loader copies a batch ahead (prefetch)
+            # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
+            flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
+            try:
+                loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler)
+                grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
+            except torch.OutOfMemoryError:
+                per_pass = cfg.micro_batch_size or local_batch
+                smaller = max(d for d in range(1, per_pass // 2 + 1) if local_batch % d == 0) if per_pass > 1 else None
+                sys.exit(f"step {step + 1}: out of memory on {device} at {per_pass} samples per forward pass. Lower "
+                         "the memory a pass takes, with the same gradients: " +
+                         (f"--micro_batch_size {smaller} (feature caching, README), or " if smaller else "") +
+                         "--grad_checkpointing true. A smaller --batch_size would change the training itself.")
+            optimizer.zero_grad(set_to_none=True)
+            bad_run = (bad_run + bad) * bad
+            bad_max_run, bad_total = torch.maximum(bad_max_run, bad_run), bad_total + bad
+            loss_sum += torch.where(bad > 0, 0.0, loss.float())
+            good_steps += 1 - bad
+            step += 1
+            steps_since += 1
+            last = step == cfg.max_steps
+            if step == start_step + 1 and not due(step, cfg.log_interval) and not last:
+                # the first step compiles and waits for the loader's workers to start: tens of seconds that
+                # would make the first interval's samples/s, MFU and minutes left wrong; time from its end
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # once: the step's kernels finish inside its own time
+                if master:
+                    print(f"step {step}: {time.time() - t_last:.1f}s (the first step: "
+                          f"{'compiling, ' if use_compile else ''}loader start-up); throughput is timed from here")
+                t_last, steps_since, flops_since = time.time(), 0, 0.0
 
-        if due(step, cfg.log_interval) or last:
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            stats = torch.stack([loss_sum, grad_norm.float(), bad_total, bad_max_run, good_steps,
-                                 raw_model.logit_scale.detach().exp().float()]).tolist()  # the one sync
-            if stats[3] >= cfg.max_bad_steps:
-                sys.exit(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume from the last "
-                         f"checkpoint in {cfg.out_dir} with a lower --max_lr, or check the data.")
-            dt = time.time() - t_last
-            samples_per_s = steps_since * cfg.batch_size / dt
-            record = {"kind": "train", "step": step, "loss": stats[0] / max(stats[4], 1), "lr": lr,
-                      "grad_norm": stats[1], "logit_scale": stats[5], "samples_per_s": samples_per_s, "bad_steps": int(stats[2]),
-                      "epoch": train_loader.epoch, "skipped_samples": train_loader.skipped,
-                      "eta_min": (cfg.max_steps - step) * dt / steps_since / 60}  # at this interval's pace, no evals
-            if peak:
-                record["mfu"] = flops_since / dt / peak
-            if scaler.is_enabled():
-                record["loss_scale"] = scaler.get_scale()
-            logger.log(record)
-            loss_sum.zero_()
-            good_steps.zero_()
-            t_last, steps_since, flops_since = time.time(), 0, 0.0
-        t_pause = time.time()
-        val = run_eval() if due(step, cfg.eval_interval) or last else None
-        if due(step, cfg.checkpoint_interval) or last:
-            save(val)
-        t_last += time.time() - t_pause  # evaluating and saving do not count against training throughput
+            if due(step, cfg.log_interval) or last:
+                if ddp:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                stats = torch.stack([loss_sum, grad_norm.float(), bad_total, bad_max_run, good_steps,
+                                     raw_model.logit_scale.detach().exp().float()]).tolist()  # the one sync
+                if stats[3] >= cfg.max_bad_steps:
+                    sys.exit(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume from the last "
+                             f"checkpoint in {cfg.out_dir} with a lower --max_lr, or check the data.")
+                dt = time.time() - t_last
+                samples_per_s = steps_since * cfg.batch_size / dt
+                record = {"kind": "train", "step": step, "loss": stats[0] / max(stats[4], 1), "lr": lr,
+                          "grad_norm": stats[1], "logit_scale": stats[5], "samples_per_s": samples_per_s,
+                          "bad_steps": int(stats[2]), "epoch": train_loader.epoch,
+                          "skipped_samples": train_loader.skipped,
+                          "eta_min": (cfg.max_steps - step) * dt / steps_since / 60}  # at this pace, no evals
+                if peak:
+                    record["mfu"] = flops_since / dt / peak
+                if scaler.is_enabled():
+                    record["loss_scale"] = scaler.get_scale()
+                logger.log(record)
+                loss_sum.zero_()
+                good_steps.zero_()
+                t_last, steps_since, flops_since = time.time(), 0, 0.0
+            t_pause = time.time()
+            val = run_eval() if due(step, cfg.eval_interval) or last else None
+            if due(step, cfg.checkpoint_interval) or last:
+                save(val)
+            t_last += time.time() - t_pause  # evaluating and saving do not count against training throughput
+            # a SIGTERM ends the run here, after a checkpoint: in DDP the ranks decide together, every 10 steps
+            if ddp and step % 10 == 0:
+                flag = torch.tensor(float(bool(stop)), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = flag.item() > 0
+            else:
+                stopping = bool(stop) and not ddp
+            if stopping and not last:
+                if not due(step, cfg.checkpoint_interval):
+                    save(None)
+                if ddp:
+                    dist.barrier()  # the checkpoint is whole before any rank exits
+                if master:
+                    print(f"stopped by SIGTERM after step {step}: go on from its checkpoint with the same command and "
+                          "--resume", file=sys.stderr)
+                sys.exit(143)  # 128 + SIGTERM, as a shell reports a process ended by it
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
     if ddp:
         dist.destroy_process_group()

@@ -363,6 +363,30 @@ def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
 
 
 
+def test_a_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_goes_on_from_it_exactly(shapes_dir, tmp_path):
+    """SIGTERM to the process group, as torchrun, SLURM and cloud preemption send it (the loader process gets it
+    too): the run stops after the current step, saves it (no checkpoint was due), and resumes exactly."""
+    kw = dict(max_steps=20, checkpoint_interval=100, eval_interval=0, num_workers=1)
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    train.main(run_args(shapes_dir, straight, **kw))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *run_args(shapes_dir, out, **kw)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, text=True,
+                            start_new_session=True)
+    deadline, log = time.time() + 120, os.path.join(out, "log.jsonl")
+    while time.time() < deadline and proc.poll() is None and not (os.path.exists(log) and len(read_log(out)) >= 3):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", err)[1])
+    assert proc.returncode == 143 and 3 <= stopped < 20 and "Traceback" not in err, err[-2000:]
+    assert [f for f in os.listdir(out) if f.startswith("ckpt-")] == [f"ckpt-{stopped:08d}.pt"]
+    train.main(run_args(shapes_dir, out, **kw) + ["--resume"])
+    a = load_checkpoint(os.path.join(straight, "ckpt-00000020.pt"))["model"]
+    b = load_checkpoint(os.path.join(out, "ckpt-00000020.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(out)]
+
+
 def test_ctrl_c_says_how_to_go_on_instead_of_a_traceback(shapes_dir, tmp_path):
     def interrupt(args, once_exists):  # Ctrl-C in a terminal: SIGINT to the whole process group
         proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
