@@ -320,12 +320,13 @@ def test_a_bf16_or_fp16_run_on_a_cpu_resumes_exactly_too(precision, shapes_dir, 
     # --precision bf16 is the fast way on CPUs with bf16 units, fp16 (with its loss scale) on GPUs without them:
     # their runs resume bit for bit as fp32 ones do
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    small = dict(vision_layers=1, text_layers=1)  # most CPUs emulate bf16 and fp16 matmuls: keep them few
     with monkeypatch.context() as m:  # on a CPU that would emulate it, the run says so (and runs all the same)
         m.setattr(train, "cpu_multiplies_bf16", lambda: False)
-        train.main(run_args(shapes_dir, straight, precision=precision, eval_interval=0))
+        train.main(run_args(shapes_dir, straight, precision=precision, eval_interval=0, **small))
     warning = {"bf16": "warning: this CPU has no bf16 matrix units", "fp16": "warning: --precision fp16 is for GPUs"}
     assert warning[precision] in capsys.readouterr().err
-    train.main(run_args(shapes_dir, split, precision=precision, eval_interval=0))
+    train.main(run_args(shapes_dir, split, precision=precision, eval_interval=0, **small))
     os.remove(os.path.join(split, "ckpt-00000006.pt"))  # as if it had stopped at step 3
     train.main(["--resume", os.path.join(split, "ckpt-00000003.pt")])
     a = load_checkpoint(os.path.join(straight, "ckpt-00000006.pt"))
@@ -366,7 +367,7 @@ def test_a_true_interruption_resumes_exactly(shapes_dir, tmp_path):
 def test_a_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_goes_on_from_it_exactly(shapes_dir, tmp_path):
     """SIGTERM to the process group, as torchrun, SLURM and cloud preemption send it (the loader process gets it
     too): the run stops after the current step, saves it (no checkpoint was due), and resumes exactly."""
-    kw = dict(max_steps=20, checkpoint_interval=100, eval_interval=0, num_workers=1)
+    kw = dict(max_steps=20, checkpoint_interval=100, eval_interval=0, num_workers=1, vision_layers=1, text_layers=1)
     straight, out = str(tmp_path / "straight"), str(tmp_path / "stopped")
     train.main(run_args(shapes_dir, straight, **kw))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *run_args(shapes_dir, out, **kw)]
