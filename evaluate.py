@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
-from dataloader import ShardLoader, data_dirs, default_num_workers, prefetch, prepare_image, shard_paths
+from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
+                        shard_paths)
 from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
@@ -311,7 +312,8 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     # where a file that does not decode is left out instead of ending the run
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                                         pin_memory=torch.device(device).type == "cuda")
+                                         pin_memory=torch.device(device).type == "cuda",
+                                         worker_init_fn=ignore_sigterm)  # a SIGTERM is train.py's to handle
     logits, targets, unreadable = [], [], 0
     # images and labels arrive on the device, the next batch copied while this one is embedded
     batches = tqdm(prefetch(loader, device), total=len(loader), desc=f"zero-shot {set_name(name_or_dir)}")
