@@ -170,7 +170,7 @@ def source_folder(args):
     if not args.input or not os.path.isdir(args.input):
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
     images, captions, duplicates, tables = {}, {}, set(), []  # (folder, stem) -> path
-    others = {}  # (folder, stem) -> extension, of files of other types: a caption beside one names an image we cannot read
+    others = set()  # (folder, stem) of files of other types: a caption beside one (x.heic) names an image not read
     visited = set()  # linked folders are followed (data kept on another disk), each real folder once
     walk = os.walk(args.input, followlinks=True)
     for root, folders, files in tqdm(walk, desc="list files", unit=" folders", leave=False, dynamic_ncols=True):
@@ -192,7 +192,7 @@ def source_folder(args):
             elif ext in TABLE_EXTENSIONS:
                 tables.append(os.path.join(root, name))
             elif ext:
-                others[(root, stem)] = ext
+                others.add((root, stem))
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
         sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
                  f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "
