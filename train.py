@@ -202,7 +202,8 @@ def clipped_step(optimizer, params, grad_clip, loss, scaler=None):
     flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float()  # (loss bad, gradient bad)
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank skips together
-    skip, bad = flags.max(), flags[0] if scaling else flags.max()
+    skip = flags.max()
+    bad = flags[0] if scaling else skip
     if optimizer.defaults.get("fused"):
         # fused AdamW divides each gradient by grad_scale as it reads it: clipping without a pass of its own
         # over every gradient, which costs as much as the token table's update on a CPU; and found_inf skips
@@ -358,8 +359,11 @@ def gpu_facts(device):
             "triton_installed": importlib.util.find_spec("triton") is not None, "triton_supported": major >= 7}
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def choose_precision(precision, device):
-    """--precision on this device -> (the autocast dtype, or None for fp32; a note for stderr or None). auto is
+    """--precision on this device -> ("bf16", "fp16" or "fp32"; a note for stderr or None). auto is
     bf16 on a GPU with bf16 tensor cores; on an older one with fp16 tensor cores (a T4 or a V100, common in the
     cloud) it is fp16, with loss scaling, as bf16 there has no tensor cores and Triton cannot even generate
     code for it ("Feature '.bf16' requires .target sm_80"): asked for there, bf16 is a ValueError that says so,
@@ -371,27 +375,26 @@ def choose_precision(precision, device):
                              "compute capability 8.0 (Ampere); leave out --precision to train in "
                              f"{'fp16 with loss scaling' if gpu['fp16'] else 'fp32'}")
         if precision != "auto":
-            return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision], None
+            return precision, None
         if gpu["bf16"]:
-            return torch.bfloat16, None
+            return "bf16", None
         if gpu["fp16"]:
-            return torch.float16, (f"this GPU ({gpu['name']}) has fp16 tensor cores but no bf16 ones: training in "
-                                   "fp16, with loss scaling")
-        return None, f"this GPU ({gpu['name']}) has no tensor cores: training in fp32"
+            return "fp16", (f"this GPU ({gpu['name']}) has fp16 tensor cores but no bf16 ones: training in fp16, "
+                            "with loss scaling")
+        return "fp32", f"this GPU ({gpu['name']}) has no tensor cores: training in fp32"
     if precision == "fp16" and device.type == "cpu":
-        return torch.float16, ("warning: --precision fp16 is for GPUs without bf16 tensor cores; most CPUs emulate "
-                               "fp16 matmuls, many times slower than fp32 ones: leave out --precision to run in fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return dtype, cpu_bf16_advice(precision) if device.type == "cpu" else None
+        return "fp16", ("warning: --precision fp16 is for GPUs without bf16 tensor cores; most CPUs emulate fp16 "
+                        "matmuls, many times slower than fp32 ones: leave out --precision to run in fp32")
+    return ("fp32" if precision == "auto" else precision), (cpu_bf16_advice(precision) if device.type == "cpu" else None)
 
 
 def precision_context(precision, device, verbose=True):
-    """choose_precision's dtype and the autocast it calls for (nothing to do in fp32), its note printed to
-    stderr; a precision that cannot work here raises ValueError. train.py, evaluate.py and bench.py use it."""
-    dtype, note = choose_precision(precision, device)
+    """choose_precision's choice and the autocast it calls for (nothing to do in fp32), its note printed to
+    stderr; a precision that cannot work here raises ValueError. train.py, evaluate.py and the benchmarks use it."""
+    chosen, note = choose_precision(precision, device)
     if note and verbose:
         print(note, file=sys.stderr)
-    return dtype, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return chosen, nullcontext() if chosen == "fp32" else torch.autocast(device.type, dtype=DTYPES[chosen])
 
 
 def choose_compile(compile, device):
@@ -561,15 +564,15 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     try:  # each with a note worth knowing (a T4 trains in fp16; a CPU with bf16 units would be faster in bf16)
-        (dtype, autocast), (use_compile, compile_note) = (precision_context(cfg.precision, device, verbose=master),
-                                                          choose_compile(cfg.compile, device))
+        (precision, autocast), (use_compile, compile_note) = (precision_context(cfg.precision, device, verbose=master),
+                                                              choose_compile(cfg.compile, device))
     except ValueError as e:
         sys.exit(str(e))
     if compile_note and master:
         print(compile_note, file=sys.stderr)
     # fp16 keeps only 5 exponent bits: the loss is scaled up before the backward so that small gradients do
     # not round to zero, and the scale adapts to stay clear of overflow (off, a no-op, in bf16 and fp32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     if start is not None and master:
         print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")
@@ -650,8 +653,7 @@ def main(argv=None):
     logger = Logger(cfg.out_dir, enabled=master, resume_step=step if cfg.resume else None)
     if master:
         resolved = {**asdict(cfg), "model_config": asdict(model_cfg), "world_size": world, "device": str(device),
-                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"),
-                    "compile": use_compile, "loader_workers": num_workers}
+                    "precision": precision, "compile": use_compile, "loader_workers": num_workers}
         print(json.dumps(resolved, indent=2))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
@@ -777,8 +779,10 @@ def main(argv=None):
             if due(step, cfg.checkpoint_interval) or last:
                 save(val)
             t_last += time.time() - t_pause  # evaluating and saving do not count against training throughput
-            # a SIGTERM ends the run here, after a checkpoint: in DDP the ranks decide together, every 10 steps
-            if ddp and step % 10 == 0:
+            # a SIGTERM ends the run here, after a checkpoint. In DDP the ranks decide together, at the logged steps
+            # (every 10 where only the last step is logged): reading their decision waits for the device, as the
+            # log's own figures do there already, so no step of the others waits for it
+            if ddp and due(step, cfg.log_interval or 10):
                 flag = torch.tensor(float(bool(stop)), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = flag.item() > 0

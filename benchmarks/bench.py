@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip  # noqa: E402
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from dataloader import prefetch  # noqa: E402
-from train import (PEAK_BF16_FLOPS, clipped_step, cpu_multiplies_bf16, keep_freed_memory, param_groups,  # noqa: E402
-                   precision_context)
+from train import (DTYPES, PEAK_BF16_FLOPS, clipped_step, cpu_multiplies_bf16, keep_freed_memory,  # noqa: E402
+                   param_groups, precision_context)
 
 
 def matmul_peak(device, dtype, budget_s=2.0):
@@ -206,10 +206,9 @@ def main():
     if device.type != "cuda" and args.data != "device":
         p.error("--data copy and prefetch time a copy to a GPU; on a CPU the batch is already where the step runs")
     try:
-        dtype, autocast = precision_context(args.precision, device)
+        precision, autocast = precision_context(args.precision, device)
     except ValueError as e:
         p.error(str(e))
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     cfg = get_config(args.model, **{k: getattr(args, k) for k in sizes if getattr(args, k) is not None})
     flops = flops_per_sample(cfg)
     # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
@@ -237,7 +236,7 @@ def main():
                 name = f"{side}{' compiled' if compiled else ''}{f' [{data}]' if args.data != 'device' else ''}"
                 run = prepare(name, builders[side], cfg, args, device, autocast, data,
                               attention=sdpa_attention if side == "ours-sdpa" else clip.attention,
-                              fp16=dtype == torch.float16)
+                              fp16=precision == "fp16")
                 run["flops"] = side_flops[side]
                 runs.append(run)
     # the sides take turns, round after round, and each reports its median round: a machine that
@@ -249,7 +248,7 @@ def main():
             run["rates"].append(args.steps * args.batch_size / time_steps(run["step"], args.steps, device))
         if device.type == "cpu":
             # in the precision the steps run in: a CPU with bf16 units multiplies bf16 faster than fp32
-            rate, n = matmul_peak(device, dtype or torch.float32)
+            rate, n = matmul_peak(device, DTYPES[precision])
             matmul_rates.append(rate)
     if device.type == "cpu":
         peak = statistics.median(matmul_rates)

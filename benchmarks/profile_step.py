@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import matmul_peak, ours, prepare, sync, time_steps  # noqa: E402  the same model, optimizer, batch and step as bench.py
 from clip import CLIP, attention, clip_loss, flops_per_sample, get_config  # noqa: E402
 from dataloader import prefetch  # noqa: E402
-from train import keep_freed_memory, parse_bool, precision_context  # noqa: E402
+from train import DTYPES, keep_freed_memory, parse_bool, precision_context  # noqa: E402
 
 EOT = 100257  # cl100k_base's <|endoftext|>
 
@@ -187,14 +187,14 @@ def kind_of(name):
     return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
 
 
-def profile_step(cfg, B, device, compiled, dtype, autocast, top):
+def profile_step(cfg, B, device, compiled, precision, autocast, top):
     # bench.py's step: its model and fused AdamW, random images and full-context captions, warm-up included
     if compiled and device.type == "cpu":
         # Inductor's C++ kernels then show in the profile by name, not as one block per compiled graph
         from torch._inductor import config as inductor_config
         inductor_config.cpp.enable_kernel_profile = True
     args = argparse.Namespace(batch_size=B, compiled=compiled, compile_mode=None, warmup=3)
-    run = prepare("ours", ours, cfg, args, device, autocast, fp16=dtype == torch.float16)
+    run = prepare("ours", ours, cfg, args, device, autocast, fp16=precision == "fp16")
     step = run["step"]
     print(f"first step (compiling, if compiled) {run['first_step_s']:.1f} s")
     step_ms = time_steps(step, 20, device) / 20 * 1e3
@@ -223,14 +223,14 @@ def profile_step(cfg, B, device, compiled, dtype, autocast, top):
     for e in sorted(events, key=ms, reverse=True)[:top]:
         print(f"  {ms(e):8.3f} {e.count // n:5d}x  {kind_of(e.key):18s} {e.key[:100]}")
     if device.type == "cpu":
-        matmul_rates(prof, n, device, dtype, top)
+        matmul_rates(prof, n, device, precision, top)
 
 
-def matmul_rates(prof, n, device, dtype, top):
+def matmul_rates(prof, n, device, precision, top):
     """On a CPU: each matmul shape's rate against this machine's 2048^3 rate (or a smaller size's, as
     bench.matmul_peak chooses), measured now: how near its peak the step's matmuls run, and so the MFU the
     step could reach if nothing else took time."""
-    peak, size = matmul_peak(device, dtype or torch.float32)
+    peak, size = matmul_peak(device, DTYPES[precision])
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key not in ("aten::mm", "aten::addmm", "aten::bmm"):
@@ -260,7 +260,7 @@ def main():
     parts = args.parts.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dtype, autocast = precision_context(args.precision, device)
+        precision, autocast = precision_context(args.precision, device)
     except ValueError as e:
         p.error(str(e))
     cfg = get_config(args.model)
@@ -279,7 +279,7 @@ def main():
         if "sdpa" in parts:
             cpu_attention(cfg, args.batch_size)
     if "profile" in parts:
-        profile_step(cfg, args.batch_size, device, args.compile, dtype, autocast, args.top)
+        profile_step(cfg, args.batch_size, device, args.compile, precision, autocast, args.top)
 
 
 if __name__ == "__main__":

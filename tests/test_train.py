@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import logger
 import prep_dataset
 import train
@@ -626,10 +627,10 @@ def test_bf16_on_a_cpu_is_suggested_where_it_is_fast_and_warned_against_where_it
         assert (line is None) if advice is None else (advice in line), (units, precision, line)
 
 
-def test_precision_and_compiling_follow_what_the_hardware_can_do_and_say_why(monkeypatch, shapes_dir, tmp_path):
+def test_precision_and_compiling_follow_what_the_hardware_can_do_and_say_why(monkeypatch, shapes_dir, tmp_path, capsys):
     # a T4 or V100 (compute capability 7.x): bf16 would fail in the compiler, fp16 has tensor cores; a P100
     # (6.0): no tensor cores, and Triton refuses it
-    cuda, cpu, bf16, fp16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16, torch.float16
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     gpus = {"A100": dict(name="NVIDIA A100, compute capability 8.0", bf16=True, fp16=True, triton_installed=True,
                          triton_supported=True),
             "T4": dict(name="Tesla T4, compute capability 7.5", bf16=False, fp16=True, triton_installed=True,
@@ -639,10 +640,10 @@ def test_precision_and_compiling_follow_what_the_hardware_can_do_and_say_why(mon
             "no Triton": dict(name="NVIDIA RTX 4090, compute capability 8.9", bf16=True, fp16=True,
                               triton_installed=False, triton_supported=True)}
     # (gpu, flag) -> (the choice, whether a note says why), or the error's words
-    precision = {("A100", "auto"): (bf16, False), ("A100", "bf16"): (bf16, False), ("A100", "fp16"): (fp16, False),
-                 ("A100", "fp32"): (None, False), ("T4", "auto"): (fp16, True), ("T4", "fp16"): (fp16, False),
-                 ("T4", "fp32"): (None, False), ("T4", "bf16"): "no bf16 tensor cores.*fp16 with loss scaling",
-                 ("P100", "auto"): (None, True), ("P100", "bf16"): "no bf16 tensor cores.*fp32"}
+    precision = {("A100", "auto"): ("bf16", False), ("A100", "bf16"): ("bf16", False), ("A100", "fp16"): ("fp16", False),
+                 ("A100", "fp32"): ("fp32", False), ("T4", "auto"): ("fp16", True), ("T4", "fp16"): ("fp16", False),
+                 ("T4", "fp32"): ("fp32", False), ("T4", "bf16"): "no bf16 tensor cores.*fp16 with loss scaling",
+                 ("P100", "auto"): ("fp32", True), ("P100", "bf16"): "no bf16 tensor cores.*fp32"}
     compile_ = {("A100", "auto"): (True, False), ("A100", "false"): (False, False), ("T4", "auto"): (True, False),
                 ("P100", "auto"): (False, True), ("P100", "false"): (False, False), ("P100", "true"): "too old",
                 ("no Triton", "auto"): (False, True), ("no Triton", "true"): "not installed"}
@@ -663,14 +664,18 @@ def test_precision_and_compiling_follow_what_the_hardware_can_do_and_say_why(mon
         train.choose_compile("true", cpu)
     assert train.choose_compile("auto", cpu) == (False, None)
     monkeypatch.delenv("CXX")
-    assert train.choose_precision("auto", cpu)[0] is None and train.choose_precision("bf16", cpu)[0] is bf16
-    dtype, note = train.choose_precision("fp16", cpu)
-    assert dtype is fp16 and note.startswith("warning")
+    assert train.choose_precision("auto", cpu)[0] == "fp32" and train.choose_precision("bf16", cpu)[0] == "bf16"
+    chosen, note = train.choose_precision("fp16", cpu)
+    assert chosen == "fp16" and note.startswith("warning")
     # train.py and evaluate.py stop on such a choice with its message, before any work
     monkeypatch.setattr(train, "choose_precision", lambda precision, device: (_ for _ in ()).throw(ValueError("no bf16 here")))
     with pytest.raises(SystemExit, match="no bf16 here"):
         train.main(run_args(shapes_dir, str(tmp_path / "run")))
     assert not os.path.exists(os.path.join(tmp_path, "run", "log.jsonl"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # before the checkpoint is even looked for
+        evaluate.main([str(tmp_path / "no_such.pt"), "--retrieval", shapes_dir])
+    assert "no bf16 here" in capsys.readouterr().err
 
 
 def test_running_out_of_gpu_memory_says_which_settings_keep_the_gradients(shapes_dir, tmp_path, monkeypatch):
