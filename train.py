@@ -4,8 +4,8 @@ Trains CLIP. One script for every scale:
     python train.py --config demo                                   # tiny model on the synthetic shapes set, CPU
     python train.py --data_dir data/text-to-image-2M                # one GPU (or CPU), the base model
     torchrun --standalone --nproc_per_node=8 train.py               # a node of 8 GPUs
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \\
-             --rdzv_endpoint=HOST:29500 train.py                    # two nodes (run on each, node_rank 0 and 1)
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST \\
+             --master_port=29500 train.py                           # two nodes (run on each, node_rank 0 and 1)
 
     python train.py --config demo --resume                          # continue from the newest checkpoint
     python train.py --resume runs/demo/ckpt-00000300.pt             # with the settings that run had
@@ -443,18 +443,12 @@ def val_loss(model, loader, max_batches, device, autocast):
 DDP_TIMEOUT = timedelta(minutes=60)
 
 
-def due(step, interval):
-    """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
-    return interval > 0 and step % interval == 0
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_args(argv)
-    # ---- the checkpoint to start from, if any. A resumed run keeps its own settings (batch, schedule,
-    # data, seed); flags given now override them, e.g. a larger --max_steps to train on
+def starting_point(cfg, argv):
+    """The checkpoint a run starts from, if any -> (cfg, its state or None, its path, the settings changed).
+    A resumed run keeps its own settings (batch, schedule, data, seed); flags given now override them, e.g. a
+    larger --max_steps to train on. A reason not to start is a sys.exit with what to do."""
     manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
-    start, start_path = None, None
+    start, start_path, changed = None, None, []
     if cfg.resume == "latest":
         start, start_path = manager.load_latest()
         if start is None:
@@ -475,10 +469,77 @@ def main(argv=None):
         # the run lives where its checkpoint is, wherever it was first started
         resumed = {**start["config"], "out_dir": os.path.dirname(start_path) or "."}
         cfg = parse_args(argv, resumed)
-        manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
         changed = [f"{k} {resumed[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
                    if k in resumed and k not in ("out_dir", "resume", "init_from", "device") and resumed[k] != v]
-    for name, allowed in (("device", ("auto", "cuda", "mps", "cpu")), ("compile", ("auto", "true", "false")),
+    return cfg, start, start_path, changed
+
+
+def same_on_every_rank(ddp, what, key, shown, failure=None):
+    """Under DDP every rank reads the checkpoint and the data from its own node's disk. Nodes that do not share
+    them could start from different checkpoints or data, and train on silently wrong (optimizer states and batches
+    that do not belong together); or one rank would stop on a missing file while the others wait for it in their
+    next collective until the timeout. So every rank reports what it found (`key`, shown as `shown`) or why it
+    cannot start (`failure`): they go on only if all found the same, and otherwise all stop, saying what each found.
+    Without DDP: a failure stops the run."""
+    if ddp:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (failure, key, shown))
+        if any(other[:2] != every[0][:2] for other in every):
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per node: every node's terminal shows it
+                print(f"the ranks did not find the same {what}:\n" +
+                      "\n".join(f"  rank {r}: {f or s}" for r, (f, _, s) in enumerate(every)) +
+                      "\nEvery node reads its own files: keep --out_dir and --data_dir on storage that all nodes share "
+                      "(or copy them to each node), then run again.", file=sys.stderr)
+            sys.exit(1)
+    if failure:
+        sys.exit(failure)  # the same on every rank: said as one process says it
+
+
+def due(step, interval):
+    """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
+    return interval > 0 and step % interval == 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    # ---- processes and devices: DDP whenever torchrun launched us. First, so that the ranks can compare the
+    # checkpoint and the data they find (a device is this machine's, never the checkpoint's)
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if cfg.device not in ("auto", "cuda", "mps", "cpu"):
+        sys.exit(f"--device {cfg.device!r}: choose one of auto, cuda, mps, cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    auto = ("cuda", "cpu") if ddp else ("cuda", "mps", "cpu")  # DDP has NCCL for GPUs, gloo for CPUs, none for mps
+    kind = cfg.device if cfg.device != "auto" else next(k for k in auto if available[k])
+    if not available[kind]:
+        sys.exit(f"--device {kind}: torch sees no such device here (torch {torch.__version__}); "
+                 "use --device cpu, or install a torch build for it (setup_gpu.sh does, on a GPU box)")
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        if kind == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device, timeout=DDP_TIMEOUT)
+        elif kind == "cpu":
+            device = torch.device("cpu")
+            dist.init_process_group("gloo", timeout=DDP_TIMEOUT)
+        else:
+            sys.exit("torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo), not on mps: add --device cpu, or run "
+                     "without torchrun")
+    else:
+        rank, world = 0, 1
+        device = torch.device(kind)
+    master = rank == 0
+    # ---- the checkpoint to start from, if any
+    try:
+        cfg, start, start_path, changed = starting_point(cfg, argv)
+        failure = None
+    except SystemExit as e:  # said below, once every rank knows
+        start, start_path, changed, failure = None, None, [], str(e.code)
+    same_on_every_rank(ddp, "checkpoint to start from", start and (start["step"], float(start["model"]["logit_scale"])),
+                       f"{start_path} (step {start['step']})" if start else "no checkpoint: a fresh run", failure)
+    manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
+    for name, allowed in (("compile", ("auto", "true", "false")),
                           ("precision", ("auto", "bf16", "fp16", "fp32")),
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:
@@ -521,30 +582,6 @@ def main(argv=None):
     except RuntimeError as e:
         sys.exit(str(e))
 
-    # ---- processes and devices: DDP whenever torchrun launched us
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    auto = ("cuda", "cpu") if ddp else ("cuda", "mps", "cpu")  # DDP has NCCL for GPUs, gloo for CPUs, none for mps
-    kind = cfg.device if cfg.device != "auto" else next(k for k in auto if available[k])
-    if not available[kind]:
-        sys.exit(f"--device {kind}: torch sees no such device here (torch {torch.__version__}); "
-                 "use --device cpu, or install a torch build for it (setup_gpu.sh does, on a GPU box)")
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        if kind == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device, timeout=DDP_TIMEOUT)
-        elif kind == "cpu":
-            device = torch.device("cpu")
-            dist.init_process_group("gloo", timeout=DDP_TIMEOUT)
-        else:
-            sys.exit("torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo), not on mps: add --device cpu, or run "
-                     "without torchrun")
-    else:
-        rank, world = 0, 1
-        device = torch.device(kind)
-    master = rank == 0
     num_workers = cfg.num_workers
     if num_workers < 0:
         # decoding and cropping images is the CPU's whole job here: a base model on an H100 takes thousands
@@ -604,7 +641,7 @@ def main(argv=None):
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
                      num_workers=num_workers, trim_tokens=True, device=device)
-    val_loader = None
+    val_loader, failure = None, None
     try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                    crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
@@ -617,9 +654,13 @@ def main(argv=None):
             if val_batch > 0:
                 val_loader = ShardLoader(",".join(val_dirs), "val", val_batch, train=False, **loader_kw)
     except FileNotFoundError as e:  # no shards: the message says which command makes them
-        sys.exit(f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo")
+        failure = f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo"
     except ValueError as e:
-        sys.exit(str(e))
+        failure = str(e)
+    found = None if failure else (train_loader.dataset.num_samples, len(train_loader.dataset.paths),
+                                  val_loader.dataset.num_samples if val_loader else 0)
+    same_on_every_rank(ddp, "data", found, found and f"{found[0]} train samples in {found[1]} shards, "
+                       f"{found[2]} val samples", failure)
 
     # ---- model and optimizer
     raw_model = CLIP(model_cfg).to(device)

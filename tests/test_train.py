@@ -816,3 +816,46 @@ def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_s
     assert losses_ddp == pytest.approx(losses_single, abs=1e-5)
     assert [r["val_loss"] for r in read_log(multi, "eval")] == pytest.approx(
         [r["val_loss"] for r in read_log(single, "eval")], abs=1e-5)
+
+
+def test_nodes_that_find_different_files_stop_together_saying_what_each_found(shapes_dir, tmp_path):
+    """Two nodes (torchrun --nnodes 2, one rank each, each in its own folder) whose disks hold different data, then
+    a checkpoint that only one of them has: without the check they would train on silently wrong (different
+    epochs' orders, optimizer states), or one would wait for the other until the timeout."""
+    import socket
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    os.symlink(shapes_dir, nodes[0] / "data")
+    shutil.copytree(shapes_dir, nodes[1] / "data")
+    os.remove(sorted(glob.glob(str(nodes[1] / "data" / "train" / "*.tar")))[-1])  # one shard fewer there
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+    def run_nodes(*extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                   os.path.join(ROOT, "train.py"), *run_args("data", "run", max_steps=3), *extra],
+                                  cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r, node in enumerate(nodes)]
+        return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+
+    for code, err in run_nodes():
+        assert code != 0
+        assert "the ranks did not find the same data" in err, err
+        assert "rank 0: 192 train samples in 4 shards" in err
+        assert int(re.search(r"rank 1: (\d+) train samples in 3 shards", err).group(1)) < 192
+        assert "storage that all nodes share" in err
+    assert not os.path.exists(nodes[0] / "run" / "log.jsonl")  # nothing trained
+    # the same data on both, and a checkpoint on node 0's disk only: a run there, alone
+    shutil.rmtree(nodes[1] / "data")
+    os.symlink(shapes_dir, nodes[1] / "data")
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *run_args("data", "run", max_steps=3)],
+                   cwd=nodes[0], env=env, check=True, stdout=subprocess.DEVNULL, timeout=120)
+    for code, err in run_nodes("--resume"):
+        assert code != 0
+        assert "the ranks did not find the same checkpoint to start from" in err, err
+        assert f"rank 0: {os.path.join('run', 'ckpt-00000003.pt')} (step 3)" in err
+        assert "rank 1: --resume: no checkpoint in run" in err
