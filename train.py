@@ -723,19 +723,27 @@ def main(argv=None):
         return record.get("val_loss")
 
     def save(val):
-        if not master:
-            return
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            sys.exit(f"step {step}: the weights hold NaN/inf; not saving them. Resume from the last good "
+        """Rank 0 writes the checkpoint. Under DDP the other ranks learn whether it could: a full disk or diverged
+        weights stop them all at once, instead of rank 0 alone while the others wait for it until the timeout
+        (the agent of one node stops its own ranks, not another node's)."""
+        error = None
+        if master and not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            error = (f"step {step}: the weights hold NaN/inf; not saving them. Resume from the last good "
                      f"checkpoint in {cfg.out_dir} with a lower --max_lr.")
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, "loader": train_loader.state_dict(), "rng": rng_state(), "config": asdict(cfg),
-                 "model_config": asdict(model_cfg), "encoding": model_cfg.encoding, "val_loss": val}
-        try:
-            path = manager.save(step, state, val)
-        except CheckpointError as e:
-            sys.exit(f"step {step}: {e}")
-        print(f"saved {path}")
+        elif master:
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "step": step, "loader": train_loader.state_dict(), "rng": rng_state(), "config": asdict(cfg),
+                     "model_config": asdict(model_cfg), "encoding": model_cfg.encoding, "val_loss": val}
+            try:
+                print(f"saved {manager.save(step, state, val)}")
+            except CheckpointError as e:
+                error = f"step {step}: {e}"
+        if ddp:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0] and (error or f"rank 0 could not save: {shared[0]}")
+        if error:
+            sys.exit(error if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)  # said once on every node
 
     if step >= cfg.max_steps and master:
         print(f"the run is already at step {step} of --max_steps {cfg.max_steps}: nothing to train. Resume with "
@@ -831,9 +839,7 @@ def main(argv=None):
                 stopping = bool(stop) and not ddp
             if stopping and not last:
                 if not due(step, cfg.checkpoint_interval):
-                    save(None)
-                if ddp:
-                    dist.barrier()  # the checkpoint is whole before any rank exits
+                    save(None)  # under DDP, every rank waits in it until rank 0's checkpoint is whole
                 if master:
                     print(f"stopped by SIGTERM after step {step}: go on from its checkpoint with the same command and "
                           "--resume", file=sys.stderr)

@@ -818,10 +818,11 @@ def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_s
         [r["val_loss"] for r in read_log(single, "eval")], abs=1e-5)
 
 
-def test_nodes_that_find_different_files_stop_together_saying_what_each_found(shapes_dir, tmp_path):
+def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why(shapes_dir, tmp_path):
     """Two nodes (torchrun --nnodes 2, one rank each, each in its own folder) whose disks hold different data, then
     a checkpoint that only one of them has: without the check they would train on silently wrong (different
-    epochs' orders, optimizer states), or one would wait for the other until the timeout."""
+    epochs' orders, optimizer states), or one would wait for the other until the timeout. Then a full disk where
+    rank 0 saves: the other rank learns it too."""
     import socket
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for node in nodes:
@@ -831,13 +832,13 @@ def test_nodes_that_find_different_files_stop_together_saying_what_each_found(sh
     os.remove(sorted(glob.glob(str(nodes[1] / "data" / "train" / "*.tar")))[-1])  # one shard fewer there
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
-    def run_nodes(*extra):
+    def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
                                    "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                   os.path.join(ROOT, "train.py"), *run_args("data", "run", max_steps=3), *extra],
+                                   script, *run_args("data", out, max_steps=3), *extra],
                                   cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r, node in enumerate(nodes)]
         return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
@@ -859,3 +860,22 @@ def test_nodes_that_find_different_files_stop_together_saying_what_each_found(sh
         assert "the ranks did not find the same checkpoint to start from" in err, err
         assert f"rank 0: {os.path.join('run', 'ckpt-00000003.pt')} (step 3)" in err
         assert "rank 1: --resume: no checkpoint in run" in err
+    # the same files, and rank 0's disk fills up at the first checkpoint: every node stops, and says why
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(FULL_DISK.format(root=ROOT))
+    for code, err in run_nodes(script=str(wrapper), out="fresh"):
+        assert code != 0
+        assert re.search(r"step 3: could not write .*ckpt-00000003.pt \(No space left on device\)", err), err
+    assert "rank 0 could not save: step 3" in err
+
+
+FULL_DISK = """
+import errno, os, sys, torch
+sys.path.insert(0, {root!r})
+import train
+def disk_full(obj, f, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+if os.environ["RANK"] == "0":
+    torch.save = disk_full
+train.main(sys.argv[1:])
+"""
