@@ -244,9 +244,11 @@ def read_classnames(path, classes):
     return lines
 
 
-def load_classification(name_or_dir, split=None, classnames_file=None):
+def load_classification(name_or_dir, split=None, classnames_file=None, label_column=None):
     """An image-classification set: a local folder of class folders (class = folder name), or a `datasets`
-    set (a hub name, or a local copy of one) with an image and a class-label column. -> (rows, image column,
+    set (a hub name, or a local copy of one) with an image and a class-label column (`label_column`, else the
+    one named like a label, else the first; a set may have several: FGVC-Aircraft's family, manufacturer and
+    variant, CIFAR-100's fine and coarse labels). -> (rows, image column,
     label column, class names). The images come as their files' bytes or paths, decoded by the caller
     (labelled_batch), which can then leave a bad one out. Rows with no label (a test split whose labels
     are hidden, marked -1) are left out and counted."""
@@ -263,11 +265,21 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
                              "of class folders (ROOT/CLASS/image.jpg, or ROOT/SPLIT/CLASS/...), or a `datasets` name "
                              "(or a local copy of one) and --split; a hub name needs a network.") from e
         image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
-        label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        if label_column is not None and label_column not in ds.features:
+            raise SystemExit(f"--label_column {label_column!r} is not a column of {name_or_dir}: it has "
+                             f"{', '.join(ds.features)}")
+        classes = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+        named = [k for k in classes if k.lower() in ("label", "labels", "fine_label", "class", "category")]
+        label_col = label_column or next(iter(named + classes), None)
+        if label_column is None and len(classes) > 1:
+            print(f"{name_or_dir} has several class columns ({', '.join(classes)}): using {label_col}; choose "
+                  "another with --label_column", file=sys.stderr)
         if label_col is None:  # the class names as text, as many community sets keep them: make them classes
             label_col = next((k for k, f in ds.features.items() if k.lower() in ("label", "labels", "class", "category")
                               and getattr(f, "dtype", None) == "string"), None)
             ds = ds.class_encode_column(label_col) if label_col else ds
+        elif not isinstance(ds.features[label_col], datasets.ClassLabel):  # --label_column: text, or ids
+            ds = ds.class_encode_column(label_col)
         if image_col is None or label_col is None:
             raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
         classnames = ds.features[label_col].names
@@ -300,8 +312,8 @@ def load_classification(name_or_dir, split=None, classnames_file=None):
 
 @torch.no_grad()
 def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
-                            num_workers=2, classnames_file=None, max_samples=None):
-    ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file)
+                            num_workers=2, classnames_file=None, max_samples=None, label_column=None):
+    ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file, label_column)
     if max_samples and len(ds) > max_samples:
         # a quick look: a random subset, the same each run (a folder's images come class by class)
         keep = sorted(np.random.default_rng(0).choice(len(ds), max_samples, replace=False).tolist())
@@ -438,6 +450,8 @@ def main(argv=None):
                    "folder's split folder (default: the first of test, val, valid, validation, train it has)")
     p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
                    "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order")
+    p.add_argument("--label_column", default=None, help="the class column of a `datasets` set that has several "
+                   "(default: the one named label, else the first)")
     p.add_argument("--templates", nargs="+", default=None,
                    help='prompt templates with {} for the class name, or a file with one per line')
     p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split); "
@@ -529,7 +543,8 @@ def main(argv=None):
             names = data_dirs(args.zeroshot)
             for name in names:
                 acc = zeroshot_classification(model, name, cfg, device, autocast, templates, args.split,
-                                              args.batch_size, args.num_workers, args.classnames, args.max_samples)
+                                              args.batch_size, args.num_workers, args.classnames, args.max_samples,
+                                              args.label_column)
                 if len(names) == 1:
                     results.update(acc)
                 else:

@@ -364,6 +364,30 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
                                ).to_parquet(str(tmp_path / "text" / "test.parquet"))
     rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "text"))
     assert [classnames[r] for r in rows[label_col]] == ["red", "blue", "red"]
+    # several class columns (FGVC-Aircraft's family, manufacturer, variant): the first, said so; or the one asked for
+    (tmp_path / "several").mkdir()
+    capsys.readouterr()
+    datasets.Dataset.from_dict({"image": [png((255, 0, 0)), png((0, 0, 255))], "family": [0, 0], "variant": [1, 0]},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "family": datasets.ClassLabel(names=["warm", "cool"]),
+                                                           "variant": datasets.ClassLabel(names=["red", "blue"])})
+                               ).to_parquet(str(tmp_path / "several" / "test.parquet"))
+    assert evaluate.load_classification(str(tmp_path / "several"))[2:] == ("family", ["warm", "cool"])
+    assert "several class columns (family, variant): using family; choose another with --label_column" in \
+        capsys.readouterr().err
+    rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "several"), label_column="variant")
+    assert (label_col, classnames, rows[label_col]) == ("variant", ["red", "blue"], [1, 0])
+    with pytest.raises(SystemExit, match="--label_column 'kind' is not a column of .*: it has image, family, variant"):
+        evaluate.load_classification(str(tmp_path / "several"), label_column="kind")
+    # a class column of text, asked for by name beside a ClassLabel one
+    (tmp_path / "mixed").mkdir()
+    datasets.Dataset.from_dict({"image": [png((255, 0, 0)), png((0, 0, 255))], "split": [0, 0], "name": ["red", "blue"]},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "split": datasets.ClassLabel(names=["a", "b"]),
+                                                           "name": datasets.Value("string")})
+                               ).to_parquet(str(tmp_path / "mixed" / "test.parquet"))
+    rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "mixed"), label_column="name")
+    assert [classnames[r] for r in rows[label_col]] == ["red", "blue"]
     # what save_to_disk wrote, a lone Dataset or a DatasetDict of splits (load_dataset refuses both)
     saved = datasets.Dataset.from_dict({"img": [png((255, 0, 0)), png((0, 0, 255))], "fine": [1, 0]}, features=features)
     saved.save_to_disk(str(tmp_path / "saved"))
