@@ -819,7 +819,7 @@ def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_s
 
 
 def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why(shapes_dir, tmp_path):
-    """Two nodes (torchrun --nnodes 2, one rank each, each in its own folder) whose disks hold different data, then
+    """Two nodes (one rank each, each in its own folder) whose disks hold different data, then
     a checkpoint that only one of them has: without the check they would train on silently wrong (different
     epochs' orders, optimizer states), or one would wait for the other until the timeout. Then a full disk where
     rank 0 saves: the other rank learns it too."""
@@ -836,10 +836,11 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
-                                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                   script, *run_args("data", out, max_steps=3), *extra],
-                                  cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # what torchrun --nnodes 2 --node_rank r --nproc_per_node 1 gives each node's one process
+        procs = [subprocess.Popen([sys.executable, script, *run_args("data", out, max_steps=3), *extra], cwd=node,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r, node in enumerate(nodes)]
         return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
 
