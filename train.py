@@ -536,8 +536,11 @@ def main(argv=None):
         failure = None
     except SystemExit as e:  # said below, once every rank knows
         start, start_path, changed, failure = None, None, [], str(e.code)
-    same_on_every_rank(ddp, "checkpoint to start from", start and (start["step"], float(start["model"]["logit_scale"])),
-                       f"{start_path} (step {start['step']})" if start else "no checkpoint: a fresh run", failure)
+    # a checkpoint of train.py's holds its step; one written by hand to start from may hold only the weights
+    at = f" (step {start['step']})" if start and "step" in start else ""
+    scale = start["model"].get("logit_scale") if start else None  # with the step: which run, and where in it
+    same_on_every_rank(ddp, "checkpoint to start from", start and (start.get("step"), scale is not None and float(scale)),
+                       f"{start_path}{at}" if start else "no checkpoint: a fresh run", failure)
     manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
     for name, allowed in (("compile", ("auto", "true", "false")),
                           ("precision", ("auto", "bf16", "fp16", "fp32")),
@@ -612,7 +615,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     if start is not None and master:
-        print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path} (step {start['step']})")
+        print(f"{'resuming' if cfg.resume else 'initialising'} from {start_path}{at}")
         if cfg.resume and changed:
             print("  with settings changed from the run's own: " + ", ".join(changed))
 

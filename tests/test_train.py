@@ -488,6 +488,12 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
     # a run directory to start from: its best.pt
     train.main(run_args(shapes_dir, str(tmp_path / "ft4"), max_steps=1) + ["--init_from", first])
     assert f"initialising from {os.path.join(first, 'best.pt')} (step 2)" in capsys.readouterr().out
+    # a file holding only the weights and their shape, as one writes by hand (the README's model-in-your-code form)
+    bare = str(tmp_path / "bare.pt")
+    torch.save({"model": state["model"], "model_config": state["model_config"]}, bare)
+    model = train.main(run_args(shapes_dir, str(tmp_path / "ft5"), max_steps=1, max_lr=1e-12) + ["--init_from", bare])
+    assert f"initialising from {bare}\n" in capsys.readouterr().out
+    torch.testing.assert_close(model.state_dict()["logit_scale"], state["model"]["logit_scale"], rtol=0, atol=1e-8)
     with pytest.raises(SystemExit, match="fixes the model's shape; drop --image_size 64"):
         train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1) + ["--init_from", ckpt, "--image_size", "64"])
 
