@@ -188,7 +188,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.context_length, self.encoding, self.tokenizer = context_length, encoding, None
         self.with_labels, self.trim_tokens, self.all_captions = with_labels, trim_tokens, all_captions
         # the index: one row per complete sample: shard, then (offset, size) of its image, caption and labels
-        rows, self.shard_rows, self.skipped_at_index = [], [], 0
+        rows, self.shard_rows, self.skipped_at_index, kinds = [], [], 0, None
         # the full text-to-image-2M takes about half a minute to index: a bar, on one rank, where it is long
         for s, path in enumerate(tqdm(paths, desc="index shards", unit=" shards", leave=False,
                                       disable=rank != 0 or len(paths) < 50)):
@@ -200,11 +200,18 @@ class ShardDataset(torch.utils.data.Dataset):
                 image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
                 if image is None or "txt" not in files:
                     self.skipped_at_index += 1
+                    kinds = set(files)  # what an incomplete sample holds, for the error below
                     continue
                 rows.append((s, *image, *files["txt"], *files.get("json", (-1, -1))))
             self.shard_rows.append(np.arange(start, len(rows)))
         if not rows:
-            raise ValueError(f"the shards {paths[0]}... hold no complete (image, .txt caption) samples")
+            folder = os.path.dirname(paths[0])
+            raise ValueError(
+                f"the shards in {folder} hold no complete sample (an image and its caption in KEY.txt)"
+                + (f"; their samples have {', '.join('.' + k for k in sorted(kinds))} files" if paths and kinds else "")
+                + f". Shards from another tool (captions in .json, as img2dataset and text-to-image-2M write them) are "
+                f"made into training shards by: python prep_dataset.py --source webdataset --input '{folder}/*.tar' "
+                "--out_dir NEW_DIR")
         self.index = np.array(rows, dtype=np.int64)
         self.num_samples = len(rows)
         if drop_last and self.num_samples < batch_size:

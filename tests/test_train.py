@@ -1,5 +1,6 @@
 import errno
 import glob
+import io
 import json
 import math
 import os
@@ -714,6 +715,17 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     shutil.copy(glob.glob(os.path.join(shapes_dir, "train", "*.tar"))[0], tmp_path / "wds" / "00000.tar")
     with pytest.raises(SystemExit, match=r"(?s)1 .tar files in .*--source webdataset --input '.*wds/\*.tar'"):
         train.main(["--data_dir", str(tmp_path / "wds"), "--out_dir", str(tmp_path / "run")])
+    # another tool's shards in train/, with their captions in .json (img2dataset, text-to-image-2M): how to prepare them
+    import tarfile
+    (tmp_path / "json_captions" / "train").mkdir(parents=True)
+    with tarfile.open(tmp_path / "json_captions" / "train" / "00000.tar", "w") as tar:
+        for name, data in (("0.jpg", b"\xff\xd8"), ("0.json", b'{"prompt": "a cat"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SystemExit, match=r"(?s)hold no complete sample .*their samples have .jpg, .json files.*"
+                                         r"--source webdataset --input '.*json_captions/train/\*.tar'"):
+        train.main(["--data_dir", str(tmp_path / "json_captions"), "--out_dir", str(tmp_path / "run")])
     # too little data for the batch: a message, not a traceback (the 240 samples hold 192 for training)
     with pytest.raises(SystemExit, match="batch_size 256 is larger than the 192 samples .* use a smaller --batch_size"):
         train.main(run_args(shapes_dir, str(tmp_path / "run"), batch_size=256))
