@@ -491,8 +491,8 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
                       "\nEvery node reads its own files: keep --out_dir and --data_dir on storage that all nodes share "
                       "(or copy them to each node), then run again.", file=sys.stderr)
             sys.exit(1)
-    if failure:
-        sys.exit(failure)  # the same on every rank: said as one process says it
+    if failure:  # the same on every rank: said as one process says it, once on every node
+        sys.exit(failure if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
 
 
 def due(step, interval):
