@@ -813,9 +813,10 @@ torch.save(model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}
 
 @pytest.mark.parametrize("micro_batch_size", [0, 4])
 def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_size):
-    """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching) against one process with 16."""
+    """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching) against one process with 16; then the
+    2-rank run resumed in one process."""
     single, multi = str(tmp_path / "single"), str(tmp_path / "ddp")
-    args = dict(max_steps=4, augment=False, checkpoint_interval=100, eval_interval=2)
+    args = dict(max_steps=4, augment=False, checkpoint_interval=2, eval_interval=2)
     model = train.main(run_args(shapes_dir, single, **args))
     args["micro_batch_size"] = micro_batch_size
     os.makedirs(multi)
@@ -834,6 +835,12 @@ def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_s
     assert losses_ddp == pytest.approx(losses_single, abs=1e-5)
     assert [r["val_loss"] for r in read_log(multi, "eval")] == pytest.approx(
         [r["val_loss"] for r in read_log(single, "eval")], abs=1e-5)
+    # the two ranks' run goes on in one process from their step-2 checkpoint (as on a node with fewer GPUs): the
+    # same global batches, so the same run
+    if not micro_batch_size:
+        resumed = train.main(["--resume", os.path.join(multi, "ckpt-00000002.pt")])
+        for name, value in resumed.state_dict().items():
+            torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why(shapes_dir, tmp_path):
