@@ -224,6 +224,11 @@ class ShardDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.batches_per_epoch
 
+    def __getstate__(self):
+        # a copy for a loader process started by spawn or forkserver (macOS; Linux from Python 3.14) opens its own
+        # files: the numbers of this process's handles mean nothing there, or another file
+        return {**self.__dict__, "_files": {}, "_order": (None, None)}
+
     def epoch_order(self, epoch):
         if self._order[0] != epoch:
             if not self.train:

@@ -738,6 +738,16 @@ def test_loader_keeps_few_shards_open_and_reads_the_same_with_or_without_pread(t
         got_images, got_tokens = next(it)
         assert torch.equal(got_images, images) and torch.equal(got_tokens, tokens)
         assert len(few.dataset._files) <= 2
+    # a copy sent to a process started by spawn (macOS; Linux's forkserver from Python 3.14) opens its own files,
+    # after this process has read through the same dataset
+    import multiprocessing
+    from operator import methodcaller
+    assert few.dataset._files
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        for row in [few.dataset.shard_rows[shard][0] for shard in few.dataset._files]:  # from the files open here
+            image, caption, _ = pool.apply(methodcaller("load", row, np.random.default_rng(row)), (few.dataset,))
+            expected_image, expected_caption, _ = few.dataset.load(row, np.random.default_rng(row))
+            assert caption == expected_caption and np.array_equal(image, expected_image)
     # and the same again where the OS has no pread (Windows): seek, then read
     monkeypatch.delattr(os, "pread")
     it = iter(ShardLoader(tmp_path, "train", **kw))
