@@ -547,7 +547,12 @@ def main(argv=None):
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:
             sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    for name, ok, what in (("batch_size", cfg.batch_size >= 1, "at least 1"), ("max_steps", cfg.max_steps >= 1, "at least 1"),
+    # the contrastive loss tells each image's caption from the batch's others: with one sample it is 0, and nothing
+    # is learned (SigLIP's sigmoid loss still has its positive pair)
+    for name, ok, what in (("batch_size", cfg.batch_size >= (2 if cfg.loss == "clip" else 1),
+                            "at least 2 for the contrastive loss (the global batch, over all ranks: "
+                            "--micro_batch_size fits it in memory)" if cfg.loss == "clip" else "at least 1"),
+                           ("max_steps", cfg.max_steps >= 1, "at least 1"),
                            ("max_lr", cfg.max_lr > 0, "positive"), ("warmup_frac", 0 <= cfg.warmup_frac < 1, "in [0, 1)"),
                            ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more"),
                            ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),

@@ -80,7 +80,8 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
     out = ["--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "none")]
     (tmp_path / "a_file").write_text("not a folder")
     for flags, message in ((["--model", "vit-b/32"], "choose one of tiny, base"),
-                           (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+                           (["--batch_size", "1"], "--batch_size 1: must be at least 2 for the contrastive loss"),
+                           (["--batch_size", "0", "--loss", "siglip"], "--batch_size 0: must be at least 1"),
                            (["--max_lr", "-1"], "must be positive"),
                            (["--warmup_frac", "1.5"], r"must be in \[0, 1\)"),
                            (["--crop_scale_min", "0"], r"--crop_scale_min 0.0: must be in \(0, 1\]"),
