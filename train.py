@@ -495,6 +495,36 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
         sys.exit(failure if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
 
 
+_run_lock = None  # the open lock file of the run directory this process writes into
+
+
+def lock_run_dir(out_dir):
+    """One run per directory: a second train.py writing into the same --out_dir would interleave its checkpoints
+    and log lines with this one's. An advisory lock (flock) on out_dir/.lock, which the OS releases when this
+    process ends, however it ends; an earlier main() of this same process (a notebook, the tests) hands it on.
+    Where there are no such locks (Windows, some network file systems), runs go unguarded. None: give it back."""
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.close()
+        _run_lock = None
+    if out_dir is None:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        sys.exit(f"another train.py is writing into {out_dir}: let it finish (or stop it), or choose another --out_dir")
+    except OSError:
+        f.close()
+        return
+    _run_lock = f
+
+
 def due(step, interval):
     """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
     return interval > 0 and step % interval == 0
@@ -573,6 +603,8 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         sys.exit(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror or e}); choose another")
+    if master:
+        lock_run_dir(cfg.out_dir)
     if start is not None:
         # the checkpoint fixes the model's shape: a model flag that contradicts it would be silently lost
         model_cfg = CLIPConfig(**start["model_config"])
@@ -858,6 +890,8 @@ def main(argv=None):
 
     if ddp:
         dist.destroy_process_group()
+    if master:
+        lock_run_dir(None)  # the run is over: another may write here now
     return raw_model
 
 

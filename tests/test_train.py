@@ -706,6 +706,22 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
         train.main(run_args(shapes_dir, out, max_steps=3))
     with pytest.raises(SystemExit, match="choose one of"):
         train.main(run_args(shapes_dir, str(tmp_path / "other"), precision="fp8"))
+    # nor does one run write into a directory another is writing into (before either has a checkpoint)
+    busy = str(tmp_path / "busy")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                             *run_args(shapes_dir, busy, max_steps=100_000, checkpoint_interval=0)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(busy, "log.jsonl")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        with pytest.raises(SystemExit, match=f"another train.py is writing into {re.escape(busy)}"):
+            train.main(run_args(shapes_dir, busy, max_steps=3))
+    finally:
+        proc.kill()  # however a run ends, the lock goes with it
+        proc.wait()
+    train.main(run_args(shapes_dir, busy, max_steps=3, checkpoint_interval=0))
+    assert os.path.exists(os.path.join(busy, "ckpt-00000003.pt"))
 
 
 def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
