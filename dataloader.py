@@ -208,7 +208,7 @@ class ShardDataset(torch.utils.data.Dataset):
             folder = os.path.dirname(paths[0])
             raise ValueError(
                 f"the shards in {folder} hold no complete sample (an image and its caption in KEY.txt)"
-                + (f"; their samples have {', '.join('.' + k for k in sorted(kinds))} files" if paths and kinds else "")
+                + (f"; their samples have {', '.join('.' + k for k in sorted(kinds))} files" if kinds else "")
                 + f". Shards from another tool (captions in .json, as img2dataset and text-to-image-2M write them) are "
                 f"made into training shards by: python prep_dataset.py --source webdataset --input '{folder}/*.tar' "
                 "--out_dir NEW_DIR")
