@@ -244,14 +244,15 @@ def read_classnames(path, classes):
     return lines
 
 
-def load_classification(name_or_dir, split=None, classnames_file=None, label_column=None):
+def load_classification(name_or_dir, split=None, classnames_file=None, label_column=None, notes=True):
     """An image-classification set: a local folder of class folders (class = folder name), or a `datasets`
     set (a hub name, or a local copy of one) with an image and a class-label column (`label_column`, else the
     one named like a label, else the first; a set may have several: FGVC-Aircraft's family, manufacturer and
     variant, CIFAR-100's fine and coarse labels). -> (rows, image column,
     label column, class names). The images come as their files' bytes or paths, decoded by the caller
     (labelled_batch), which can then leave a bad one out. Rows with no label (a test split whose labels
-    are hidden, marked -1) are left out and counted."""
+    are hidden, marked -1) are left out and counted. notes=False: no notes about the set on stderr (training
+    evaluates the same sets again and again)."""
     import datasets
     found = class_folders(name_or_dir, split) if os.path.isdir(name_or_dir) else None
     if found is not None:
@@ -271,7 +272,7 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         classes = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
         named = [k for k in classes if k.lower() in ("label", "labels", "fine_label", "class", "category")]
         label_col = label_column or next(iter(named + classes), None)
-        if label_column is None and len(classes) > 1:
+        if label_column is None and len(classes) > 1 and notes:
             print(f"{name_or_dir} has several class columns ({', '.join(classes)}): using {label_col}; choose "
                   "another with --label_column", file=sys.stderr)
         if label_col is None:  # the class names as text, as many community sets keep them: make them classes
@@ -286,7 +287,7 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         rows = ds.cast_column(image_col, datasets.Image(decode=False))
         labelled = rows.filter(lambda labels: [lab is not None and lab >= 0 for lab in labels], batched=True,
                                input_columns=label_col)
-        if len(labelled) < len(rows):
+        if len(labelled) < len(rows) and notes:
             print(f"warning: {len(rows) - len(labelled)} of {len(rows)} images of {name_or_dir} have no label "
                   "and are left out", file=sys.stderr)
         if not len(labelled):
@@ -299,7 +300,7 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         wordnet = all(re.fullmatch(r"n\d{8}", c) for c in classnames)  # ImageNet's folders
         # Flowers-102's folders; digits alone (MNIST, SVHN) are what their images show
         numbers = all(c.isdigit() for c in classnames) and max(map(len, classnames)) > 1
-        if wordnet or numbers:
+        if (wordnet or numbers) and notes:
             print(f"warning: the classes of {name_or_dir} are {'WordNet ids' if wordnet else 'numbers'} "
                   f"({classnames[0]}, ...), which prompts cannot describe: name them with evaluate.py --classnames "
                   "or train.py --zeroshot_classnames (for ImageNet, its LOC_synset_mapping.txt)", file=sys.stderr)
@@ -312,8 +313,9 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
 
 @torch.no_grad()
 def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
-                            num_workers=2, classnames_file=None, max_samples=None, label_column=None):
-    ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file, label_column)
+                            num_workers=2, classnames_file=None, max_samples=None, label_column=None, notes=True):
+    ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file, label_column,
+                                                               notes)
     if max_samples and len(ds) > max_samples:
         # a quick look: a random subset, the same each run (a folder's images come class by class)
         keep = sorted(np.random.default_rng(0).choice(len(ds), max_samples, replace=False).tolist())
@@ -385,6 +387,7 @@ class TrainingEvaluator:
         self.tasks = tasks if zeroshot != "none" else {}
         self.datasets = [] if zeroshot in ("auto", "none") else data_dirs(zeroshot)
         self.has_val = bool(data_dir and shard_paths(data_dir, "val"))
+        self.evaluated = set()  # the sets whose notes (unlabelled rows, several class columns) have been shown
 
     def __call__(self, model):
         out = {}
@@ -398,11 +401,13 @@ class TrainingEvaluator:
         for name in list(self.datasets):
             try:
                 acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast,
-                                              num_workers=self.num_workers, classnames_file=self.classnames_file)
+                                              num_workers=self.num_workers, classnames_file=self.classnames_file,
+                                              notes=name not in self.evaluated)
             except (Exception, SystemExit) as e:  # a dataset out of reach must not end hours of training
                 print(f"warning: zero-shot on {name} failed and is dropped for this run: {e}", file=sys.stderr)
                 self.datasets.remove(name)
                 continue
+            self.evaluated.add(name)
             out.update({f"zeroshot/{set_name(name)}/{k}": acc[k] for k in ("top1", "top5")})
         return out
 

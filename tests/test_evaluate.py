@@ -379,6 +379,12 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     assert (label_col, classnames, rows[label_col]) == ("variant", ["red", "blue"], [1, 0])
     with pytest.raises(SystemExit, match="--label_column 'kind' is not a column of .*: it has image, family, variant"):
         evaluate.load_classification(str(tmp_path / "several"), label_column="kind")
+    # during training the same set is evaluated again and again: its notes are said once
+    evaluator = evaluate.TrainingEvaluator(str(tmp_path / "several"), False, str(tmp_path), {}, cfg, "cpu",
+                                           torch.autocast("cpu", enabled=False), num_workers=0)
+    capsys.readouterr()
+    assert set(evaluator(CLIP(cfg))) == set(evaluator(CLIP(cfg))) == {"zeroshot/several/top1", "zeroshot/several/top5"}
+    assert capsys.readouterr().err.count("several class columns") == 1
     # a class column of text, asked for by name beside a ClassLabel one
     (tmp_path / "mixed").mkdir()
     datasets.Dataset.from_dict({"image": [png((255, 0, 0)), png((0, 0, 255))], "split": [0, 0], "name": ["red", "blue"]},
