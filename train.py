@@ -518,7 +518,8 @@ def lock_run_dir(out_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        sys.exit(f"another train.py is writing into {out_dir}: let it finish (or stop it), or choose another --out_dir")
+        sys.exit(f"another train.py is writing into {out_dir} (or a notebook whose train.main wrote there was "
+                 "interrupted): let it finish or stop it, or choose another --out_dir")
     except OSError:
         f.close()
         return
