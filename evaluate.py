@@ -37,7 +37,7 @@ from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
                         shard_paths)
-from prep_dataset import IMAGE_EXTENSIONS, image_cell, load_hub_set, upright_rgb
+from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set, upright_rgb
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -576,9 +576,11 @@ def main(argv=None):
     table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above
     if table:
         print_table(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    if args.json:  # whole or not at all: an earlier file of results is never left half overwritten
+        try:
+            atomic_write(args.json, json.dumps(results, indent=2).encode())
+        except OSError as e:
+            sys.exit(f"could not write --json {args.json} ({e.strerror or e}); the results are in the table above")
         print(f"wrote {args.json}")
     return results
 

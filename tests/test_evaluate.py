@@ -1,3 +1,4 @@
+import errno
 import io
 import json
 import os
@@ -169,7 +170,7 @@ def test_zeroshot_classification_scores_a_perfect_model_perfectly(tmp_path):
     assert capped[0]["samples"] + capped[0]["unreadable"] == 7
 
 
-def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
+def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     root = tmp_path / "folder"
     colors = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 60, 230)}
     for name, rgb in colors.items():
@@ -200,6 +201,15 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys):
     # retrieval on shards
     prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "shapes"), "--limit", "60",
                        "--val_fraction", "0.5", "--workers", "1"])
+    earlier = out.read_text()
+    with monkeypatch.context() as m:  # a full disk as the results are written: the earlier file stays whole
+        def disk_full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        m.setattr(os, "fsync", disk_full)
+        with pytest.raises(SystemExit, match=r"could not write --json .*r.json \(No space left on device\); the "
+                                             "results are in the table above"):
+            evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes" / "val"), "--json", str(out)])
+    assert out.read_text() == earlier and os.listdir(out.parent) == ["r.json"]
     results = evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes" / "val"), "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["retrieval_samples"] == 30
