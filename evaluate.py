@@ -45,6 +45,8 @@ DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of 
                      "a low resolution photo of a {}.", "a drawing of a {}.", "a painting of a {}.",
                      "a rendering of a {}.", "a cropped photo of the {}.", "itap of a {}."]
 RETRIEVAL_KS = (1, 5, 10)
+# a classification set's class column, by its usual names (CIFAR-100's fine_label before its coarse_label)
+LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "category")
 
 # -----------------------------------------------------------------------------
 # metrics (on embeddings; the tests check them against naive loops)
@@ -270,13 +272,13 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
             raise SystemExit(f"--label_column {label_column!r} is not a column of {name_or_dir}: it has "
                              f"{', '.join(ds.features)}")
         classes = [k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
-        named = [k for k in classes if k.lower() in ("label", "labels", "fine_label", "class", "category")]
+        named = [k for k in classes if k.lower() in LABEL_COLUMNS]
         label_col = label_column or next(iter(named + classes), None)
         if label_column is None and len(classes) > 1 and notes:
             print(f"{name_or_dir} has several class columns ({', '.join(classes)}): using {label_col}; choose "
                   "another with --label_column", file=sys.stderr)
         if label_col is None:  # the class names as text, as many community sets keep them: make them classes
-            label_col = next((k for k, f in ds.features.items() if k.lower() in ("label", "labels", "class", "category")
+            label_col = next((k for k, f in ds.features.items() if k.lower() in LABEL_COLUMNS
                               and getattr(f, "dtype", None) == "string"), None)
             ds = ds.class_encode_column(label_col) if label_col else ds
         elif not isinstance(ds.features[label_col], datasets.ClassLabel):  # --label_column: text, or ids

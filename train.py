@@ -474,6 +474,12 @@ def starting_point(cfg, argv):
     return cfg, start, start_path, changed
 
 
+def first_on_node():
+    """Whether this process speaks for its node: a message every rank would print is printed once on each
+    node's terminal (LOCAL_RANK 0; the only process without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
 def same_on_every_rank(ddp, what, key, shown, failure=None):
     """Under DDP every rank reads the checkpoint and the data from its own node's disk. Nodes that do not share
     them could start from different checkpoints or data, and train on silently wrong (optimizer states and batches
@@ -485,14 +491,14 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, (failure, key, shown))
         if any(other[:2] != every[0][:2] for other in every):
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per node: every node's terminal shows it
+            if first_on_node():
                 print(f"the ranks did not find the same {what}:\n" +
                       "\n".join(f"  rank {r}: {f or s}" for r, (f, _, s) in enumerate(every)) +
                       "\nEvery node reads its own files: keep --out_dir and --data_dir on storage that all nodes share "
                       "(or copy them to each node), then run again.", file=sys.stderr)
             sys.exit(1)
     if failure:  # the same on every rank: said as one process says it, once on every node
-        sys.exit(failure if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
+        sys.exit(failure if first_on_node() else 1)
 
 
 _run_lock = None  # the open lock file of the run directory this process writes into
@@ -784,7 +790,7 @@ def main(argv=None):
             dist.broadcast_object_list(shared, src=0)
             error = shared[0] and (error or f"rank 0 could not save: {shared[0]}")
         if error:
-            sys.exit(error if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)  # said once on every node
+            sys.exit(error if first_on_node() else 1)
 
     if step >= cfg.max_steps and master:
         print(f"the run is already at step {step} of --max_steps {cfg.max_steps}: nothing to train. Resume with "
@@ -899,7 +905,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback (once, not once per rank)
-        if os.environ.get("RANK", "0") == "0":
+    except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback (once per node, not once per rank)
+        if first_on_node():
             print("\ninterrupted. Go on from the last checkpoint with the same command and --resume", file=sys.stderr)
         sys.exit(130)  # the shell's code for a Ctrl-C'd program
