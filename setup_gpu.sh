@@ -37,10 +37,13 @@ if [ "$CPU" = 1 ]; then
   echo "--cpu-smoke: not checking for a GPU"
 elif command -v nvidia-smi >/dev/null 2>&1; then
   run nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+  # the newest CUDA this driver runs (nvidia-smi's header), for step 4's check against torch's CUDA
+  DRIVER_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9.]*\).*/\1/p' | head -n 1)"
+  echo "the driver runs CUDA up to ${DRIVER_CUDA:-?}"
 elif [ "$DRY" = 1 ]; then
   echo "(dry run) nvidia-smi not found: a real run would stop here"
 else
-  echo "nvidia-smi not found: install the NVIDIA driver first (e.g. 'sudo apt install nvidia-driver-550'," >&2
+  echo "nvidia-smi not found: install the NVIDIA driver first (e.g. 'sudo apt install nvidia-driver-580'," >&2
   echo "then reboot), or use --cpu-smoke to check the rest of the setup without a GPU." >&2
   exit 1
 fi
@@ -59,7 +62,12 @@ echo "== 3/5 packages"
 # torch==2.13.0 from PyPI is a CUDA build on Linux x86_64; set TORCH_INDEX_URL for another CUDA version,
 # e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
-  run "$PY" -m pip install -q torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+  # a torch already installed from elsewhere (a rerun, after a CUDA build the driver could not run) is
+  # replaced: pip would otherwise take it for the torch==2.13.0 asked for
+  if ! "$PY" -c "import sys, torch; sys.exit(not torch.__version__.endswith('+' + '${TORCH_INDEX_URL%/}'.rsplit('/', 1)[-1]))" 2>/dev/null; then
+    if "$PY" -c "import torch" 2>/dev/null; then run "$PY" -m pip uninstall -q -y torch; fi
+    run "$PY" -m pip install -q torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+  fi
 fi
 run "$PY" -m pip install -q -r requirements.txt  # a no-op when everything is already there
 
@@ -67,7 +75,26 @@ echo "== 4/5 devices"
 # compute capability: 8.0 on trains in bf16, 7.x in fp16 with a loss scale, below that in fp32 (train.py says which)
 run "$PY" -c "import torch; n = torch.cuda.device_count(); print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {n} GPU(s)'); [print(f'  cuda:{i} {torch.cuda.get_device_name(i)}, compute capability %d.%d' % torch.cuda.get_device_capability(i)) for i in range(n)]"
 if [ "$CPU" = 0 ] && [ "$DRY" = 0 ]; then
-  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no GPU: check the driver (nvidia-smi) and that the CUDA build of torch was installed')"
+  # no GPU seen: say why, of the usual reasons (a CPU build of torch, a driver older than torch's CUDA)
+  "$PY" - "${DRIVER_CUDA:-}" <<'EOF'
+import sys, torch
+if torch.cuda.is_available():
+    sys.exit(0)
+driver, cuda = sys.argv[1], torch.version.cuda or torch.version.hip
+major = lambda version: int(version.split(".")[0])
+if cuda is None:
+    why = (f"torch {torch.__version__} is a CPU build. Install a CUDA build: TORCH_INDEX_URL="
+           "https://download.pytorch.org/whl/cu130 bash setup_gpu.sh (cu126 for a driver of CUDA 12)")
+elif driver and torch.version.cuda and major(driver) < major(cuda):
+    # CUDA runs on any driver of its major version or newer (minor version compatibility), not on an older one
+    why = (f"torch {torch.__version__} is built for CUDA {cuda}, and this driver runs CUDA up to {driver}. Update "
+           f"the driver (CUDA 13 needs 580 or newer), or install torch for the driver's CUDA"
+           + (": TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash setup_gpu.sh" if major(driver) == 12 else ""))
+else:
+    why = (f"torch {torch.__version__} (CUDA {cuda}) found no usable GPU: check that nvidia-smi lists it, that "
+           "CUDA_VISIBLE_DEVICES does not hide it, and torch's warning above")
+sys.exit("torch sees no GPU: " + why)
+EOF
 fi
 
 echo "== 5/5 smoke test: one training step of the tiny model"

@@ -30,3 +30,34 @@ def test_cpu_smoke_runs_a_real_training_step():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"reusing {sys.prefix}" in out.stdout
     assert "kind train | step 1 " in out.stdout and "saved " in out.stdout and "ready:" in out.stdout
+
+
+def test_a_gpu_torch_cannot_use_says_why(tmp_path):
+    # a GPU box whose driver runs CUDA 12.8, with torch's default CUDA 13 build: the usual newcomer's failure,
+    # where torch only warns and sees no GPU. A stand-in nvidia-smi and torch stand for the box
+    bin_dir, fake = tmp_path / "bin", tmp_path / "fake"
+    bin_dir.mkdir()
+    (fake / "torch").mkdir(parents=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\nif [ -n "$1" ]; then echo "0, NVIDIA H100 80GB HBM3, 570.86.15, 81559 MiB"; else\n'
+                   'echo "| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: 12.8 |"; fi\n')
+    smi.chmod(0o755)
+    (fake / "torch" / "__init__.py").write_text(
+        "__version__ = '2.13.0+cu130'\n"
+        "class version:\n    cuda, hip = '13.0', None\n"
+        "class cuda:\n    is_available = staticmethod(lambda: False)\n    device_count = staticmethod(lambda: 0)\n")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**env, "PYTHONPATH": str(fake)})
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "the driver runs CUDA up to 12.8" in out.stdout
+    assert "built for CUDA 13.0, and this driver runs CUDA up to 12.8" in out.stderr
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126" in out.stderr
+    # the same box with a CPU build of torch (this one): it says so
+    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=env)
+    assert out.returncode == 1 and "is a CPU build" in out.stderr, out.stderr[-2000:]
+    # the rerun it suggests replaces the torch already there (pip alone would keep it as torch==2.13.0)
+    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix, "--dry-run"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600, env={**env, "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu126"})
+    assert "pip uninstall -q -y torch" in out.stdout and "--index-url https://download.pytorch.org/whl/cu126" in out.stdout
