@@ -467,10 +467,24 @@ def saved_to_disk(name_or_dir):
     return "one" if os.path.isfile(os.path.join(name_or_dir, "state.json")) else None
 
 
+def not_a_missing_folder(name_or_dir):
+    """Raises FileNotFoundError for a path typed for a local folder that is not there (data/imagenet/vall, in a
+    data/imagenet that is): `datasets` would look it up on the hub, and without a network give up after half
+    a minute of retries, blaming the network."""
+    import difflib
+    path = os.path.normpath(os.path.expanduser(name_or_dir))
+    parent = os.path.dirname(path)
+    if os.path.exists(path) or not (os.path.isabs(path) or name_or_dir.startswith((".", "~")) or os.path.isdir(parent)):
+        return
+    near = difflib.get_close_matches(os.path.basename(path), os.listdir(parent), n=1) if os.path.isdir(parent) else []
+    raise FileNotFoundError("no such folder" + (f"; did you mean {os.path.join(parent, near[0])}?" if near else ""))
+
+
 def load_hub_set(name_or_dir, split, streaming=False):
     """A `datasets` split: from the hub or a local copy of a hub set (load_dataset), or from a folder that
     save_to_disk wrote (load_from_disk)."""
     import datasets
+    not_a_missing_folder(name_or_dir)
     if saved_to_disk(name_or_dir) is None:
         return datasets.load_dataset(name_or_dir, split=split, streaming=streaming)
     ds = datasets.load_from_disk(name_or_dir)
@@ -484,6 +498,7 @@ def load_hub_set(name_or_dir, split, streaming=False):
 def hub_split_names(name_or_dir):
     """The splits a `datasets` set has (a lone Dataset that save_to_disk wrote: none)."""
     import datasets
+    not_a_missing_folder(name_or_dir)
     saved = saved_to_disk(name_or_dir)
     if saved == "splits":
         with open(os.path.join(name_or_dir, "dataset_dict.json")) as f:

@@ -417,6 +417,11 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
         evaluate.load_classification(str(tmp_path / "splits"), split="test")
     with pytest.raises(SystemExit, match="could not load"):  # neither class folders nor a `datasets` set
         evaluate.load_classification(str(tmp_path / "cifar"), split="test")
+    # a local folder's name mistyped, relative as "owner/name" hub names are: said at once, with the folder
+    # meant, instead of a hub lookup that fails after half a minute of retries without a network
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(SystemExit, match=rf"no such folder; did you mean {tmp_path.name}/saved_dict\?"):
+        evaluate.load_classification(f"{tmp_path.name}/saved_dic", split="validation")
 
 
 
