@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 
 import numpy as np
@@ -573,6 +573,9 @@ def main(argv=None):
         failure = None
     except SystemExit as e:  # said below, once every rank knows
         start, start_path, changed, failure = None, None, [], str(e.code)
+    given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}  # the flags of this command
+    if start is not None and "loss" not in given:  # a run from a checkpoint trains with its loss unless told another
+        cfg.loss = start["model_config"].get("loss", "clip")
     # a checkpoint of train.py's holds its step; one written by hand to start from may hold only the weights
     at = f" (step {start['step']})" if start and "step" in start else ""
     scale = start["model"].get("logit_scale") if start else None  # with the step: which run, and where in it
@@ -617,8 +620,17 @@ def main(argv=None):
         model_cfg = CLIPConfig(**start["model_config"])
         clash = [f"--{k} {v!r} (the checkpoint's: {getattr(model_cfg, k)!r})" for k, v in cfg.model_args.items()
                  if getattr(model_cfg, k) != v]
+        named = start.get("config", {}).get("model")  # the preset it was made from (a file of weights alone: unknown)
+        if "model" in given and named and cfg.model != named:
+            clash.append(f"--model {cfg.model!r} (the checkpoint's: {named!r})")
+        if "loss" in given and cfg.loss != model_cfg.loss:
+            if cfg.resume:  # the optimizer's state holds the loss's own parameters: a run keeps its loss
+                clash.append(f"--loss {cfg.loss!r} (the run's: {model_cfg.loss!r})")
+            else:  # fine-tuning with the other loss: the weights, and that loss's own fresh temperature (and bias)
+                model_cfg = replace(model_cfg, loss=cfg.loss)
         if clash:
             sys.exit(f"{start_path} fixes the model's shape; drop " + ", ".join(clash))
+        cfg.model, cfg.loss = named or cfg.model, model_cfg.loss  # what config.json and the checkpoints then say
     else:
         try:
             model_cfg = get_config(cfg.model, loss=cfg.loss, **cfg.model_args)
@@ -718,7 +730,13 @@ def main(argv=None):
                                   eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
     step = 0
     if start is not None:
-        raw_model.load_state_dict(start["model"])
+        weights = start["model"]
+        if model_cfg.loss != start["model_config"].get("loss", "clip"):  # --init_from with --loss: that loss's
+            weights = {k: v for k, v in weights.items() if k not in ("logit_scale", "logit_bias")}  # own temperature
+        missing, unexpected = raw_model.load_state_dict(weights, strict=False)
+        if set(missing) - ({"logit_scale", "logit_bias"} - set(weights)) or unexpected:
+            sys.exit(f"{start_path} does not hold the weights of the model its model_config describes: "
+                     f"missing {missing}, unexpected {unexpected}")
         if cfg.resume:
             optimizer.load_state_dict(start["optimizer"])
             if start.get("scaler"):  # an fp16 run's loss scale (a run resumed in another precision drops it)

@@ -498,6 +498,22 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
     torch.testing.assert_close(model.state_dict()["logit_scale"], state["model"]["logit_scale"], rtol=0, atol=1e-8)
     with pytest.raises(SystemExit, match="fixes the model's shape; drop --image_size 64"):
         train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1) + ["--init_from", ckpt, "--image_size", "64"])
+    # --model and --loss given with --resume would be lost without a word (the model is the checkpoint's)
+    with pytest.raises(SystemExit, match=r"drop --model 'base' \(the checkpoint's: 'tiny'\)"):
+        train.main(["--out_dir", ft, "--resume", "--model", "base"])
+    with pytest.raises(SystemExit, match=r"drop --loss 'siglip' \(the run's: 'clip'\)"):
+        train.main(["--out_dir", ft, "--resume", "--loss", "siglip"])
+    # fine-tuning with the other loss: the checkpoint's towers, with SigLIP's own fresh temperature and bias
+    sig = str(tmp_path / "sig")
+    model = train.main(run_args(shapes_dir, sig, max_steps=1, max_lr=1e-12, loss="siglip") + ["--init_from", ckpt])
+    assert model.config.loss == "siglip" and model.logit_bias is not None
+    for name, value in model.state_dict().items():
+        if name not in ("logit_scale", "logit_bias"):
+            torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
+    # started from that SigLIP run with no --loss: its loss, which its config and checkpoints then record
+    model = train.main(run_args(shapes_dir, str(tmp_path / "sig2"), max_steps=1) + ["--init_from", sig])
+    assert model.config.loss == "siglip"
+    assert load_checkpoint(str(tmp_path / "sig2" / "ckpt-00000001.pt"))["config"]["loss"] == "siglip"
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
