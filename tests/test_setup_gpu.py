@@ -47,16 +47,15 @@ def test_a_gpu_torch_cannot_use_says_why(tmp_path):
         "class version:\n    cuda, hip = '13.0', None\n"
         "class cuda:\n    is_available = staticmethod(lambda: False)\n    device_count = staticmethod(lambda: 0)\n")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env={**env, "PYTHONPATH": str(fake)})
-    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "the driver runs CUDA up to 12.8" in out.stdout
-    assert "built for CUDA 13.0, and this driver runs CUDA up to 12.8" in out.stderr
-    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126" in out.stderr
-    # the same box with a CPU build of torch (this one): it says so
-    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env=env)
-    assert out.returncode == 1 and "is a CPU build" in out.stderr, out.stderr[-2000:]
+    # and the same box with a CPU build of torch (this one), run alongside
+    runs = [subprocess.Popen(["bash", SCRIPT, "--venv", sys.prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT, env=e) for e in ({**env, "PYTHONPATH": str(fake)}, env)]
+    (cuda13, cuda13_err), (cpu, cpu_err) = (r.communicate(timeout=600) for r in runs)
+    assert runs[0].returncode == 1, cuda13[-2000:] + cuda13_err[-2000:]
+    assert "the driver runs CUDA up to 12.8" in cuda13
+    assert "built for CUDA 13.0, and this driver runs CUDA up to 12.8" in cuda13_err
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126" in cuda13_err
+    assert runs[1].returncode == 1 and "is a CPU build" in cpu_err, cpu_err[-2000:]
     # the rerun it suggests replaces the torch already there (pip alone would keep it as torch==2.13.0)
     out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix, "--dry-run"], capture_output=True, text=True,
                          cwd=ROOT, timeout=600, env={**env, "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu126"})
