@@ -258,6 +258,8 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
     import datasets
     found = class_folders(name_or_dir, split) if os.path.isdir(name_or_dir) else None
     if found is not None:
+        if label_column is not None:  # said, not ignored: the folders name the classes
+            raise SystemExit(f"--label_column is for `datasets` sets: the classes of {name_or_dir} are its folders")
         rows, classnames = found
         image_col, label_col = "image", "label"
     else:

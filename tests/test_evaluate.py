@@ -306,6 +306,8 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     # class folders named like splits among others are classes (CIFAR-100 has "train"), and a lone class is one
     folder(tmp_path / "cifar", ["bus", "tractor", "train"])
     assert evaluate.load_classification(str(tmp_path / "cifar"))[3] == ["bus", "tractor", "train"]
+    with pytest.raises(SystemExit, match="--label_column is for `datasets` sets: the classes of .* are its folders"):
+        evaluate.load_classification(str(tmp_path / "cifar"), label_column="coarse_label")
     # CUB-200's and Caltech-256's numbered folders: the prompts say the name, not the number
     folder(tmp_path / "cub", ["001.Black_footed_Albatross", "002.Laysan_Albatross"], n=1)
     assert evaluate.load_classification(str(tmp_path / "cub"))[3] == ["Black footed Albatross", "Laysan Albatross"]
