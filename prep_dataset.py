@@ -157,10 +157,16 @@ def source_text_to_image_2m(args):
     images = [name for name, f in (ds.features or {"jpg": HFImage()}).items() if isinstance(f, HFImage)]
     for name in images:
         ds = ds.cast_column(name, HFImage(decode=False))  # raw bytes: we decode in parallel, and survive bad ones
+    first = True
     for ex in streamed(ds, args):
         image = next((ex[name]["bytes"] for name in images if ex.get(name)), None)
-        caption = caption_text(ex.get("json"))  # the set's {"prompt": ...}
-        yield ex["__key__"], image, ex.get("txt") if caption is None else caption, None
+        if args.caption_column:
+            caption = caption_field(ex, ex.get("json"), args.caption_column, ex["__key__"], first)
+        else:
+            caption = caption_text(ex.get("json"))  # the set's {"prompt": ...}
+            caption = ex.get("txt") if caption is None else caption
+        first = False
+        yield ex["__key__"], image, caption, None
 
 
 def source_folder(args):
@@ -250,16 +256,37 @@ def source_webdataset(args):
     if not paths:
         sys.exit(f"--source webdataset needs --input naming tar files: a glob, a {{000..099}} range or a folder "
                  f"(got {args.input!r})")
+    first = True
     for path in paths:
         for key, files in read_tar_samples(path):
             image = next((files[e] for e in files if "." + e in IMAGE_EXTENSIONS), None)
-            caption = files.get("txt")
-            if caption is None and "json" in files:
+            record = None
+            if "json" in files:
                 try:
-                    caption = json.loads(files["json"])  # a record: process_sample reads its caption field
+                    record = json.loads(files["json"])  # a record: process_sample reads its caption field
                 except ValueError:
                     pass
+            if args.caption_column:
+                caption = caption_field(files, record, args.caption_column, key, first)
+            else:
+                caption = files.get("txt", record)
+            first = False
             yield key, image, caption, None
+
+
+def caption_field(files, record, column, key, first):
+    """--caption_column in a webdataset sample: its file of that extension (KEY.caption), else that field of its
+    .json record (sets that keep a short and a long caption side by side). The first sample must have it: a
+    name mistyped would otherwise skip every sample as uncaptioned."""
+    if column in files:
+        return files[column]
+    if isinstance(record, dict) and column in record:
+        return record[column]
+    if first:
+        sys.exit(f"--caption_column {column}: sample {key} has no file {key}.{column} and no field {column!r} in "
+                 f"a .json record (its files: {', '.join(k for k in files if not k.startswith('__'))}"
+                 + (f"; its .json's fields: {', '.join(record)}" if isinstance(record, dict) else "") + ")")
+    return None
 
 
 # column names that usually hold the caption, or the image, in tables and hub datasets
@@ -811,7 +838,8 @@ def main(argv=None):
     p.add_argument("--image_root", default=None, help="table: the folder relative image paths start from "
                    "(default: the table's folder, then the working directory)")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
-    p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed)")
+    p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed); "
+                   "webdataset, text-to-image-2M: the file extension or .json field of the caption")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")
@@ -833,6 +861,10 @@ def main(argv=None):
                            ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]")):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
+    for name, sources in (("image_root", ("table",)), ("image_column", ("table", "hub")),
+                          ("caption_column", ("table", "hub", "webdataset", "text-to-image-2M"))):
+        if getattr(args, name) is not None and args.source not in sources:  # said, not ignored
+            p.error(f"--{name} is for --source {' or '.join(sources)}, not {args.source}")
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
 
     manifest_path = os.path.join(args.out_dir, "manifest.json")
@@ -840,6 +872,8 @@ def main(argv=None):
                                               "shard_size", "chunk_size", "seed", "jpeg_quality")}
     if args.source in ("table", "hub"):
         settings.update(split=args.split, image_column=args.image_column, caption_column=args.caption_column)
+    elif args.caption_column:  # only when given: shards prepared without it still match
+        settings.update(caption_column=args.caption_column)
     if args.source == "table" and args.image_root:  # only when given: a table prepared without it still matches
         settings.update(image_root=args.image_root)
     if os.path.exists(manifest_path):

@@ -155,6 +155,11 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
         again = prep_dataset.main(["--input", str(given), "--out_dir", str(tmp_path / name), "--image_size", "64",
                                    "--val_fraction", "0.25", "--workers", "2"])
         assert again["counts"] == m["counts"]
+    # --caption_column: another field of the .json records
+    m = prep_dataset.main(["--input", str(src / "*.tar"), "--out_dir", str(tmp_path / "w"), "--image_size", "64",
+                           "--val_fraction", "0", "--workers", "2", "--caption_column", "w"])
+    assert m["skipped"] == {"bad_image": 2} and m["settings"]["caption_column"] == "w"
+    assert {c for path in glob.glob(str(tmp_path / "w" / "*" / "*.tar")) for _, c in tar_samples(path).values()} == {"512"}
     # a copy in another webdataset layout (KEY.png + KEY.txt) reads as well
     other = tmp_path / "other"
     other.mkdir()
@@ -588,7 +593,7 @@ def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
     assert opened.size == (128, 96)
 
 
-def test_webdataset_source_and_truncated_tar(tmp_path):
+def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     members = [("k1.jpg", jpeg((1, 2, 3))), ("k1.txt", b"first"),
                ("k2.png", jpeg((1, 2, 3))), ("k2.json", json.dumps({"caption": "second"}).encode()),
                ("k3.jpg", jpeg((1, 2, 3))), ("k3.txt", b"third"),
@@ -608,6 +613,27 @@ def test_webdataset_source_and_truncated_tar(tmp_path):
     captions = sorted(c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values())
     assert captions == ["first", "fourth", "second", "seventh", "sixth", "third", "u one", "u two"]
     assert m["counts"]["train"] == 8 and m["skipped"] == {"missing_caption": 1}
+    # --caption_column: a file of that extension, or a field of the .json (a short and a long caption side by
+    # side); a name the first sample lacks stops at once, saying what the samples hold
+    (tmp_path / "two").mkdir()
+    write_tar(tmp_path / "two" / "d.tar", [("d1.jpg", jpeg((1, 2, 3))), ("d1.txt", b"alt text"), ("d1.json", json.dumps(
+        {"caption": "short", "long_caption": "a long one"}).encode())])
+    for column, caption in (("long_caption", "a long one"), ("txt", "alt text"), (None, "alt text")):
+        out = tmp_path / f"two_{column}"
+        prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(out),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"]
+                          + (["--caption_column", column] if column else []))
+        assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == [caption]
+    with pytest.raises(SystemExit, match=r"--caption_column recaption: sample d1 has no file d1.recaption and no field "
+                                         r"'recaption' in a .json record \(its files: jpg, txt, json; its .json's "
+                                         r"fields: caption, long_caption\)"):
+        prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(tmp_path / "x"),
+                           "--caption_column", "recaption"])
+    with pytest.raises(SystemExit):  # a flag that does not apply to the source is an error, not ignored
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path), "--out_dir", str(tmp_path / "x"),
+                           "--caption_column", "caption"])
+    assert "--caption_column is for --source table or hub or webdataset or text-to-image-2M, not folder" in \
+        capsys.readouterr().err
     # the other ways to name shards: a folder of them, webdataset's {000..099} range
     (tmp_path / "ranged").mkdir()
     for i in range(3):
