@@ -101,7 +101,8 @@ def plot_runs(run_dirs, out_path):
     panels = [("loss", [("train", "loss"), ("eval", "val_loss")]), ("learning rate", [("train", "lr")]),
               ("grad norm", [("train", "grad_norm")]), ("temperature (logit scale)", [("train", "logit_scale")]),
               ("samples/s", [("train", "samples_per_s")])]
-    for title, key in (("MFU", "mfu"), ("fp16 loss scale", "loss_scale")):  # logged on GPUs; in fp16 runs
+    # logged on GPUs; in fp16 runs; in SigLIP runs
+    for title, key in (("MFU", "mfu"), ("fp16 loss scale", "loss_scale"), ("SigLIP bias", "logit_bias")):
         if any(series(records, "train", key)[0] for records in runs.values()):
             panels.append((title, [("train", key)]))
     panels += eval_panels([r for records in runs.values() for r in records])

@@ -868,8 +868,9 @@ def main(argv=None):
                 if ddp:
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
+                bias = [] if raw_model.logit_bias is None else [raw_model.logit_bias.detach().float()]  # SigLIP's
                 stats = torch.stack([loss_sum, grad_norm.float(), bad_total, bad_max_run, good_steps,
-                                     raw_model.logit_scale.detach().exp().float()]).tolist()  # the one sync
+                                     raw_model.logit_scale.detach().exp().float(), *bias]).tolist()  # the one sync
                 if stats[3] >= cfg.max_bad_steps:
                     sys.exit(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume from the last "
                              f"checkpoint in {cfg.out_dir} with a lower --max_lr, or check the data.")
@@ -880,6 +881,8 @@ def main(argv=None):
                           "bad_steps": int(stats[2]), "epoch": train_loader.epoch,
                           "skipped_samples": train_loader.skipped,
                           "eta_min": (cfg.max_steps - step) * dt / steps_since / 60}  # at this pace, no evals
+                if bias:
+                    record["logit_bias"] = stats[6]
                 if peak:
                     record["mfu"] = flops_since / dt / peak
                 if scaler.is_enabled():

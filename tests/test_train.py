@@ -507,6 +507,7 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
     sig = str(tmp_path / "sig")
     model = train.main(run_args(shapes_dir, sig, max_steps=1, max_lr=1e-12, loss="siglip") + ["--init_from", ckpt])
     assert model.config.loss == "siglip" and model.logit_bias is not None
+    assert read_log(sig)[-1]["logit_bias"] == pytest.approx(-10.0)  # SigLIP's bias is logged, from its init
     for name, value in model.state_dict().items():
         if name not in ("logit_scale", "logit_bias"):
             torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
@@ -826,11 +827,11 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
     titles, set_title = [], matplotlib.axes.Axes.set_title
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **kw: titles.append(t) or set_title(ax, t, *a, **kw))
     logger.plot_runs([out], str(tmp_path / "one.png"))
-    assert "fp16 loss scale" not in titles and "MFU" not in titles
+    assert "fp16 loss scale" not in titles and "MFU" not in titles and "SigLIP bias" not in titles
     with open(os.path.join(tmp_path / "a" / "run", "log.jsonl"), "a") as f:
-        f.write(json.dumps({"kind": "train", "step": 7, "loss": 2.0, "loss_scale": 32768.0}) + "\n")
+        f.write(json.dumps({"kind": "train", "step": 7, "loss": 2.0, "loss_scale": 32768.0, "logit_bias": -9.5}) + "\n")
     logger.plot_runs([out, str(tmp_path / "a" / "run")], str(tmp_path / "both.png"))
-    assert "fp16 loss scale" in titles
+    assert "fp16 loss scale" in titles and "SigLIP bias" in titles
 
 # ---------------------------------------------------------------------------- DDP
 
