@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 
 class Logger:
@@ -19,7 +20,7 @@ class Logger:
 
     def __init__(self, out_dir, enabled=True, resume_step=None):
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.enabled = enabled
+        self.enabled, self.unwritten = enabled, 0
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -38,8 +39,14 @@ class Logger:
         # inf and NaN (a gradient that overflowed fp16, a diverged loss) as null: JSON has no such numbers, and
         # strict readers (jq, JavaScript) reject the Infinity and NaN that json.dumps would write
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(finite, allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(finite, allow_nan=False) + "\n")
+        except OSError as e:  # a full disk: the figures still reach the console, and training goes on
+            if not self.unwritten:  # said once. A checkpoint that cannot be written then stops the run, saying why
+                print(f"warning: could not write {self.path} ({e.strerror or e}); the run goes on, with its figures "
+                      "on the console only", file=sys.stderr)
+            self.unwritten += 1
         if console:
             print(" | ".join(format_field(k, v) for k, v in record.items()), flush=True)
 

@@ -413,7 +413,7 @@ def test_ctrl_c_says_how_to_go_on_instead_of_a_traceback(shapes_dir, tmp_path):
     assert "interrupted. Rerun the same command to go on" in err
 
 
-def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, tmp_path, monkeypatch):
+def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out))  # checkpoints at steps 3 and 6
 
@@ -421,10 +421,16 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, t
         f.write(b"the first part")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
+    # the log's lines cannot be written either: said once, and the run goes on to its checkpoint, which stops it
+    log_open = lambda path, mode="r", *a, **kw: disk_full(None, io.BytesIO()) if mode == "a" else open(path, mode, *a, **kw)
+    monkeypatch.setattr(logger, "open", log_open, raising=False)
+    capsys.readouterr()
     with pytest.raises(SystemExit, match=r"step 9: could not write .*ckpt-00000009.pt \(No space left on device\): "
                                          r"make room in .*, then go on from its last checkpoint with --resume"):
         train.main(run_args(shapes_dir, out, max_steps=9) + ["--resume"])
     assert not glob.glob(os.path.join(out, "*.tmp"))  # the part written is given back
+    out_err = capsys.readouterr()
+    assert out_err.err.count("could not write") == 1 and "kind train | step 9 " in out_err.out
     monkeypatch.undo()
     train.main(run_args(shapes_dir, out, max_steps=9) + ["--resume"])
     assert os.path.exists(os.path.join(out, "ckpt-00000009.pt"))
