@@ -29,9 +29,15 @@ class Logger:
                 os.remove(self.path)  # a fresh run in this directory starts a fresh log
         elif os.path.exists(self.path):
             kept = [r for r in read_log(self.path) if r.get("step", 0) <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(self.path + ".tmp", self.path)
+            try:
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(self.path + ".tmp", self.path)
+            except OSError as e:  # a full disk: the log stays whole, with the steps after resume_step twice
+                if os.path.exists(self.path + ".tmp"):
+                    os.remove(self.path + ".tmp")
+                print(f"warning: could not rewrite {self.path} ({e.strerror or e}): the steps after {resume_step} "
+                      "it held will appear twice", file=sys.stderr)
 
     def log(self, record, console=True):
         if not self.enabled:

@@ -761,8 +761,11 @@ def main(argv=None):
         resolved = {**asdict(cfg), "model_config": asdict(model_cfg), "world_size": world, "device": str(device),
                     "precision": precision, "compile": use_compile, "loader_workers": num_workers}
         print(json.dumps(resolved, indent=2))
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
+        try:  # for people and other tools: a run needs only what its checkpoints hold
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(resolved, f, indent=2)
+        except OSError as e:  # a full disk: warned about here; the first checkpoint stops every rank, saying why
+            print(f"warning: could not write {cfg.out_dir}/config.json ({e.strerror or e})", file=sys.stderr)
         n_params = sum(p.numel() for p in raw_model.parameters())
         ds, samples = train_loader.dataset, str(train_loader.dataset.num_samples)
         if len(sets) > 1:  # what each set brings: 192 + 192 = 384

@@ -422,15 +422,18 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, t
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     # the log's lines cannot be written either: said once, and the run goes on to its checkpoint, which stops it
-    log_open = lambda path, mode="r", *a, **kw: disk_full(None, io.BytesIO()) if mode == "a" else open(path, mode, *a, **kw)
-    monkeypatch.setattr(logger, "open", log_open, raising=False)
+    def full_open(path, mode="r", *args, **kwargs):  # every file written: the log, its rewrite, config.json
+        return disk_full(None, io.BytesIO()) if mode in ("a", "w") and ".lock" not in path else open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(logger, "open", full_open, raising=False)
+    monkeypatch.setattr(train, "open", full_open, raising=False)  # (the run's lock file holds nothing: it opens)
     capsys.readouterr()
     with pytest.raises(SystemExit, match=r"step 9: could not write .*ckpt-00000009.pt \(No space left on device\): "
                                          r"make room in .*, then go on from its last checkpoint with --resume"):
         train.main(run_args(shapes_dir, out, max_steps=9) + ["--resume"])
     assert not glob.glob(os.path.join(out, "*.tmp"))  # the part written is given back
     out_err = capsys.readouterr()
-    assert out_err.err.count("could not write") == 1 and "kind train | step 9 " in out_err.out
+    assert "could not write" in out_err.err and "config.json" in out_err.err and "could not rewrite" in out_err.err
+    assert out_err.err.count("log.jsonl (No space") == 2 and "kind train | step 9 " in out_err.out  # once each
     monkeypatch.undo()
     train.main(run_args(shapes_dir, out, max_steps=9) + ["--resume"])
     assert os.path.exists(os.path.join(out, "ckpt-00000009.pt"))
