@@ -93,15 +93,22 @@ class CheckpointManager:
                                   "then go on from its last checkpoint with --resume") from e
         os.replace(tmp, path)  # atomic: the name points at the whole old file or the whole new one
         if val_loss is not None and val_loss < self.best_val_loss():
-            # the best is a hard link to this file: no copy, and it outlives the file's pruning
             try:
-                os.link(path, tmp)
-            except OSError:  # a filesystem without hard links: a copy, still renamed into place whole
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, self.best_path)
-            with open(self.best_info + ".tmp", "w") as f:
-                json.dump({"step": step, "val_loss": val_loss, "file": os.path.basename(path)}, f)
-            os.replace(self.best_info + ".tmp", self.best_info)
+                # the best is a hard link to this file: no copy, and it outlives the file's pruning
+                try:
+                    os.link(path, tmp)
+                except OSError:  # a filesystem without hard links: a copy, still renamed into place whole
+                    shutil.copyfile(path, tmp)
+                os.replace(tmp, self.best_path)
+                with open(self.best_info + ".tmp", "w") as f:
+                    json.dump({"step": step, "val_loss": val_loss, "file": os.path.basename(path)}, f)
+                os.replace(self.best_info + ".tmp", self.best_info)
+            except OSError as e:  # the copy on a full disk: the step's checkpoint is whole, the best is the last one
+                for part in (tmp, self.best_info + ".tmp"):
+                    if os.path.exists(part):
+                        os.remove(part)
+                raise CheckpointError(f"saved {path}, but could not write {self.best_path} ({e.strerror or e}): make "
+                                      f"room in {self.out_dir}, then go on from that checkpoint with --resume") from e
         fsync_dir(self.out_dir)
         for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
             os.remove(old)

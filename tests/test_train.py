@@ -540,6 +540,19 @@ def test_keeps_last_k_plus_best(tmp_path, monkeypatch, hard_links):
     assert not glob.glob(str(tmp_path / "*.tmp"))
 
 
+def test_a_best_checkpoint_that_cannot_be_copied_is_a_checkpoint_error(tmp_path, monkeypatch):
+    # without hard links the best is a copy, which a full disk refuses: the same error as a step checkpoint's
+    # (which train.py turns into a message that stops every rank), not an OSError from deep inside
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "link", no_room)
+    monkeypatch.setattr(shutil, "copyfile", no_room)
+    manager = CheckpointManager(str(tmp_path), keep=2)
+    with pytest.raises(CheckpointError, match=r"saved .*ckpt-00000001.pt, but could not write .*best.pt \(No space"):
+        manager.save(1, {"step": 1, "model": {}, "model_config": {}}, 2.0)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.pt"]  # whole, and nothing half written beside it
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
