@@ -674,12 +674,61 @@ def process_sample(item, image_size, quality):
     return "ok", key, out.getvalue(), caption, labels
 
 
+def _worker_start():
+    # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # and a forked worker lets go of its copy of the folder's lock: the lock then ends with this process, not
+    # with the last worker to notice that it has gone
+    release_lock()
+
+
 def _process(args_item):
     item, image_size, quality = args_item
     return process_sample(item, image_size, quality)
 
 # -----------------------------------------------------------------------------
 # writing
+
+
+def lock_dir(path):
+    """One writer per folder: an advisory lock (flock) on path/.lock, which the OS releases when the process ends,
+    however it ends. -> the open lock file, to keep open while writing; None where there are no such locks
+    (Windows, some network file systems), so that writing goes on unguarded. BlockingIOError: another holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(path, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if isinstance(e, BlockingIOError):
+            raise
+        return None
+    return f
+
+
+_lock = None  # the lock of the --out_dir this process writes into; the next main() of the process hands it on
+
+
+def hold_lock(out_dir):
+    """Two runs into one --out_dir would each process the whole source, and the one that finishes first removes
+    the staged samples the other still reads."""
+    global _lock
+    if _lock is None:
+        try:
+            _lock = lock_dir(out_dir)
+        except BlockingIOError:
+            sys.exit(f"another prep_dataset.py is writing into {out_dir}: let it finish (or stop it), then rerun "
+                     "this command, which goes on from what it finished")
+
+
+def release_lock():
+    global _lock
+    if _lock is not None:
+        _lock.close()
+        _lock = None
 
 
 def atomic_write(path, data):
@@ -721,8 +770,7 @@ def stage_chunks(args, stage_dir, items, done):
     if args.limit:
         items = islice(items, max(0, args.limit - first * args.chunk_size))
     bar = tqdm(desc="process", unit=" samples", total=args.limit, initial=first * args.chunk_size, dynamic_ncols=True)
-    # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
-    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    with Pool(args.workers, initializer=_worker_start) as pool:
         for c in range(first, sys.maxsize):
             chunk = list(islice(items, args.chunk_size))
             if not chunk:
@@ -867,6 +915,9 @@ def main(argv=None):
             p.error(f"--{name} is for --source {' or '.join(sources)}, not {args.source}")
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
 
+    release_lock()  # an earlier main() of this process (a notebook, the tests) that stopped early
+    if os.path.isdir(args.out_dir):  # (a new one is made, and locked, once the source has checked its input)
+        hold_lock(args.out_dir)
     manifest_path = os.path.join(args.out_dir, "manifest.json")
     settings = {k: getattr(args, k) for k in ("source", "input", "image_size", "limit", "val_fraction",
                                               "shard_size", "chunk_size", "seed", "jpeg_quality")}
@@ -883,6 +934,7 @@ def main(argv=None):
             sys.exit(f"{args.out_dir} already holds a dataset made with other settings: choose another --out_dir "
                      f"or delete it.\n  there: {done.get('settings')}\n  asked: {settings}")
         print(f"{args.out_dir} is already complete: {done['counts']}")
+        release_lock()
         return done
     stage_dir = os.path.join(args.out_dir, ".stage")
     settings_path = os.path.join(stage_dir, "settings.json")
@@ -906,6 +958,7 @@ def main(argv=None):
         os.makedirs(stage_dir, exist_ok=True)
     except OSError as e:
         sys.exit(f"--out_dir {args.out_dir}: cannot create it ({e.strerror or e}); choose another")
+    hold_lock(args.out_dir)
     if not os.path.exists(settings_path):
         atomic_write(settings_path, json.dumps(settings).encode())
 
@@ -928,6 +981,7 @@ def main(argv=None):
           f"skipped {c['skipped']} of {c['seen']}: {result['skipped'] or 'none'}")
     if "image_is_a_url" in result["skipped"]:
         print(f"some images were URLs: {URL_HINT}")
+    release_lock()  # done: another may write here now
     return manifest
 
 

@@ -39,6 +39,7 @@ from checkpoint_manager import CheckpointError, CheckpointManager, load_run
 from clip import CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding
 from dataloader import ShardLoader, data_dirs, default_num_workers, shard_paths
 from logger import Logger
+from prep_dataset import lock_dir
 
 
 @dataclass
@@ -516,20 +517,10 @@ def lock_run_dir(out_dir):
     if out_dir is None:
         return
     try:
-        import fcntl
-    except ImportError:
-        return
-    f = open(os.path.join(out_dir, ".lock"), "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _run_lock = lock_dir(out_dir)
     except BlockingIOError:
-        f.close()
         sys.exit(f"another train.py is writing into {out_dir} (or a notebook whose train.main wrote there was "
                  "interrupted): let it finish or stop it, or choose another --out_dir")
-    except OSError:
-        f.close()
-        return
-    _run_lock = f
 
 
 def due(step, interval):

@@ -656,6 +656,27 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     assert sorted(tok.decode(t) for _, tokens in loader for t in tokens) == ["eighth", "seventh", "sixth"]
 
 
+def test_one_prep_at_a_time_writes_into_a_folder(tmp_path):
+    # a second run into the same --out_dir (a rerun while the first still runs in another terminal) would process
+    # the source twice, and crash when the first removes the staged samples: it stops at once, saying why
+    out = str(tmp_path / "out")
+    args = ["--source", "shapes", "--out_dir", out, "--limit", "100000", "--workers", "1", "--chunk_size", "100"]
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prep_dataset.py")
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, ".stage", "chunk-000000.json")) and time.time() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(SystemExit, match=f"another prep_dataset.py is writing into {re.escape(out)}"):
+            prep_dataset.main(args)
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = prep_dataset.lock_dir(out)  # the lock went with the process, however it ended
+    assert lock is not None
+    lock.close()
+
+
 def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
     args = ["--source", "shapes", "--limit", "3000", "--chunk_size", "300", "--shard_size", "500", "--workers", "1"]
     ref = tmp_path / "ref"
