@@ -674,20 +674,27 @@ def process_sample(item, image_size, quality):
     return "ok", key, out.getvalue(), caption, labels
 
 
-def _worker_start():
-    # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # and a forked worker lets go of its copy of the folder's lock: the lock then ends with this process, not
-    # with the last worker to notice that it has gone
-    release_lock()
-
-
 def _process(args_item):
     item, image_size, quality = args_item
     return process_sample(item, image_size, quality)
 
 # -----------------------------------------------------------------------------
 # writing
+
+
+_held = []  # the lock files this process has opened
+
+
+def _drop_locks_in_child():
+    # a forked child (a decoding or loader worker) closes its copies of the lock files: a lock is held while any
+    # process has it open, and should end with its holder, not with the last worker to notice that it has gone
+    for f in _held:
+        f.close()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def lock_dir(path):
@@ -706,6 +713,7 @@ def lock_dir(path):
         if isinstance(e, BlockingIOError):
             raise
         return None
+    _held[:] = [h for h in _held if not h.closed] + [f]
     return f
 
 
@@ -770,7 +778,8 @@ def stage_chunks(args, stage_dir, items, done):
     if args.limit:
         items = islice(items, max(0, args.limit - first * args.chunk_size))
     bar = tqdm(desc="process", unit=" samples", total=args.limit, initial=first * args.chunk_size, dynamic_ncols=True)
-    with Pool(args.workers, initializer=_worker_start) as pool:
+    # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
+    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         for c in range(first, sys.maxsize):
             chunk = list(islice(items, args.chunk_size))
             if not chunk:

@@ -748,7 +748,7 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
     # nor does one run write into a directory another is writing into (before either has a checkpoint)
     busy = str(tmp_path / "busy")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
-                             *run_args(shapes_dir, busy, max_steps=100_000, checkpoint_interval=0)],
+                             *run_args(shapes_dir, busy, max_steps=100_000, checkpoint_interval=0, num_workers=1)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
