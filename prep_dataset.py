@@ -890,8 +890,8 @@ def main(argv=None):
     p.add_argument("--source", default="text-to-image-2M", choices=list(SOURCES))
     p.add_argument("--input", default=None, help="folder (folder), tar glob (webdataset, text-to-image-2M), "
                    ".csv/.tsv/.jsonl/.json/.parquet file (table), dataset name or folder (hub)")
-    p.add_argument("--split", default="train", help="hub: the dataset split to read; table: the rows to keep when "
-                   "the table has a split column (several: train,restval)")
+    p.add_argument("--split", default=None, help="hub: the dataset split to read; table: the rows to keep when "
+                   "the table has a split column (several: train,restval). Default: train")
     p.add_argument("--image_root", default=None, help="table: the folder relative image paths start from "
                    "(default: the table's folder, then the working directory)")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
@@ -918,10 +918,11 @@ def main(argv=None):
                            ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]")):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
-    for name, sources in (("image_root", ("table",)), ("image_column", ("table", "hub")),
+    for name, sources in (("split", ("table", "hub")), ("image_root", ("table",)), ("image_column", ("table", "hub")),
                           ("caption_column", ("table", "hub", "webdataset", "text-to-image-2M"))):
         if getattr(args, name) is not None and args.source not in sources:  # said, not ignored
             p.error(f"--{name} is for --source {' or '.join(sources)}, not {args.source}")
+    args.split = args.split or "train"
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
 
     release_lock()  # an earlier main() of this process (a notebook, the tests) that stopped early

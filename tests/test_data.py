@@ -634,6 +634,10 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
                            "--caption_column", "caption"])
     assert "--caption_column is for --source table or hub or webdataset or text-to-image-2M, not folder" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(tmp_path / "x"),
+                           "--split", "val"])
+    assert "--split is for --source table or hub, not webdataset" in capsys.readouterr().err
     # the other ways to name shards: a folder of them, webdataset's {000..099} range
     (tmp_path / "ranged").mkdir()
     for i in range(3):
