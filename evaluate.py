@@ -486,6 +486,9 @@ def main(argv=None):
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
     if bool(args.images) != bool(args.texts):
         p.error("--images and --texts go together: the images are scored against the texts")
+    for name in ("split", "classnames", "label_column", "templates"):  # said, not ignored
+        if getattr(args, name) is not None and not args.zeroshot:
+            p.error(f"--{name} is for --zeroshot: give the classification set with --zeroshot")
     if args.json:  # results/zeroshot.json: its folder is made now, so the results are not lost at the end
         try:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

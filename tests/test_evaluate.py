@@ -261,6 +261,9 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes"), "--batch_size", "0"])  # a division by zero
     assert "--batch_size 0: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # zero-shot's settings with no zero-shot set: said, not ignored
+        evaluate.main([ckpt, "--retrieval", str(tmp_path / "shapes"), "--templates", "a photo of a {}."])
+    assert "--templates is for --zeroshot" in capsys.readouterr().err
     (tmp_path / "texts.txt").write_text("red\nblue\n")  # the candidate captions from a file, one per line
     from_file = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", str(tmp_path / "texts.txt")])
     probs = evaluate.main([ckpt, "--images", str(root / "red" / "0.png"), "--texts", "red", "blue"])["images"]
