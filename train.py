@@ -598,6 +598,8 @@ def main(argv=None):
                            ("max_bad_steps", cfg.max_bad_steps >= 1, "at least 1")):
         if not ok:
             sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
+    if cfg.zeroshot_classnames and cfg.zeroshot in ("auto", "none"):  # said, not ignored
+        sys.exit("--zeroshot_classnames names the classes of the sets given with --zeroshot: give them")
     if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
         sys.exit(f"--zeroshot_classnames {cfg.zeroshot_classnames}: no such file")
     try:  # a run directory that cannot be made stops the run now, not after the data is read

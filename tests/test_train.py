@@ -91,7 +91,9 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size"),
                            (["--model", "tiny", "--context_length", "0"], "context_length must be at least 1"),
                            (["--encoding", "no_such_bpe"], "could not load the tiktoken encoding 'no_such_bpe'"),
-                           (["--zeroshot_classnames", "nowhere.txt"], "--zeroshot_classnames nowhere.txt: no such file"),
+                           (["--zeroshot", "imagenet/val", "--zeroshot_classnames", "nowhere.txt"],
+                            "--zeroshot_classnames nowhere.txt: no such file"),
+                           (["--zeroshot_classnames", "map.txt"], "names the classes of the sets given with --zeroshot"),
                            (["--model", "tiny", "--text_heads", "3"], "text_width 128 must be a multiple of text_heads 3"),
                            (["--device", "gpu"], "--device 'gpu': choose one of auto, cuda, mps, cpu"),
                            # the tests hide CUDA (conftest.py): asking for it names the way out
