@@ -705,7 +705,10 @@ def lock_dir(path):
         import fcntl
     except ImportError:
         return None
-    f = open(os.path.join(path, ".lock"), "a")
+    try:
+        f = open(os.path.join(path, ".lock"), "a")
+    except OSError:  # a folder this process may not write to (a finished set, read-only): nothing to guard
+        return None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

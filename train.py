@@ -450,6 +450,9 @@ def starting_point(cfg, argv):
     larger --max_steps to train on. A reason not to start is a sys.exit with what to do."""
     manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
     start, start_path, changed = None, None, []
+    if cfg.resume and cfg.init_from:  # one would be ignored
+        sys.exit("--resume goes on with a run's weights and state, --init_from starts a new run from weights: give "
+                 "one of them")
     if cfg.resume == "latest":
         start, start_path = manager.load_latest()
         if start is None:

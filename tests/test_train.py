@@ -94,6 +94,7 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--zeroshot", "imagenet/val", "--zeroshot_classnames", "nowhere.txt"],
                             "--zeroshot_classnames nowhere.txt: no such file"),
                            (["--zeroshot_classnames", "map.txt"], "names the classes of the sets given with --zeroshot"),
+                           (["--resume", "--init_from", "runs/demo"], "give one of them"),
                            (["--model", "tiny", "--text_heads", "3"], "text_width 128 must be a multiple of text_heads 3"),
                            (["--device", "gpu"], "--device 'gpu': choose one of auto, cuda, mps, cpu"),
                            # the tests hide CUDA (conftest.py): asking for it names the way out
