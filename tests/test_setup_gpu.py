@@ -35,21 +35,22 @@ def test_cpu_smoke_runs_a_real_training_step():
 def test_a_gpu_torch_cannot_use_says_why(tmp_path):
     # a GPU box whose driver runs CUDA 12.8, with torch's default CUDA 13 build: the usual newcomer's failure,
     # where torch only warns and sees no GPU. A stand-in nvidia-smi and torch stand for the box
-    bin_dir, fake = tmp_path / "bin", tmp_path / "fake"
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (fake / "torch").mkdir(parents=True)
     smi = bin_dir / "nvidia-smi"
     smi.write_text('#!/bin/sh\nif [ -n "$1" ]; then echo "0, NVIDIA H100 80GB HBM3, 570.86.15, 81559 MiB"; else\n'
                    'echo "| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: 12.8 |"; fi\n')
     smi.chmod(0o755)
-    (fake / "torch" / "__init__.py").write_text(
-        "__version__ = '2.13.0+cu130'\n"
-        "class version:\n    cuda, hip = '13.0', None\n"
-        "class cuda:\n    is_available = staticmethod(lambda: False)\n    device_count = staticmethod(lambda: 0)\n")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    # and the same box with a CPU build of torch (this one), run alongside
+    for build, cuda in (("cu130", "'13.0'"), ("cpu", "None")):  # and the same box with a CPU build, run alongside
+        (tmp_path / build / "torch").mkdir(parents=True)
+        (tmp_path / build / "torch" / "__init__.py").write_text(
+            f"__version__ = '2.13.0+{build}'\n"
+            f"class version:\n    cuda, hip = {cuda}, None\n"
+            "class cuda:\n    is_available = staticmethod(lambda: False)\n    device_count = staticmethod(lambda: 0)\n")
     runs = [subprocess.Popen(["bash", SCRIPT, "--venv", sys.prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=ROOT, env=e) for e in ({**env, "PYTHONPATH": str(fake)}, env)]
+                             text=True, cwd=ROOT, env={**env, "PYTHONPATH": str(tmp_path / build)})
+            for build in ("cu130", "cpu")]
     (cuda13, cuda13_err), (cpu, cpu_err) = (r.communicate(timeout=600) for r in runs)
     assert runs[0].returncode == 1, cuda13[-2000:] + cuda13_err[-2000:]
     assert "the driver runs CUDA up to 12.8" in cuda13
@@ -57,6 +58,7 @@ def test_a_gpu_torch_cannot_use_says_why(tmp_path):
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126" in cuda13_err
     assert runs[1].returncode == 1 and "is a CPU build" in cpu_err, cpu_err[-2000:]
     # the rerun it suggests replaces the torch already there (pip alone would keep it as torch==2.13.0)
-    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix, "--dry-run"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=600, env={**env, "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu126"})
+    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix, "--dry-run"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**env, "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu126",
+                                           "PYTHONPATH": str(tmp_path / "cu130")})
     assert "pip uninstall -q -y torch" in out.stdout and "--index-url https://download.pytorch.org/whl/cu126" in out.stdout
