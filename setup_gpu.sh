@@ -40,10 +40,18 @@ elif command -v nvidia-smi >/dev/null 2>&1; then
   # the newest CUDA this driver runs (nvidia-smi's header), for step 4's check against torch's CUDA
   DRIVER_CUDA="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9.]*\).*/\1/p' | head -n 1)"
   echo "the driver runs CUDA up to ${DRIVER_CUDA:-?}"
+elif command -v rocm-smi >/dev/null 2>&1; then
+  # an AMD GPU: torch's ROCm build comes from PyTorch's own index, for the ROCm version installed
+  run rocm-smi --showproductname
+  if [ -z "${TORCH_INDEX_URL:-}" ] && [ "$DRY" = 0 ]; then
+    echo "an AMD GPU (ROCm): torch==2.13.0 from PyPI is built for NVIDIA's CUDA. Rerun with PyTorch's index of the" >&2
+    echo "ROCm build that matches your ROCm (pytorch.org lists them): TORCH_INDEX_URL=https://download.pytorch.org/whl/rocmX.Y bash setup_gpu.sh" >&2
+    exit 1
+  fi
 elif [ "$DRY" = 1 ]; then
   echo "(dry run) nvidia-smi not found: a real run would stop here"
 else
-  echo "nvidia-smi not found: install the NVIDIA driver first (e.g. 'sudo apt install nvidia-driver-580'," >&2
+  echo "nvidia-smi (or rocm-smi) not found: install the NVIDIA driver first (e.g. 'sudo apt install nvidia-driver-580'," >&2
   echo "then reboot), or use --cpu-smoke to check the rest of the setup without a GPU." >&2
   exit 1
 fi

@@ -62,3 +62,15 @@ def test_a_gpu_torch_cannot_use_says_why(tmp_path):
                          timeout=600, env={**env, "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu126",
                                            "PYTHONPATH": str(tmp_path / "cu130")})
     assert "pip uninstall -q -y torch" in out.stdout and "--index-url https://download.pytorch.org/whl/cu126" in out.stdout
+
+
+def test_an_amd_gpu_is_sent_to_torch_for_rocm(tmp_path):
+    # torch from PyPI cannot use an AMD GPU: the script says where the ROCm build comes from, before installing
+    smi = tmp_path / "rocm-smi"
+    smi.write_text('#!/bin/sh\necho "GPU[0] : Card Series: AMD Instinct MI300X"\n')
+    smi.chmod(0o755)
+    out = subprocess.run(["bash", SCRIPT, "--venv", str(tmp_path / "venv")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
+    assert out.returncode == 1 and "AMD Instinct MI300X" in out.stdout
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/rocm" in out.stderr
+    assert not (tmp_path / "venv").exists()
