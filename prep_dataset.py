@@ -178,6 +178,8 @@ def source_folder(args):
     images, captions, duplicates, tables = {}, {}, set(), []  # (folder, stem) -> path
     others = set()  # (folder, stem) of files of other types: a caption beside one (x.heic) names an image not read
     visited = set()  # linked folders are followed (data kept on another disk), each real folder once
+    # --caption_column names the captions' extension, where a folder holds two kinds (x.txt tags, x.caption prose)
+    caption_exts = ("." + args.caption_column.lstrip(".").lower(),) if args.caption_column else (".txt", ".caption")
     walk = os.walk(args.input, followlinks=True)
     for root, folders, files in tqdm(walk, desc="list files", unit=" folders", leave=False, dynamic_ncols=True):
         real = os.path.realpath(root)
@@ -188,7 +190,7 @@ def source_folder(args):
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             ext = ext.lower()
-            if ext in (".txt", ".caption"):  # .caption: kohya-ss's name for captions; x.txt wins over x.caption
+            if ext in caption_exts:  # .caption: kohya-ss's name for captions; x.txt wins over x.caption
                 if (root, stem) not in captions or ext == ".txt":
                     captions[(root, stem)] = os.path.join(root, name)
             elif ext in IMAGE_EXTENSIONS:
@@ -899,7 +901,8 @@ def main(argv=None):
                    "(default: the table's folder, then the working directory)")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
     p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed); "
-                   "webdataset, text-to-image-2M: the file extension or .json field of the caption")
+                   "webdataset, text-to-image-2M: the file extension or .json field of the caption; folder: the "
+                   "captions' file extension (default: .txt, else .caption)")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")
@@ -922,7 +925,7 @@ def main(argv=None):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
     for name, sources in (("split", ("table", "hub")), ("image_root", ("table",)), ("image_column", ("table", "hub")),
-                          ("caption_column", ("table", "hub", "webdataset", "text-to-image-2M"))):
+                          ("caption_column", ("table", "hub", "webdataset", "text-to-image-2M", "folder"))):
         if getattr(args, name) is not None and args.source not in sources:  # said, not ignored
             p.error(f"--{name} is for --source {' or '.join(sources)}, not {args.source}")
     args.split = args.split or "train"

@@ -260,6 +260,16 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     assert np.abs(np.asarray(by_caption["a grey thing"], dtype=float) - 100).max() <= 2
     red = np.asarray(by_caption["a red thing\nsomething else red"])
     assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+    # a folder with two kinds of caption files (kohya-ss's tags in .txt, prose in .caption): --caption_column picks
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "x.jpg").write_bytes(jpeg((9, 9, 9)))
+    (tmp_path / "two" / "x.txt").write_text("grey, square, tag")
+    (tmp_path / "two" / "x.caption").write_text("a grey square")
+    for column, caption in ((None, "grey, square, tag"), ("caption", "a grey square")):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "two"), "--out_dir", str(tmp_path / f"two_{column}"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"]
+                          + (["--caption_column", column] if column else []))
+        assert [c for _, c in tar_samples(tmp_path / f"two_{column}" / "train" / "shard-000000.tar").values()] == [caption]
     # images whose captions are nowhere to be found: the error says how images and captions pair
     (tmp_path / "lone").mkdir()
     (tmp_path / "lone" / "a.jpg").write_bytes(jpeg((9, 9, 9)))
@@ -630,10 +640,9 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
         prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(tmp_path / "x"),
                            "--caption_column", "recaption"])
     with pytest.raises(SystemExit):  # a flag that does not apply to the source is an error, not ignored
-        prep_dataset.main(["--source", "folder", "--input", str(tmp_path), "--out_dir", str(tmp_path / "x"),
-                           "--caption_column", "caption"])
-    assert "--caption_column is for --source table or hub or webdataset or text-to-image-2M, not folder" in \
-        capsys.readouterr().err
+        prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "x"), "--caption_column", "caption"])
+    assert "--caption_column is for --source table or hub or webdataset or text-to-image-2M or folder, not shapes" \
+        in capsys.readouterr().err
     with pytest.raises(SystemExit):
         prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(tmp_path / "x"),
                            "--split", "val"])
