@@ -674,8 +674,8 @@ def test_one_prep_at_a_time_writes_into_a_folder(tmp_path):
     # the source twice, and crash when the first removes the staged samples: it stops at once, saying why
     out = str(tmp_path / "out")
     args = ["--source", "shapes", "--out_dir", out, "--limit", "100000", "--workers", "1", "--chunk_size", "100"]
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prep_dataset.py")
-    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prep_dataset.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not os.path.exists(os.path.join(out, ".stage", "chunk-000000.json")) and time.time() < deadline:
