@@ -163,7 +163,15 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out plots/compare.png
     except OSError as e:
         p.error(f"--out {out}: cannot create its folder ({e.strerror or e})")
-    print(f"wrote {plot_runs(args.run_dirs, out)}")
+    from matplotlib.figure import Figure
+    kinds = Figure().canvas.get_supported_filetypes()
+    kind = os.path.splitext(out)[1][1:].lower()
+    if kind and kind not in kinds:  # --out plots.pgn: said now, not as a traceback after the drawing
+        p.error(f"--out {out}: matplotlib writes {', '.join(sorted(kinds))}, not .{kind}")
+    try:
+        print(f"wrote {plot_runs(args.run_dirs, out)}")
+    except OSError as e:
+        sys.exit(f"could not write {out} ({e.strerror or e}): make room there, or give --out another place")
 
 
 if __name__ == "__main__":

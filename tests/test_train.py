@@ -827,10 +827,22 @@ def test_the_log_is_strict_json_with_non_finite_numbers_as_null(tmp_path, capsys
     assert logger.series(logger.read_log(str(tmp_path / "log.jsonl")), "train", "grad_norm") == ([], [])
 
 
-def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
+def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch, capsys):
+    import matplotlib.axes
+    import matplotlib.figure
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
     logger.main([out, out, "--out", str(tmp_path / "figures" / "plots.png")])  # the folder is made
+    with pytest.raises(SystemExit):  # a file type matplotlib cannot write: said before drawing
+        logger.main([out, "--out", str(tmp_path / "plots.pgn")])
+    assert "not .pgn" in capsys.readouterr().err
+
+    def disk_full(*args, **kwargs):  # a full disk where the plot goes: what to do, not a traceback
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+        with pytest.raises(SystemExit, match=r"could not write .*p.png \(No space left on device\): make room"):
+            logger.main([out, "--out", str(tmp_path / "p.png")])
     from PIL import Image
     img = Image.open(tmp_path / "figures" / "plots.png")
     assert img.size[0] > 500 and img.size[1] > 300
@@ -843,7 +855,6 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch):
     # two runs of the same name in different folders are both drawn, named by their paths
     for parent in ("a", "b"):
         shutil.copytree(out, tmp_path / parent / "run")
-    import matplotlib.axes
     labels, plot = [], matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: labels.append(kw["label"]) or plot(ax, *a, **kw))
     logger.plot_runs([str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")], str(tmp_path / "two.png"))
