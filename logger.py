@@ -20,7 +20,7 @@ class Logger:
 
     def __init__(self, out_dir, enabled=True, resume_step=None):
         self.path = os.path.join(out_dir, "log.jsonl")
-        self.enabled, self.unwritten = enabled, 0
+        self.enabled, self.warned = enabled, False
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -49,10 +49,10 @@ class Logger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(finite, allow_nan=False) + "\n")
         except OSError as e:  # a full disk: the figures still reach the console, and training goes on
-            if not self.unwritten:  # said once. A checkpoint that cannot be written then stops the run, saying why
+            if not self.warned:  # said once. A checkpoint that cannot be written then stops the run, saying why
                 print(f"warning: could not write {self.path} ({e.strerror or e}); the run goes on, with its figures "
                       "on the console only", file=sys.stderr)
-            self.unwritten += 1
+            self.warned = True
         if console:
             print(" | ".join(format_field(k, v) for k, v in record.items()), flush=True)
 

@@ -684,15 +684,15 @@ def _process(args_item):
 # writing
 
 
-_held = []  # the lock files this process has opened
+_locks = {}  # folder (its real path) -> the open lock file by which this process holds it
 
 
 def _drop_locks_in_child():
     # a forked child (a decoding or loader worker) closes its copies of the lock files: a lock is held while any
     # process has it open, and should end with its holder, not with the last worker to notice that it has gone
-    for f in _held:
+    for f in _locks.values():
         f.close()
-    _held.clear()
+    _locks.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -701,47 +701,43 @@ if hasattr(os, "register_at_fork"):
 
 def lock_dir(path):
     """One writer per folder: an advisory lock (flock) on path/.lock, which the OS releases when the process ends,
-    however it ends. -> the open lock file, to keep open while writing; None where there are no such locks
-    (Windows, some network file systems), so that writing goes on unguarded. BlockingIOError: another holds it."""
+    however it ends; unlock_dir gives it back sooner. A process that holds it already (an earlier main() of a
+    notebook or the tests, stopped early) holds it still. -> whether it is held: not where there are no such
+    locks (Windows, some network file systems) or no lock file can be made (a read-only folder), so that work goes
+    on unguarded. BlockingIOError: another process holds it."""
+    key = os.path.realpath(path)
+    if key in _locks:
+        return True
     try:
         import fcntl
-    except ImportError:
-        return None
-    try:
         f = open(os.path.join(path, ".lock"), "a")
-    except OSError:  # a folder this process may not write to (a finished set, read-only): nothing to guard
-        return None
+    except (ImportError, OSError):
+        return False
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.close()
         if isinstance(e, BlockingIOError):
             raise
-        return None
-    _held[:] = [h for h in _held if not h.closed] + [f]
-    return f
+        return False
+    _locks[key] = f
+    return True
 
 
-_lock = None  # the lock of the --out_dir this process writes into; the next main() of the process hands it on
+def unlock_dir(path):
+    f = _locks.pop(os.path.realpath(path), None)
+    if f is not None:
+        f.close()
 
 
-def hold_lock(out_dir):
+def hold_out_dir(out_dir):
     """Two runs into one --out_dir would each process the whole source, and the one that finishes first removes
     the staged samples the other still reads."""
-    global _lock
-    if _lock is None:
-        try:
-            _lock = lock_dir(out_dir)
-        except BlockingIOError:
-            sys.exit(f"another prep_dataset.py is writing into {out_dir}: let it finish (or stop it), then rerun "
-                     "this command, which goes on from what it finished")
-
-
-def release_lock():
-    global _lock
-    if _lock is not None:
-        _lock.close()
-        _lock = None
+    try:
+        lock_dir(out_dir)
+    except BlockingIOError:
+        sys.exit(f"another prep_dataset.py is writing into {out_dir}: let it finish (or stop it), then rerun "
+                 "this command, which goes on from what it finished")
 
 
 def atomic_write(path, data):
@@ -931,9 +927,8 @@ def main(argv=None):
     args.split = args.split or "train"
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
 
-    release_lock()  # an earlier main() of this process (a notebook, the tests) that stopped early
     if os.path.isdir(args.out_dir):  # (a new one is made, and locked, once the source has checked its input)
-        hold_lock(args.out_dir)
+        hold_out_dir(args.out_dir)
     manifest_path = os.path.join(args.out_dir, "manifest.json")
     settings = {k: getattr(args, k) for k in ("source", "input", "image_size", "limit", "val_fraction",
                                               "shard_size", "chunk_size", "seed", "jpeg_quality")}
@@ -950,7 +945,7 @@ def main(argv=None):
             sys.exit(f"{args.out_dir} already holds a dataset made with other settings: choose another --out_dir "
                      f"or delete it.\n  there: {done.get('settings')}\n  asked: {settings}")
         print(f"{args.out_dir} is already complete: {done['counts']}")
-        release_lock()
+        unlock_dir(args.out_dir)
         return done
     stage_dir = os.path.join(args.out_dir, ".stage")
     settings_path = os.path.join(stage_dir, "settings.json")
@@ -974,7 +969,7 @@ def main(argv=None):
         os.makedirs(stage_dir, exist_ok=True)
     except OSError as e:
         sys.exit(f"--out_dir {args.out_dir}: cannot create it ({e.strerror or e}); choose another")
-    hold_lock(args.out_dir)
+    hold_out_dir(args.out_dir)
     if not os.path.exists(settings_path):
         atomic_write(settings_path, json.dumps(settings).encode())
 
@@ -997,7 +992,7 @@ def main(argv=None):
           f"skipped {c['skipped']} of {c['seen']}: {result['skipped'] or 'none'}")
     if "image_is_a_url" in result["skipped"]:
         print(f"some images were URLs: {URL_HINT}")
-    release_lock()  # done: another may write here now
+    unlock_dir(args.out_dir)  # done: another may write here now
     return manifest
 
 

@@ -39,7 +39,7 @@ from checkpoint_manager import CheckpointError, CheckpointManager, load_run
 from clip import CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding
 from dataloader import ShardLoader, data_dirs, default_num_workers, shard_paths
 from logger import Logger
-from prep_dataset import lock_dir
+from prep_dataset import lock_dir, unlock_dir
 
 
 @dataclass
@@ -505,27 +505,6 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
         sys.exit(failure if first_on_node() else 1)
 
 
-_run_lock = None  # the open lock file of the run directory this process writes into
-
-
-def lock_run_dir(out_dir):
-    """One run per directory: a second train.py writing into the same --out_dir would interleave its checkpoints
-    and log lines with this one's. An advisory lock (flock) on out_dir/.lock, which the OS releases when this
-    process ends, however it ends; an earlier main() of this same process (a notebook, the tests) hands it on.
-    Where there are no such locks (Windows, some network file systems), runs go unguarded. None: give it back."""
-    global _run_lock
-    if _run_lock is not None:
-        _run_lock.close()
-        _run_lock = None
-    if out_dir is None:
-        return
-    try:
-        _run_lock = lock_dir(out_dir)
-    except BlockingIOError:
-        sys.exit(f"another train.py is writing into {out_dir} (or a notebook whose train.main wrote there was "
-                 "interrupted): let it finish or stop it, or choose another --out_dir")
-
-
 def due(step, interval):
     """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
     return interval > 0 and step % interval == 0
@@ -609,8 +588,12 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         sys.exit(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror or e}); choose another")
-    if master:
-        lock_run_dir(cfg.out_dir)
+    if master:  # one run per directory: a second one's checkpoints and log lines would interleave with this one's
+        try:
+            lock_dir(cfg.out_dir)
+        except BlockingIOError:
+            sys.exit(f"another train.py is writing into {cfg.out_dir} (or a notebook whose train.main wrote there "
+                     "was interrupted): let it finish or stop it, or choose another --out_dir")
     if start is not None:
         # the checkpoint fixes the model's shape: a model flag that contradicts it would be silently lost
         model_cfg = CLIPConfig(**start["model_config"])
@@ -626,7 +609,7 @@ def main(argv=None):
                 model_cfg = replace(model_cfg, loss=cfg.loss)
         if clash:
             sys.exit(f"{start_path} fixes the model's shape; drop " + ", ".join(clash))
-        cfg.model, cfg.loss = named or cfg.model, model_cfg.loss  # what config.json and the checkpoints then say
+        cfg.model = named or cfg.model  # what config.json and the checkpoints then say (cfg.loss is the model's)
     else:
         try:
             model_cfg = get_config(cfg.model, loss=cfg.loss, **cfg.model_args)
@@ -726,11 +709,11 @@ def main(argv=None):
                                   eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
     step = 0
     if start is not None:
-        weights = start["model"]
-        if model_cfg.loss != start["model_config"].get("loss", "clip"):  # --init_from with --loss: that loss's
-            weights = {k: v for k, v in weights.items() if k not in ("logit_scale", "logit_bias")}  # own temperature
-        missing, unexpected = raw_model.load_state_dict(weights, strict=False)
-        if set(missing) - ({"logit_scale", "logit_bias"} - set(weights)) or unexpected:
+        # --init_from with the other --loss: the towers' weights, and that loss's own fresh temperature (and bias)
+        fresh = {"logit_scale", "logit_bias"} if model_cfg.loss != start["model_config"].get("loss", "clip") else set()
+        missing, unexpected = raw_model.load_state_dict({k: v for k, v in start["model"].items() if k not in fresh},
+                                                        strict=False)
+        if set(missing) - fresh or unexpected:
             sys.exit(f"{start_path} does not hold the weights of the model its model_config describes: "
                      f"missing {missing}, unexpected {unexpected}")
         if cfg.resume:
@@ -918,7 +901,7 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
     if master:
-        lock_run_dir(None)  # the run is over: another may write here now
+        unlock_dir(cfg.out_dir)  # the run is over: another may write here now
     return raw_model
 
 

@@ -685,12 +685,11 @@ def test_one_prep_at_a_time_writes_into_a_folder(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    lock = prep_dataset.lock_dir(out)  # the lock went with the process, however it ended
-    assert lock is not None
-    lock.close()
+    assert prep_dataset.lock_dir(out)  # the lock went with the process, however it ended
+    prep_dataset.unlock_dir(out)
     # a folder where no lock file can be made (read-only, say: a finished set checked again) goes unguarded
     (tmp_path / "ro" / ".lock").mkdir(parents=True)
-    assert prep_dataset.lock_dir(str(tmp_path / "ro")) is None
+    assert not prep_dataset.lock_dir(str(tmp_path / "ro"))
 
 
 def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):

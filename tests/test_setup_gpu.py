@@ -62,6 +62,11 @@ def test_a_gpu_torch_cannot_use_says_why(tmp_path):
                          timeout=600, env={**env, "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu126",
                                            "PYTHONPATH": str(tmp_path / "cu130")})
     assert "pip uninstall -q -y torch" in out.stdout and "--index-url https://download.pytorch.org/whl/cu126" in out.stdout
+    # and keeps a torch from the index named (a rerun after the fix): nothing to install again
+    out = subprocess.run(["bash", SCRIPT, "--venv", sys.prefix, "--dry-run"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**env, "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu130/",
+                                           "PYTHONPATH": str(tmp_path / "cu130")})
+    assert out.returncode == 0 and "requirements.txt" in out.stdout and "torch==2.13.0" not in out.stdout
 
 
 def test_an_amd_gpu_is_sent_to_torch_for_rocm(tmp_path):
