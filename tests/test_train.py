@@ -426,9 +426,9 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, t
     monkeypatch.setattr(torch, "save", disk_full)
     # the log's lines cannot be written either: said once, and the run goes on to its checkpoint, which stops it
     def full_open(path, mode="r", *args, **kwargs):  # every file written: the log, its rewrite, config.json
-        return disk_full(None, io.BytesIO()) if mode in ("a", "w") and ".lock" not in path else open(path, mode, *args, **kwargs)
+        return disk_full(None, io.BytesIO()) if mode in ("a", "w") else open(path, mode, *args, **kwargs)
     monkeypatch.setattr(logger, "open", full_open, raising=False)
-    monkeypatch.setattr(train, "open", full_open, raising=False)  # (the run's lock file holds nothing: it opens)
+    monkeypatch.setattr(train, "open", full_open, raising=False)
     capsys.readouterr()
     with pytest.raises(SystemExit, match=r"step 9: could not write .*ckpt-00000009.pt \(No space left on device\): "
                                          r"make room in .*, then go on from its last checkpoint with --resume"):
