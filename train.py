@@ -110,6 +110,19 @@ def parse_bool(text):
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def first_on_node():
+    """Whether this process speaks for its node: a message every rank would print is printed once on each
+    node's terminal (LOCAL_RANK 0; the only process without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def once_per_node(message):
+    """What to sys.exit with for a reason to stop that every rank meets alike (a bad flag: all ranks have the same
+    command line): the message on the first process of each node, a quiet failing exit code on the others, so that
+    torchrun --nproc_per_node=8 shows it once, not eight times."""
+    return message if first_on_node() or not isinstance(message, str) else 1
+
+
 def parse_args(argv, resumed=None):
     """--config NAME first, then --field value / --field=value for any TrainConfig field. resumed: the
     settings of the run being resumed; they take precedence over the named config, the flags over them."""
@@ -478,12 +491,6 @@ def starting_point(cfg, argv):
     return cfg, start, start_path, changed
 
 
-def first_on_node():
-    """Whether this process speaks for its node: a message every rank would print is printed once on each
-    node's terminal (LOCAL_RANK 0; the only process without torchrun)."""
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0
-
-
 def same_on_every_rank(ddp, what, key, shown, failure=None):
     """Under DDP every rank reads the checkpoint and the data from its own node's disk. Nodes that do not share
     them could start from different checkpoints or data, and train on silently wrong (optimizer states and batches
@@ -502,7 +509,7 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
                       "(or copy them to each node), then run again.", file=sys.stderr)
             sys.exit(1)
     if failure:  # the same on every rank: said as one process says it, once on every node
-        sys.exit(failure if first_on_node() else 1)
+        sys.exit(once_per_node(failure))
 
 
 def due(step, interval):
@@ -512,12 +519,15 @@ def due(step, interval):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+    except SystemExit as e:
+        sys.exit(once_per_node(e.code))
     # ---- processes and devices: DDP whenever torchrun launched us. First, so that the ranks can compare the
     # checkpoint and the data they find (a device is this machine's, never the checkpoint's)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if cfg.device not in ("auto", "cuda", "mps", "cpu"):
-        sys.exit(f"--device {cfg.device!r}: choose one of auto, cuda, mps, cpu")
+        sys.exit(once_per_node(f"--device {cfg.device!r}: choose one of auto, cuda, mps, cpu"))
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     auto = ("cuda", "cpu") if ddp else ("cuda", "mps", "cpu")  # DDP has NCCL for GPUs, gloo for CPUs, none for mps
     kind = cfg.device if cfg.device != "auto" else next(k for k in auto if available[k])
@@ -559,7 +569,7 @@ def main(argv=None):
                           ("precision", ("auto", "bf16", "fp16", "fp32")),
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:
-            sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+            sys.exit(once_per_node(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}"))
     # the contrastive loss tells each image's caption from the batch's others: with one sample it is 0, and nothing
     # is learned (SigLIP's sigmoid loss still has its positive pair)
     for name, ok, what in (("batch_size", cfg.batch_size >= (2 if cfg.loss == "clip" else 1),
@@ -579,9 +589,9 @@ def main(argv=None):
                            ("keep_checkpoints", cfg.keep_checkpoints >= 0, "0 (all) or more"),
                            ("max_bad_steps", cfg.max_bad_steps >= 1, "at least 1")):
         if not ok:
-            sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
+            sys.exit(once_per_node(f"--{name} {getattr(cfg, name)}: must be {what}"))
     if cfg.zeroshot_classnames and cfg.zeroshot in ("auto", "none"):  # said, not ignored
-        sys.exit("--zeroshot_classnames names the classes of the sets given with --zeroshot: give them")
+        sys.exit(once_per_node("--zeroshot_classnames names the classes of the sets given with --zeroshot: give them"))
     if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
         sys.exit(f"--zeroshot_classnames {cfg.zeroshot_classnames}: no such file")
     try:  # a run directory that cannot be made stops the run now, not after the data is read
@@ -608,13 +618,13 @@ def main(argv=None):
             else:  # fine-tuning with the other loss: the weights, and that loss's own fresh temperature (and bias)
                 model_cfg = replace(model_cfg, loss=cfg.loss)
         if clash:
-            sys.exit(f"{start_path} fixes the model's shape; drop " + ", ".join(clash))
+            sys.exit(once_per_node(f"{start_path} fixes the model's shape; drop " + ", ".join(clash)))
         cfg.model = named or cfg.model  # what config.json and the checkpoints then say (cfg.loss is the model's)
     else:
         try:
             model_cfg = get_config(cfg.model, loss=cfg.loss, **cfg.model_args)
         except AssertionError as e:
-            sys.exit(f"model settings {cfg.model_args}: {e}")
+            sys.exit(once_per_node(f"model settings {cfg.model_args}: {e}"))
     try:
         get_encoding(model_cfg.encoding)  # one that needs a download fails now, with its reason, not in the loader
     except RuntimeError as e:
@@ -626,10 +636,11 @@ def main(argv=None):
         # of images a second, a core makes a few hundred training crops
         num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if cfg.batch_size % world:
-        sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes")
+        sys.exit(once_per_node(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes"))
     local_batch = cfg.batch_size // world
     if cfg.micro_batch_size and local_batch % cfg.micro_batch_size:
-        sys.exit(f"--micro_batch_size {cfg.micro_batch_size} must divide the per-process batch {local_batch}")
+        sys.exit(once_per_node(f"--micro_batch_size {cfg.micro_batch_size} must divide the per-process batch "
+                               f"{local_batch}"))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -790,7 +801,7 @@ def main(argv=None):
             dist.broadcast_object_list(shared, src=0)
             error = shared[0] and (error or f"rank 0 could not save: {shared[0]}")
         if error:
-            sys.exit(error if first_on_node() else 1)
+            sys.exit(once_per_node(error))
 
     if step >= cfg.max_steps and master:
         print(f"the run is already at step {step} of --max_steps {cfg.max_steps}: nothing to train. Resume with "
@@ -854,8 +865,10 @@ def main(argv=None):
                 stats = torch.stack([loss_sum, grad_norm.float(), bad_total, bad_max_run, good_steps,
                                      raw_model.logit_scale.detach().exp().float(), *bias]).tolist()  # the one sync
                 if stats[3] >= cfg.max_bad_steps:
-                    sys.exit(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume from the last "
-                             f"checkpoint in {cfg.out_dir} with a lower --max_lr, or check the data.")
+                    # the ranks skip together (clipped_step), so every rank stops here at once
+                    sys.exit(once_per_node(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume "
+                                           f"from the last checkpoint in {cfg.out_dir} with a lower --max_lr, or "
+                                           "check the data."))
                 dt = time.time() - t_last
                 samples_per_s = steps_since * cfg.batch_size / dt
                 record = {"kind": "train", "step": step, "loss": stats[0] / max(stats[4], 1), "lr": lr,

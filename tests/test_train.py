@@ -76,7 +76,7 @@ def test_cli_overrides_named_configs_and_rejects_unknown_keys(capsys):
     assert train.parse_args(["--device", "cpu"], resumed={"device": "cuda"}).device == "cpu"
 
 
-def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
+def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch):
     out = ["--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "none")]
     (tmp_path / "a_file").write_text("not a folder")
     for flags, message in ((["--model", "vit-b/32"], "choose one of tiny, base"),
@@ -101,6 +101,13 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path):
                            (["--device", "cuda"], "--device cuda: torch sees no such device here.*--device cpu")):
         with pytest.raises(SystemExit, match=message):
             train.main(out + flags)
+    # under torchrun every rank meets the same bad setting: the first process of each node says it, the others
+    # stop with a failing exit code and no message of their own
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for flags in (["--max_step", "3"], ["--max_lr", "-1"], ["--device", "gpu"]):
+        with pytest.raises(SystemExit) as stopped:
+            train.main(out + flags)
+        assert stopped.value.code == 1, flags
 
 
 def test_zero_turns_clipping_off_and_makes_intervals_only_the_last_step(shapes_dir, tmp_path):
