@@ -110,19 +110,6 @@ def parse_bool(text):
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-def first_on_node():
-    """Whether this process speaks for its node: a message every rank would print is printed once on each
-    node's terminal (LOCAL_RANK 0; the only process without torchrun)."""
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0
-
-
-def once_per_node(message):
-    """What to sys.exit with for a reason to stop that every rank meets alike (a bad flag: all ranks have the same
-    command line): the message on the first process of each node, a quiet failing exit code on the others, so that
-    torchrun --nproc_per_node=8 shows it once, not eight times."""
-    return message if first_on_node() or not isinstance(message, str) else 1
-
-
 def parse_args(argv, resumed=None):
     """--config NAME first, then --field value / --field=value for any TrainConfig field. resumed: the
     settings of the run being resumed; they take precedence over the named config, the flags over them."""
@@ -491,6 +478,21 @@ def starting_point(cfg, argv):
     return cfg, start, start_path, changed
 
 
+def first_on_node():
+    """Whether this process speaks for its node: a message every rank would print is printed once on each
+    node's terminal (LOCAL_RANK 0; the only process without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def stops_quietly(stop):
+    """Whether a rank ends on this SystemExit without printing its message. Under torchrun every rank meets the same
+    reasons to stop (one command line, one node's files, ranks that skip steps and save together): the first
+    process of each node says it, the others stop with exit code 1, so --nproc_per_node=8 shows it once, not eight
+    times. Running out of memory may strike one rank alone: every rank that meets it says so."""
+    return (isinstance(stop.code, str) and not first_on_node()
+            and not isinstance(stop.__context__, torch.OutOfMemoryError))
+
+
 def same_on_every_rank(ddp, what, key, shown, failure=None):
     """Under DDP every rank reads the checkpoint and the data from its own node's disk. Nodes that do not share
     them could start from different checkpoints or data, and train on silently wrong (optimizer states and batches
@@ -508,8 +510,8 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
                       "\nEvery node reads its own files: keep --out_dir and --data_dir on storage that all nodes share "
                       "(or copy them to each node), then run again.", file=sys.stderr)
             sys.exit(1)
-    if failure:  # the same on every rank: said as one process says it, once on every node
-        sys.exit(once_per_node(failure))
+    if failure:  # the same on every rank: said once on every node (stops_quietly)
+        sys.exit(failure)
 
 
 def due(step, interval):
@@ -519,15 +521,12 @@ def due(step, interval):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = parse_args(argv)
-    except SystemExit as e:
-        sys.exit(once_per_node(e.code))
+    cfg = parse_args(argv)
     # ---- processes and devices: DDP whenever torchrun launched us. First, so that the ranks can compare the
     # checkpoint and the data they find (a device is this machine's, never the checkpoint's)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if cfg.device not in ("auto", "cuda", "mps", "cpu"):
-        sys.exit(once_per_node(f"--device {cfg.device!r}: choose one of auto, cuda, mps, cpu"))
+        sys.exit(f"--device {cfg.device!r}: choose one of auto, cuda, mps, cpu")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     auto = ("cuda", "cpu") if ddp else ("cuda", "mps", "cpu")  # DDP has NCCL for GPUs, gloo for CPUs, none for mps
     kind = cfg.device if cfg.device != "auto" else next(k for k in auto if available[k])
@@ -569,7 +568,7 @@ def main(argv=None):
                           ("precision", ("auto", "bf16", "fp16", "fp32")),
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
         if getattr(cfg, name) not in allowed:
-            sys.exit(once_per_node(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}"))
+            sys.exit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
     # the contrastive loss tells each image's caption from the batch's others: with one sample it is 0, and nothing
     # is learned (SigLIP's sigmoid loss still has its positive pair)
     for name, ok, what in (("batch_size", cfg.batch_size >= (2 if cfg.loss == "clip" else 1),
@@ -589,9 +588,9 @@ def main(argv=None):
                            ("keep_checkpoints", cfg.keep_checkpoints >= 0, "0 (all) or more"),
                            ("max_bad_steps", cfg.max_bad_steps >= 1, "at least 1")):
         if not ok:
-            sys.exit(once_per_node(f"--{name} {getattr(cfg, name)}: must be {what}"))
+            sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
     if cfg.zeroshot_classnames and cfg.zeroshot in ("auto", "none"):  # said, not ignored
-        sys.exit(once_per_node("--zeroshot_classnames names the classes of the sets given with --zeroshot: give them"))
+        sys.exit("--zeroshot_classnames names the classes of the sets given with --zeroshot: give them")
     if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
         sys.exit(f"--zeroshot_classnames {cfg.zeroshot_classnames}: no such file")
     try:  # a run directory that cannot be made stops the run now, not after the data is read
@@ -618,13 +617,13 @@ def main(argv=None):
             else:  # fine-tuning with the other loss: the weights, and that loss's own fresh temperature (and bias)
                 model_cfg = replace(model_cfg, loss=cfg.loss)
         if clash:
-            sys.exit(once_per_node(f"{start_path} fixes the model's shape; drop " + ", ".join(clash)))
+            sys.exit(f"{start_path} fixes the model's shape; drop " + ", ".join(clash))
         cfg.model = named or cfg.model  # what config.json and the checkpoints then say (cfg.loss is the model's)
     else:
         try:
             model_cfg = get_config(cfg.model, loss=cfg.loss, **cfg.model_args)
         except AssertionError as e:
-            sys.exit(once_per_node(f"model settings {cfg.model_args}: {e}"))
+            sys.exit(f"model settings {cfg.model_args}: {e}")
     try:
         get_encoding(model_cfg.encoding)  # one that needs a download fails now, with its reason, not in the loader
     except RuntimeError as e:
@@ -636,11 +635,10 @@ def main(argv=None):
         # of images a second, a core makes a few hundred training crops
         num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if cfg.batch_size % world:
-        sys.exit(once_per_node(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes"))
+        sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes")
     local_batch = cfg.batch_size // world
     if cfg.micro_batch_size and local_batch % cfg.micro_batch_size:
-        sys.exit(once_per_node(f"--micro_batch_size {cfg.micro_batch_size} must divide the per-process batch "
-                               f"{local_batch}"))
+        sys.exit(f"--micro_batch_size {cfg.micro_batch_size} must divide the per-process batch {local_batch}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -801,7 +799,7 @@ def main(argv=None):
             dist.broadcast_object_list(shared, src=0)
             error = shared[0] and (error or f"rank 0 could not save: {shared[0]}")
         if error:
-            sys.exit(once_per_node(error))
+            sys.exit(error)
 
     if step >= cfg.max_steps and master:
         print(f"the run is already at step {step} of --max_steps {cfg.max_steps}: nothing to train. Resume with "
@@ -865,10 +863,8 @@ def main(argv=None):
                 stats = torch.stack([loss_sum, grad_norm.float(), bad_total, bad_max_run, good_steps,
                                      raw_model.logit_scale.detach().exp().float(), *bias]).tolist()  # the one sync
                 if stats[3] >= cfg.max_bad_steps:
-                    # the ranks skip together (clipped_step), so every rank stops here at once
-                    sys.exit(once_per_node(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume "
-                                           f"from the last checkpoint in {cfg.out_dir} with a lower --max_lr, or "
-                                           "check the data."))
+                    sys.exit(f"step {step}: {int(stats[3])} non-finite steps in a row; stopping. Resume from the last "
+                             f"checkpoint in {cfg.out_dir} with a lower --max_lr, or check the data.")
                 dt = time.time() - t_last
                 samples_per_s = steps_since * cfg.batch_size / dt
                 record = {"kind": "train", "step": step, "loss": stats[0] / max(stats[4], 1), "lr": lr,
@@ -921,6 +917,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+    except SystemExit as e:
+        if stops_quietly(e):
+            sys.exit(1)
+        raise
     except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback (once per node, not once per rank)
         if first_on_node():
             print("\ninterrupted. Go on from the last checkpoint with the same command and --resume", file=sys.stderr)

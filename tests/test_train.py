@@ -102,12 +102,19 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
         with pytest.raises(SystemExit, match=message):
             train.main(out + flags)
     # under torchrun every rank meets the same bad setting: the first process of each node says it, the others
-    # stop with a failing exit code and no message of their own
+    # stop with a failing exit code and no message of their own, as train.py run by torchrun does
     monkeypatch.setenv("LOCAL_RANK", "1")
     for flags in (["--max_step", "3"], ["--max_lr", "-1"], ["--device", "gpu"]):
         with pytest.raises(SystemExit) as stopped:
             train.main(out + flags)
-        assert stopped.value.code == 1, flags
+        assert train.stops_quietly(stopped.value), flags
+    cli = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *out, "--max_step", "3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "LOCAL_RANK": "1"})
+    assert cli.returncode == 1 and "max_step" not in cli.stderr, cli.stderr[-2000:]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(out + ["--max_lr", "-1"])
+    assert not train.stops_quietly(stopped.value)
 
 
 def test_zero_turns_clipping_off_and_makes_intervals_only_the_last_step(shapes_dir, tmp_path):
@@ -746,6 +753,11 @@ def test_running_out_of_gpu_memory_says_which_settings_keep_the_gradients(shapes
         train.main(run_args(shapes_dir, str(tmp_path / "a")))
     with pytest.raises(SystemExit, match=r"at 6 samples .*--micro_batch_size 3 "):
         train.main(run_args(shapes_dir, str(tmp_path / "b"), batch_size=12, micro_batch_size=6))
+    # it may strike one rank alone: under torchrun every rank that meets it says so, not only the node's first
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(run_args(shapes_dir, str(tmp_path / "c")))
+    assert "out of memory" in stopped.value.code and not train.stops_quietly(stopped.value)
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
