@@ -900,6 +900,40 @@ torch.save(model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}
 """
 
 
+def test_a_compiled_run_trains_like_the_eager_one(shapes_dir, tmp_path, monkeypatch):
+    """--compile true (the default on a GPU) through the whole loop: feature-cached micro-batches (a no-grad
+    and a grad graph), batches of captions of several lengths (trimmed: the text tower recompiles with the
+    length symbolic), evaluation at another batch size, and checkpoints that load into a plain CLIP.
+    Inductor's C++ build would take about a minute here from a cold cache, so the graphs run through
+    AOTAutograd's eager backend: what is checked is how train.py and clip.py trace, not the kernels Inductor
+    would write for them."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eagerly(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager", **kw)
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    eager, comp = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    args = dict(max_steps=4, augment=False, micro_batch_size=8, checkpoint_interval=2, eval_interval=2,
+                eval_batches=2, vision_layers=1, text_layers=1)
+    model_eager = train.main(run_args(shapes_dir, eager, **args, compile="false"))
+    assert compiled == []
+    model_comp = train.main(run_args(shapes_dir, comp, **args, compile="true"))
+    assert compiled == [model_comp]  # the raw model is compiled (and returned, saved, evaluated)
+    assert len({r["step"] for r in read_log(comp)}) == 4
+    losses_eager, losses_comp = [r["loss"] for r in read_log(eager)], [r["loss"] for r in read_log(comp)]
+    assert losses_comp == pytest.approx(losses_eager, rel=1e-5)
+    val_eager, val_comp = [r["val_loss"] for r in read_log(eager, "eval")], [r["val_loss"] for r in read_log(comp, "eval")]
+    assert len(val_comp) == 2 and val_comp == pytest.approx(val_eager, rel=1e-5)
+    for name, value in model_comp.state_dict().items():
+        torch.testing.assert_close(value, model_eager.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    # its checkpoints hold the plain model's names (no "_orig_mod." of the compiled wrapper)
+    loaded, _ = evaluate.load_model(os.path.join(comp, "ckpt-00000004.pt"), "cpu")
+    assert loaded.state_dict().keys() == model_eager.state_dict().keys()
+    assert all(torch.equal(v, model_comp.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 @pytest.mark.parametrize("micro_batch_size", [0, 4])
 def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_size):
     """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching) against one process with 16; then the
