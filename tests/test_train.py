@@ -900,6 +900,30 @@ torch.save(model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}
 """
 
 
+def test_the_loop_reads_values_off_the_device_only_at_logged_steps(shapes_dir, tmp_path, monkeypatch):
+    """Reading a tensor's value (.item(), .tolist(), bool(t), float(t), ...) waits for every kernel queued before
+    it: on a GPU, one read a step would leave the GPU idle between steps. The loop reads its figures once per
+    logged step. Counted by where the reads come from (the training code's own files), a run of 9 steps logged
+    once makes exactly the reads of a run of 3 steps logged once."""
+    ours = {os.path.join(ROOT, f) for f in ("train.py", "clip.py", "checkpoint_manager.py", "evaluate.py")}
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
+        def counted(self, *args, _read=getattr(torch.Tensor, name), _name=name, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename in ours:
+                reads.append(f"{_name} in {caller.co_name}")
+            return _read(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    runs = []
+    for steps in (3, 9):
+        reads.clear()
+        train.main(run_args(shapes_dir, str(tmp_path / f"run{steps}"), max_steps=steps, log_interval=steps,
+                            eval_interval=steps, checkpoint_interval=steps))
+        runs.append(sorted(reads))
+    assert "tolist in main" in runs[1]  # the log's one read: the counting sees it
+    assert runs[1] == runs[0]
+
+
 def test_a_compiled_run_trains_like_the_eager_one(shapes_dir, tmp_path, monkeypatch):
     """--compile true (the default on a GPU) through the whole loop: feature-cached micro-batches (a no-grad
     and a grad graph), batches of captions of several lengths (trimmed: the text tower recompiles with the
