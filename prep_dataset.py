@@ -172,10 +172,13 @@ def source_text_to_image_2m(args):
 def source_folder(args):
     """Same-stem pairs under --input: x.jpg goes with the x.txt beside it (so class folders that each hold
     0001.jpg + 0001.txt pair up folder by folder), else with the one x.txt anywhere under --input
-    (a/b/x.jpg with c/x.txt); an image whose stem has several such captions elsewhere is skipped."""
+    (a/b/x.jpg with c/x.txt); an image whose stem has several such captions elsewhere is skipped. Where
+    there is no x.txt, a record x.json beside x.jpg (the metadata scrapers write next to each image) gives
+    its caption field."""
     if not args.input or not os.path.isdir(args.input):
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
     images, captions, duplicates, tables = {}, {}, set(), []  # (folder, stem) -> path
+    records = {}  # (folder, stem) -> x.json: the caption of an x.jpg beside it that has no caption file
     others = set()  # (folder, stem) of files of other types: a caption beside one (x.heic) names an image not read
     visited = set()  # linked folders are followed (data kept on another disk), each real folder once
     # --caption_column names the captions' extension, where a folder holds two kinds (x.txt tags, x.caption prose)
@@ -199,8 +202,14 @@ def source_folder(args):
                 images[(root, stem)] = os.path.join(root, name)
             elif ext in TABLE_EXTENSIONS:
                 tables.append(os.path.join(root, name))
+                if ext == ".json":
+                    records[(root, stem)] = os.path.join(root, name)
             elif ext:
                 others.add((root, stem))
+    for place, path in records.items():
+        if place in images and place not in captions:
+            captions[place] = path
+            tables.remove(path)
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
         sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
                  f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "
@@ -225,6 +234,8 @@ def source_folder(args):
             yield key, None, None, {"skip": "duplicate_stem"}
         elif caption is None:  # none, or several it could be
             yield key, images[(root, stem)], None, {"skip": "ambiguous_caption"} if found else None
+        elif caption.lower().endswith(".json"):
+            yield key, images[(root, stem)], *caption_record(caption, args.caption_column)
         else:
             with open(caption, "rb") as f:
                 yield key, images[(root, stem)], f.read(), None
@@ -232,6 +243,22 @@ def source_folder(args):
     for (root, stem), path in sorted(captions.items()):
         if path not in paired and (root, stem) in others:
             yield os.path.relpath(os.path.join(root, stem), args.input), None, None, {"skip": "unsupported_image_type"}
+
+
+def caption_record(path, column):
+    """x.json beside x.jpg -> (its caption: the field --caption_column names, else the first caption-like one;
+    labels: a reason to skip where the file is not a JSON record)."""
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        return None, {"skip": "caption_not_utf8"}
+    except ValueError:
+        return None, {"skip": "bad_json"}
+    if not isinstance(record, dict):
+        return None, {"skip": "bad_json"}
+    # --caption_column json: the .json files are the captions, so their caption-like field, as with no column
+    return (record.get(column) if column and column.lstrip(".").lower() != "json" else record), None
 
 
 def tar_paths(pattern):
@@ -302,9 +329,13 @@ URL_HINT = "download the images first (e.g. with img2dataset), then prepare its 
 def caption_text(value):
     """A caption as a source holds it -> text, or None when there is none. A list is several captions
     (one per line, as in a .txt); a record (a webdataset .json, COCO's {"raw": ..., "tokens": [...]})
-    holds its caption in its first text field of a caption-like name."""
+    holds its caption in its first field of a caption-like name that holds text, or a list of captions."""
     if isinstance(value, dict):
-        return next((value[k] for k in ("raw", *CAPTION_COLUMNS) if isinstance(value.get(k), str)), None)
+        for k in ("raw", *CAPTION_COLUMNS):
+            text = caption_text(value[k]) if isinstance(value.get(k), (str, list, tuple)) else None
+            if text:
+                return text
+        return None
     if isinstance(value, (list, tuple)):
         return "\n".join(filter(None, map(caption_text, value)))
     return None if value is None else str(value)
@@ -832,8 +863,10 @@ def write_shards(args, stage_dir):
             hints["unsupported_image_type"] = ("Images of types that PIL does not read (a phone's HEIC photos, RAW, "
                                                f"SVG) were passed over: convert them to JPEG first (read: "
                                                f"{' '.join(sorted(IMAGE_EXTENSIONS))})")
-            hints["missing_caption"] = ("An image takes its caption from the .txt of the same name (x.jpg + x.txt); "
-                                        "captions kept in a table are read with --source table")
+            hints["missing_caption"] = ("An image takes its caption from the .txt of the same name (x.jpg + x.txt), "
+                                        "else from a caption-like field of the x.json beside it (or the field "
+                                        "--caption_column names); captions kept in a table are read with --source table")
+            hints["bad_json"] = "The x.json beside an image must hold one JSON record, such as {\"caption\": \"...\"}"
         sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped or 'none; it holds no samples'})"
                  + "".join(f". {hint}" for reason, hint in hints.items() if reason in skipped))
     # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks
@@ -898,7 +931,7 @@ def main(argv=None):
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
     p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed); "
                    "webdataset, text-to-image-2M: the file extension or .json field of the caption; folder: the "
-                   "captions' file extension (default: .txt, else .caption)")
+                   "captions' file extension (default: .txt, else .caption), or the field of the x.json beside x.jpg")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")

@@ -315,6 +315,43 @@ def test_folder_source_pairs_side_by_side_first_then_by_a_unique_stem(tmp_path):
               for img, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
     assert colour == {"one of the cats": 0, "one of the dogs": 2, "a green k": 1, "a far orange": 0}
 
+
+def test_folder_source_reads_the_caption_of_a_json_record_beside_an_image(tmp_path):
+    # what scrapers write beside each image: x.jpg + x.json with the caption among other metadata
+    src = tmp_path / "src"
+    src.mkdir()
+    records = {"a": {"url": "https://example.com/a.jpg", "caption": "a red thing", "width": 48},
+               "b": {"captions": ["one of two", "two of two"], "key": "b"},  # several captions
+               "c": {"url": "https://example.com/c.jpg"},  # none
+               "t": {"caption": "not this"}}  # beside a .txt, the .txt wins
+    for stem, record in records.items():
+        (src / f"{stem}.jpg").write_bytes(jpeg((250, 0, 0)))
+        (src / f"{stem}.json").write_text(json.dumps(record))
+    (src / "t.txt").write_text("the txt caption")
+    (src / "bad.jpg").write_bytes(jpeg((250, 0, 0)))
+    (src / "bad.json").write_text("{cut short")
+    (src / "captions_train.json").write_text(json.dumps({"annotations": []}))  # beside no image: not a caption
+    m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert m["skipped"] == {"missing_caption": 1, "bad_json": 1}
+    captions = {c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
+    assert captions == {"a red thing", "one of two\ntwo of two", "the txt caption"}
+    # --caption_column names the field, where a record holds two
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "x.jpg").write_bytes(jpeg((9, 9, 9)))
+    (tmp_path / "two" / "x.json").write_text(json.dumps({"caption": "grey", "long_caption": "a plain grey square"}))
+    for column, caption in ((None, "grey"), ("long_caption", "a plain grey square")):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "two"), "--out_dir", str(tmp_path / f"two_{column}"),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"]
+                          + (["--caption_column", column] if column else []))
+        assert [c for _, c in tar_samples(tmp_path / f"two_{column}" / "train" / "shard-000000.tar").values()] == [caption]
+    # images whose captions a table lists, not files beside them: the error names the table and the source for it
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "000001.jpg").write_bytes(jpeg((9, 9, 9)))
+    (tmp_path / "coco" / "captions_val.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(SystemExit, match=r"holds images but no .txt captions.*captions_val.json.*--source table"):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "coco"), "--out_dir", str(tmp_path / "c")])
+
 def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
     src = tmp_path / "src"
     (src / "imgs").mkdir(parents=True)
