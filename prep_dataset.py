@@ -331,11 +331,8 @@ def caption_text(value):
     (one per line, as in a .txt); a record (a webdataset .json, COCO's {"raw": ..., "tokens": [...]})
     holds its caption in its first field of a caption-like name that holds text, or a list of captions."""
     if isinstance(value, dict):
-        for k in ("raw", *CAPTION_COLUMNS):
-            text = caption_text(value[k]) if isinstance(value.get(k), (str, list, tuple)) else None
-            if text:
-                return text
-        return None
+        return next((caption_text(value[k]) for k in ("raw", *CAPTION_COLUMNS)
+                     if isinstance(value.get(k), (str, list, tuple))), None)
     if isinstance(value, (list, tuple)):
         return "\n".join(filter(None, map(caption_text, value)))
     return None if value is None else str(value)
