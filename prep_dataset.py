@@ -213,7 +213,10 @@ def source_folder(args):
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
         sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
                  f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "
-                 "DIR when its paths start from another folder)")
+                 "DIR when its paths start from another folder)"
+                 + (f"; a `datasets` image folder (a metadata file beside its images) reads as it is, its splits "
+                    f"too, with --source hub --input {args.input}"
+                    if any(os.path.basename(t).startswith("metadata.") for t in tables) else ""))
     # what has no partner beside it pairs by stem across folders (images/ beside captions/), if unambiguous
     lone_captions, lone_images = {}, {}  # stem -> caption paths; stem -> how many images
     for (root, stem), path in captions.items():

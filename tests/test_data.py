@@ -546,6 +546,10 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
     assert set(by_caption) == {"a red card", "a green card"}
     assert by_caption["a green card"].shape == (32, 32, 3) and by_caption["a green card"][..., 1].mean() > 200
+    # given to the folder source, whose captions sit beside the images, it is named as what it is
+    with pytest.raises(SystemExit, match=r"metadata.jsonl\), read it with --source table .*a `datasets` image folder .*"
+                                         r"with --source hub --input " + re.escape(str(src))):
+        prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "f")])
     # captions held as records (COCO's {"raw", "tokens"}), several per image: their text, one per line
     coco = tmp_path / "coco"
     coco.mkdir()
