@@ -206,10 +206,8 @@ def source_folder(args):
                     records[(root, stem)] = os.path.join(root, name)
             elif ext:
                 others.add((root, stem))
-    sidecars = {place: path for place, path in records.items() if place in images and place not in captions}
-    captions.update(sidecars)
-    sidecar_paths = set(sidecars.values())
-    tables = [path for path in tables if path not in sidecar_paths]
+    # x.json beside an x.jpg that has no caption file captions it; the others stay tables, for the error below
+    captions.update({place: path for place, path in records.items() if place in images and place not in captions})
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
         sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
                  f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "
