@@ -54,7 +54,7 @@ class TrainConfig:
     make_shapes: int = 0  # if data_dir has no shards, generate this many samples of the shapes set there
     augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
     crop_scale_min: float = 0.8
-    num_workers: int = -1  # data loader processes per rank; -1: this machine's cores per rank, less one
+    num_workers: int = -1  # data loader processes per rank; -1: the cores per rank less one (a 2-core CPU step: 0)
     # run
     out_dir: str = "runs/base"
     seed: int = 0
@@ -631,9 +631,9 @@ def main(argv=None):
 
     num_workers = cfg.num_workers
     if num_workers < 0:
-        # decoding and cropping images is the CPU's whole job here: a base model on an H100 takes thousands
-        # of images a second, a core makes a few hundred training crops
-        num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        # on a GPU, decoding and cropping images is the CPU's whole job: a base model on an H100 takes thousands
+        # of images a second, a core makes a few hundred training crops. A step on the CPU shares its cores
+        num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), cpu_step=device.type == "cpu")
     if cfg.batch_size % world:
         sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes")
     local_batch = cfg.batch_size // world

@@ -1068,6 +1068,15 @@ def test_the_tar_index_agrees_with_tarfile(tmp_path, fmt):
     assert truncated == 1 and bad == {files[0][1]: {files[0][2]: samples[files[0][1]][files[0][2]]}}
 
 
+def test_loader_processes_leave_the_cores_to_a_step_that_runs_on_them(monkeypatch):
+    # the cores less one for the training loop, shared among the ranks of a node, 1 to 16; where the step itself
+    # runs on a CPU of two cores (its threads on both), none: the batches are decoded in the training process
+    for cores, processes, cpu_step, workers in ((8, 1, False, 7), (8, 8, False, 1), (64, 1, False, 16), (2, 1, False, 1),
+                                                (2, 1, True, 0), (4, 2, True, 0), (1, 1, True, 0), (8, 1, True, 7)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert dataloader.default_num_workers(processes, cpu_step=cpu_step) == workers, (cores, processes, cpu_step)
+
+
 def test_missing_data_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="prep_dataset.py --source shapes"):
         ShardLoader(tmp_path / "nope", "train", batch_size=4, image_size=32, context_length=8)

@@ -643,6 +643,15 @@ def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch)
         assert r["eta_min"] == pytest.approx((2 - r["step"]) * 8 / r["samples_per_s"] / 60, rel=1e-9)
 
 
+def test_a_cpu_step_on_two_cores_loads_its_batches_itself(tmp_path, shapes_dir, monkeypatch):
+    # the default --num_workers, where the step runs on a CPU of two cores: no loader process (dataloader's rule)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    out = str(tmp_path / "run")
+    train.main(run_args(shapes_dir, out, num_workers=-1, max_steps=1, vision_layers=1, text_layers=1))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["loader_workers"] == 0
+
+
 def test_throughput_is_timed_after_the_first_step(tmp_path, monkeypatch, shapes_dir, capsys):
     # the first step compiles and starts the loader (here: a 3 s pause); the first logged samples/s
     # must not count it, or the first interval's speed and minutes left would be far too pessimistic
