@@ -106,6 +106,7 @@ def plot_runs(run_dirs, out_path):
     import matplotlib
     matplotlib.use("Agg")  # files only: works on a headless box
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     names = [os.path.basename(os.path.normpath(d)) or d for d in run_dirs]
     if len(set(names)) < len(set(map(os.path.normpath, run_dirs))):  # a/demo and b/demo: name them by path
@@ -138,6 +139,9 @@ def plot_runs(run_dirs, out_path):
         ax.grid(alpha=0.3)
         if title == "loss" and any(series(r, "train", "loss")[1] for r in runs.values()):
             ax.set_yscale("log")
+            # plain "2", "3" on a loss axis of less than a decade, where the default writes 2x10^0
+            ax.yaxis.set_major_formatter(ticker.LogFormatter())
+            ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
         if title == "fp16 loss scale":  # powers of two, halved at each overflow
             ax.set_yscale("log", base=2)
         if ax.lines:
