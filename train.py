@@ -51,7 +51,7 @@ class TrainConfig:
     model_args: dict = field(default_factory=dict)
     # data
     data_dir: str = "data/text-to-image-2M"  # a prepared set, or several read as one: data/coco,data/t2i
-    make_shapes: int = 0  # if data_dir has no shards, generate this many samples of the shapes set there
+    make_shapes: int = 0  # where data_dir is missing or empty, generate this many samples of the shapes set there
     augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
     crop_scale_min: float = 0.8
     num_workers: int = -1  # data loader processes per rank; -1: the cores per rank less one (a 2-core CPU step: 0)
@@ -514,6 +514,17 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
         sys.exit(failure)
 
 
+def shapes_go_there(data_dir):
+    """Where --make_shapes generates the shapes set: a --data_dir that is missing or empty, or one where that
+    generation was cut short (prep_dataset.py's .stage is still there; it goes on from what is finished).
+    Never a folder that holds anything else: `--config demo --data_dir` a folder of the user's own files
+    trains on those or says how to prepare them, instead of adding shapes to them."""
+    if not os.path.isdir(data_dir):
+        return True
+    entries = set(os.listdir(data_dir)) - {".lock"}
+    return not entries or (".stage" in entries and entries <= {".stage", "train", "val"})
+
+
 def due(step, interval):
     """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
     return interval > 0 and step % interval == 0
@@ -666,7 +677,7 @@ def main(argv=None):
     # ---- data
     # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
     sets = data_dirs(cfg.data_dir)
-    if cfg.make_shapes and len(sets) == 1 and not os.path.isdir(os.path.join(sets[0], "train")):
+    if cfg.make_shapes and len(sets) == 1 and shapes_go_there(sets[0]):
         if master:
             import prep_dataset
             print(f"{cfg.data_dir} has no shards: generating {cfg.make_shapes} samples of the shapes set")

@@ -842,6 +842,31 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
         train.main(run_args(f"{shapes_dir},{tmp_path / 'nowhere'}", str(tmp_path / "nowhere_run")))
 
 
+def test_the_demo_makes_its_shapes_only_where_there_is_nothing_else(tmp_path, shapes_dir, monkeypatch):
+    # a folder of the user's own files (here another tool's shards) with the demo's settings: the loader's
+    # message on how to prepare them, and not one file added to the folder
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    shutil.copy(glob.glob(os.path.join(shapes_dir, "train", "*.tar"))[0], wds / "00000.tar")
+    with pytest.raises(SystemExit, match="1 .tar files in"):
+        train.main(run_args(str(wds), str(tmp_path / "run"), make_shapes=200))
+    assert os.listdir(wds) == ["00000.tar"]
+    # a generation cut short after its shards were written, before its manifest: the next run finishes it
+    write_shards = prep_dataset.write_shards
+    def interrupted(*args):
+        write_shards(*args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prep_dataset, "write_shards", interrupted)
+    data = tmp_path / "shapes"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run_args(str(data), str(tmp_path / "run"), make_shapes=200))
+    assert os.path.isdir(data / "train") and os.path.isdir(data / ".stage") and not os.path.exists(data / "manifest.json")
+    monkeypatch.setattr(prep_dataset, "write_shards", write_shards)
+    train.main(run_args(str(data), str(tmp_path / "run"), make_shapes=200, max_steps=1, zeroshot="auto"))
+    assert not os.path.exists(data / ".stage") and "tasks" in json.load(open(data / "manifest.json"))
+    assert "zeroshot/shape/top1" in read_log(str(tmp_path / "run"), "eval")[0]
+
+
 def test_the_log_is_strict_json_with_non_finite_numbers_as_null(tmp_path, capsys):
     log = logger.Logger(str(tmp_path))
     log.log({"kind": "train", "step": 1, "loss": 2.5, "grad_norm": float("inf"), "lr": float("nan")})
