@@ -518,10 +518,11 @@ def shapes_go_there(data_dir):
     """Where --make_shapes generates the shapes set: a --data_dir that is missing or empty, or one where that
     generation was cut short (prep_dataset.py's .stage is still there; it goes on from what is finished).
     Never a folder that holds anything else: `--config demo --data_dir` a folder of the user's own files
-    trains on those or says how to prepare them, instead of adding shapes to them."""
+    trains on those or says how to prepare them, instead of adding shapes to them. Hidden files other than
+    .stage (prep's .lock, a desktop's .DS_Store) do not count."""
     if not os.path.isdir(data_dir):
         return True
-    entries = set(os.listdir(data_dir)) - {".lock"}
+    entries = {e for e in os.listdir(data_dir) if e == ".stage" or not e.startswith(".")}
     return not entries or (".stage" in entries and entries <= {".stage", "train", "val"})
 
 

@@ -858,6 +858,8 @@ def test_the_demo_makes_its_shapes_only_where_there_is_nothing_else(tmp_path, sh
         raise KeyboardInterrupt
     monkeypatch.setattr(prep_dataset, "write_shards", interrupted)
     data = tmp_path / "shapes"
+    data.mkdir()
+    (data / ".DS_Store").write_bytes(b"")  # a folder made empty, then opened in a file browser
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args(str(data), str(tmp_path / "run"), make_shapes=200))
     assert os.path.isdir(data / "train") and os.path.isdir(data / ".stage") and not os.path.exists(data / "manifest.json")
