@@ -795,7 +795,7 @@ def main(argv=None):
         weights stop them all at once, instead of rank 0 alone while the others wait for it until the timeout
         (the agent of one node stops its own ranks, not another node's)."""
         error = None
-        if master and not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        if master and not torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all():  # one host read
             error = (f"step {step}: the weights hold NaN/inf; not saving them. Resume from the last good "
                      f"checkpoint in {cfg.out_dir} with a lower --max_lr.")
         elif master:

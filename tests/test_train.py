@@ -619,6 +619,29 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes_dir, tmp_path, mon
         train.main(run_args(shapes_dir, str(tmp_path / "run2"), max_steps=20, max_bad_steps=3, eval_interval=100))
 
 
+def test_weights_gone_non_finite_are_never_saved(shapes_dir, tmp_path, monkeypatch):
+    # finite gradients can still carry the weights to inf (a learning rate far too large): here at step 3, so
+    # the checkpoint of step 4 must not be written over the good one of step 2, and the message says what to do
+    calls = {"n": 0}
+    step = train.clipped_step
+
+    def step_then_overflow(optimizer, params, *args, **kw):
+        params = list(params)
+        out = step(optimizer, params, *args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                params[-1].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(train, "clipped_step", step_then_overflow)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"step 4: the weights hold NaN/inf; not saving them\. Resume from"):
+        train.main(run_args(shapes_dir, out, checkpoint_interval=2, eval_interval=100))
+    assert not glob.glob(os.path.join(out, "ckpt-00000004.pt*"))
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(os.path.join(out, "ckpt-00000002.pt"))["model"].values())
+
+
 def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch):
     # every caption is "a red circle": the loader cuts each batch after 4 positions, not 32, and the
     # logged MFU must count those 4, or it would count text-tower work that never ran
