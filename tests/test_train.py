@@ -97,6 +97,9 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
                            (["--resume", "--init_from", "runs/demo"], "give one of them"),
                            (["--model", "tiny", "--text_heads", "3"], "text_width 128 must be a multiple of text_heads 3"),
                            (["--device", "gpu"], "--device 'gpu': choose one of auto, cuda, mps, cpu"),
+                           (["--config", "dmeo"], r"unknown --config 'dmeo'; choose one of \['demo'"),
+                           (["--max_steps"], "--max_steps needs a value"),
+                           (["--micro_batch_size", "5"], "--micro_batch_size 5 must divide the per-process batch 1024"),
                            # the tests hide CUDA (conftest.py): asking for it names the way out
                            (["--device", "cuda"], "--device cuda: torch sees no such device here.*--device cpu")):
         with pytest.raises(SystemExit, match=message):
