@@ -678,8 +678,8 @@ def main(argv=None):
     # ---- data
     # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
     sets = data_dirs(cfg.data_dir)
-    if cfg.make_shapes and len(sets) == 1 and shapes_go_there(sets[0]):
-        if master:
+    if cfg.make_shapes and len(sets) == 1:
+        if master and shapes_go_there(sets[0]):  # rank 0 alone looks: the others would see it half written
             import prep_dataset
             print(f"{cfg.data_dir} has no shards: generating {cfg.make_shapes} samples of the shapes set")
             prep_dataset.main(["--source", "shapes", "--out_dir", cfg.data_dir, "--limit", str(cfg.make_shapes),
