@@ -732,11 +732,14 @@ def main(argv=None):
     if start is not None:
         # --init_from with the other --loss: the towers' weights, and that loss's own fresh temperature (and bias)
         fresh = {"logit_scale", "logit_bias"} if model_cfg.loss != start["model_config"].get("loss", "clip") else set()
-        missing, unexpected = raw_model.load_state_dict({k: v for k, v in start["model"].items() if k not in fresh},
-                                                        strict=False)
-        if set(missing) - fresh or unexpected:
-            sys.exit(f"{start_path} does not hold the weights of the model its model_config describes: "
-                     f"missing {missing}, unexpected {unexpected}")
+        try:
+            missing, unexpected = raw_model.load_state_dict({k: v for k, v in start["model"].items() if k not in fresh},
+                                                            strict=False)
+            mismatch = f"missing {missing}, unexpected {unexpected}" if set(missing) - fresh or unexpected else None
+        except RuntimeError as e:  # a tensor of another shape than its name's
+            mismatch = str(e).splitlines()[-1].strip()
+        if mismatch:
+            sys.exit(f"{start_path} does not hold the weights of the model its model_config describes: {mismatch}")
         if cfg.resume:
             optimizer.load_state_dict(start["optimizer"])
             if start.get("scaler"):  # an fp16 run's loss scale (a run resumed in another precision drops it)

@@ -645,6 +645,20 @@ def test_weights_gone_non_finite_are_never_saved(shapes_dir, tmp_path, monkeypat
     assert all(torch.isfinite(v).all() for v in load_checkpoint(os.path.join(out, "ckpt-00000002.pt"))["model"].values())
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_its_model_says_so(shapes_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(run_args(shapes_dir, out, max_steps=1, eval_interval=100))
+    state = load_checkpoint(os.path.join(out, "ckpt-00000001.pt"))
+    for name, change in (("missing", lambda m: m.pop("text.ln_f.weight")),
+                         ("reshaped", lambda m: m.update({"text.ln_f.weight": torch.ones(3)}))):
+        broken = {**state, "model": dict(state["model"])}
+        change(broken["model"])
+        torch.save(broken, tmp_path / f"{name}.pt")
+        with pytest.raises(SystemExit, match=r"does not hold the weights of the model its model_config describes: "
+                                             r".*text\.ln_f\.weight"):
+            train.main(run_args(shapes_dir, str(tmp_path / name), init_from=str(tmp_path / f"{name}.pt")))
+
+
 def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch):
     # every caption is "a red circle": the loader cuts each batch after 4 positions, not 32, and the
     # logged MFU must count those 4, or it would count text-tower work that never ran
