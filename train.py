@@ -736,8 +736,8 @@ def main(argv=None):
             missing, unexpected = raw_model.load_state_dict({k: v for k, v in start["model"].items() if k not in fresh},
                                                             strict=False)
             mismatch = f"missing {missing}, unexpected {unexpected}" if set(missing) - fresh or unexpected else None
-        except RuntimeError as e:  # a tensor of another shape than its name's
-            mismatch = str(e).splitlines()[-1].strip()
+        except RuntimeError as e:  # tensors of other shapes than their names': one line each after a heading
+            mismatch = "; ".join(line.strip() for line in str(e).splitlines()[1:])
         if mismatch:
             sys.exit(f"{start_path} does not hold the weights of the model its model_config describes: {mismatch}")
         if cfg.resume:
