@@ -32,6 +32,7 @@ import signal
 import sys
 import tarfile
 import time
+import warnings
 from itertools import chain, islice
 from multiprocessing import Pool
 
@@ -648,6 +649,12 @@ def upright_rgb(img):
     img = ImageOps.exif_transpose(img)  # phone photos store their pixels sideways plus a rotation tag
     if img.mode.startswith("I;16"):  # 16-bit greyscale (PNG, TIFF): RGB conversion would clip it to white
         img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+    elif img.mode in ("I", "F"):  # 32-bit integer or float grey (TIFF): PIL's conversion clips it at 255
+        pixels = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = pixels.max(initial=0)
+        # the range the values use: [0, 1] floats, 8 bits, 16 bits, or else the image's own maximum
+        scale = 255 if img.mode == "F" and top <= 1 else 1 if top <= 255 else 255 / max(65535, top)
+        img = Image.fromarray(np.clip(pixels * scale, 0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         # transparent pixels keep arbitrary colours, often black: show the image on white, as viewers do
         img = img.convert("RGBA")
@@ -692,14 +699,20 @@ def process_sample(item, image_size, quality):
     if image is None:
         return "skip", "missing_image"
     try:
-        if isinstance(image, tuple):  # the shapes set renders its own image
-            img = render_shape(image[1], image[2], image_size)
-        elif isinstance(image, Image.Image):  # already decoded (some hub datasets)
-            img = resize_and_crop(image, image_size)
-        else:
-            img = resize_and_crop(Image.open(io.BytesIO(image) if isinstance(image, bytes) else image), image_size)
+        with warnings.catch_warnings():
+            # PIL warns from 89M pixels and refuses from twice that (its guard against decompression bombs); the
+            # ones it reads are read, a JPEG at a fraction of its size, and the refused are counted, not warned of
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(image, tuple):  # the shapes set renders its own image
+                img = render_shape(image[1], image[2], image_size)
+            elif isinstance(image, Image.Image):  # already decoded (some hub datasets)
+                img = resize_and_crop(image, image_size)
+            else:
+                img = resize_and_crop(Image.open(io.BytesIO(image) if isinstance(image, bytes) else image), image_size)
         out = io.BytesIO()
         img.save(out, "JPEG", quality=quality)
+    except Image.DecompressionBombError:
+        return "skip", "image_too_large"
     except Exception:  # PIL raises many types for bad files; any of them means "skip this one"
         return "skip", "bad_image"
     return "ok", key, out.getvalue(), caption, labels

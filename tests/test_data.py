@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -647,6 +648,23 @@ def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
     assert opened.size == (128, 96)
 
 
+def test_huge_images_are_read_without_warnings_or_counted_as_too_large(monkeypatch):
+    # PIL warns from MAX_IMAGE_PIXELS (89M) and refuses from twice that: here both at toy sizes
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    png = {}
+    for side in (40, 50):  # 1,600 pixels: warned of; 2,500: refused
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (0, 200, 0)).save(buf, "PNG")
+        png[side] = buf.getvalue()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        read = prep_dataset.process_sample(("big", png[40], "a big one", None), 16, 90)
+        refused = prep_dataset.process_sample(("huge", png[50], "a huge one", None), 16, 90)
+    assert read[0] == "ok" and np.asarray(Image.open(io.BytesIO(read[2])))[..., 1].mean() > 180
+    assert refused == ("skip", "image_too_large")
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)], seen
+
+
 def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     members = [("k1.jpg", jpeg((1, 2, 3))), ("k1.txt", b"first"),
                ("k2.png", jpeg((1, 2, 3))), ("k2.json", json.dumps({"caption": "second"}).encode()),
@@ -997,13 +1015,18 @@ def test_other_tools_shards_are_seen_upright_and_on_white(tmp_path):
     grey16 = Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16))  # 16 bits: 40000 of 65535
     buf16 = io.BytesIO()
     grey16.save(buf16, "TIFF")
-    images = [rotated, transparent, cmyk, jpeg((40, 120, 200), (64, 64)), buf.getvalue(), buf16.getvalue()]
-    kinds = ["jpg", "png", "jpg", "jpg", "gif", "tif"]
+    scientific = []  # grey as float in [0, 1] and as 32-bit integers over 16 bits (microscopes, astronomy, GIS)
+    for grey in (np.full((64, 64), 0.25, dtype=np.float32), np.full((64, 64), 40000, dtype=np.int32)):
+        scientific.append(io.BytesIO())
+        Image.fromarray(grey).save(scientific[-1], "TIFF")
+    images = [rotated, transparent, cmyk, jpeg((40, 120, 200), (64, 64)), buf.getvalue(), buf16.getvalue(),
+              *(b.getvalue() for b in scientific)]
+    kinds = ["jpg", "png", "jpg", "jpg", "gif", "tif", "tif", "tif"]
     members = []
     for i, data in enumerate(images):
         members += [(f"{i:03d}.{kinds[i]}", data), (f"{i:03d}.txt", f"sample {i}".encode())]
     write_tar(tmp_path / "val" / "other-tool.tar", members)
-    loader = ShardLoader(tmp_path, "val", batch_size=6, image_size=32, context_length=16, train=False,
+    loader = ShardLoader(tmp_path, "val", batch_size=8, image_size=32, context_length=16, train=False,
                          drop_last=False, num_workers=0)
     (batch, _), = list(loader)
     got = batch.permute(0, 2, 3, 1).numpy().astype(int)
@@ -1016,6 +1039,7 @@ def test_other_tools_shards_are_seen_upright_and_on_white(tmp_path):
     assert got[2].mean(axis=(0, 1))[0] > 200 and got[2].mean(axis=(0, 1))[1:].max() < 60  # red on screen too
     assert got[4, :, :12].min() == 255 and np.abs(got[4, :, -12:] - (200, 40, 40)).max() == 0  # a GIF's too
     assert np.abs(got[5] - 40000 // 256).max() <= 1  # 16-bit grey scaled to 8 bits, not clipped to white
+    assert np.abs(got[6] - 64).max() <= 1 and np.abs(got[7] - 40000 // 257).max() <= 1  # not black, not white
 
 
 def tarfile_index(path):
