@@ -118,6 +118,12 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as stopped:
         train.main(out + ["--max_lr", "-1"])
     assert not train.stops_quietly(stopped.value)
+    # torchrun on a Mac's GPU: no DDP backend runs on mps, so it stops before waiting for the other ranks
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match=r"not on mps: add --device cpu, or run without torchrun"):
+        train.main(out + ["--device", "mps"])
 
 
 def test_zero_turns_clipping_off_and_makes_intervals_only_the_last_step(shapes_dir, tmp_path):
@@ -1067,7 +1073,8 @@ def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_s
 
 
 def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why(shapes_dir, tmp_path):
-    """Two nodes (one rank each, each in its own folder) whose disks hold different data, then
+    """Two nodes (one rank each, each in its own folder): first a global batch they cannot share evenly, then
+    disks that hold different data, then
     a checkpoint that only one of them has: without the check they would train on silently wrong (different
     epochs' orders, optimizer states), or one would wait for the other until the timeout. Then a full disk where
     rank 0 saves: the other rank learns it too."""
@@ -1080,18 +1087,22 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
     os.remove(sorted(glob.glob(str(nodes[1] / "data" / "train" / "*.tar")))[-1])  # one shard fewer there
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
-    def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run"):
+    def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run", **kw):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         # what torchrun --nnodes 2 --node_rank r --nproc_per_node 1 gives each node's one process
-        procs = [subprocess.Popen([sys.executable, script, *run_args("data", out, max_steps=3), *extra], cwd=node,
+        procs = [subprocess.Popen([sys.executable, script, *run_args("data", out, **{"max_steps": 3, **kw}), *extra],
+                                  cwd=node,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r, node in enumerate(nodes)]
         return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
 
+    # a global batch that the two processes cannot share evenly: each node's one process says so
+    for code, err in run_nodes(batch_size=15):
+        assert code != 0 and "--batch_size 15 (global) must be divisible by the 2 processes" in err, err
     for code, err in run_nodes():
         assert code != 0
         assert "the ranks did not find the same data" in err, err
