@@ -346,16 +346,39 @@ def image_cell(value):
     return value.get("bytes") or value.get("path") if isinstance(value, dict) else value
 
 
+def plain_name(name):
+    """A column's name in lower case with underscores: LAION's parquet files say URL and TEXT, a spreadsheet "Image Path"."""
+    return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
 def pick_column(names, wanted, given, what):
-    """The column to read: --{what}_column if given, else the first of `wanted` present, in any case and
-    with spaces or dashes for underscores (LAION's parquet files say URL and TEXT; a spreadsheet "Image Path")."""
+    """The column to read: --{what}_column if given, else the first of `wanted` present (see plain_name)."""
     if given is not None and given not in names:
         sys.exit(f"--{what}_column {given!r} is not among the columns {list(names)}")
-    plain = lambda name: str(name).strip().lower().replace(" ", "_").replace("-", "_")
-    found = given or next((n for w in wanted for n in names if plain(n) == w), None)
+    found = given or next((n for w in wanted for n in names if plain_name(n) == w), None)
     if found is None:
         sys.exit(f"no {what} column among {list(names)}: name it with --{what}_column")
     return found
+
+
+def caption_columns(names, given):
+    """The caption columns to read, each a caption of the row's image: --caption_column's (several: comma-separated),
+    else the first caption-like one, else the numbered columns of one caption-like name (Flickr8k's caption_0 to
+    caption_4 on the hub), in their numbers' order."""
+    if given is not None and given not in names and "," in given:
+        return [pick_column(names, (), column, "caption") for column in split_list(given)]
+    if given is None and not any(plain_name(n) in CAPTION_COLUMNS for n in names):
+        for base in (*CAPTION_COLUMNS, "sentence"):
+            numbered = {n: re.fullmatch(rf"{base}_?(\d+)", plain_name(n)) for n in names}
+            numbered = sorted((int(m.group(1)), n) for n, m in numbered.items() if m)
+            if numbered:
+                return [n for _, n in numbered]
+    return [pick_column(names, CAPTION_COLUMNS, given, "caption")]
+
+
+def row_caption(row, columns):
+    """A row's caption cell, or the list of its cells when its captions sit in several columns (see caption_text)."""
+    return row.get(columns[0]) if len(columns) == 1 else [row.get(c) for c in columns]
 
 
 def table_rows(path):
@@ -458,20 +481,20 @@ def source_table(args):
         sys.exit(f"--image_root {args.image_root!r} is not a folder")
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
-    image_col = caption_col = None
+    image_col = caption_cols = None
     for i, row, in_split in split_rows(table_rows(path), args.split, "table"):
         if not isinstance(row, dict):
             yield f"{i:09d}", None, None, {"skip": "bad_row"}
             continue
         if image_col is None:  # the first row names the columns
             image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
-            caption_col = pick_column(row, CAPTION_COLUMNS, args.caption_column, "caption")
+            caption_cols = caption_columns(row, args.caption_column)
         if not in_split:
             yield f"{i:09d}", None, None, {"skip": "other_split"}
             continue
         image = image_cell(row.get(image_col))
         if isinstance(image, (bytes, bytearray)):
-            yield f"{i:09d}", bytes(image), row.get(caption_col), None
+            yield f"{i:09d}", bytes(image), row_caption(row, caption_cols), None
             continue
         image = str(image or "").strip()  # spreadsheets keep stray spaces around a cell
         if image.startswith(("http://", "https://")):
@@ -482,7 +505,7 @@ def source_table(args):
         if image is None:
             yield f"{i:09d}", None, None, {"skip": "missing_image"}
             continue
-        yield f"{i:09d}", image, row.get(caption_col), None
+        yield f"{i:09d}", image, row_caption(row, caption_cols), None
 
 
 def split_list(text):
@@ -588,7 +611,7 @@ def source_hub(args):
     features = ds.features or dict(next(iter(ds)))  # some streamed sets only show their columns in a row
     image_col = args.image_column or next((n for n, f in features.items() if isinstance(f, HFImage)), None)
     image_col = pick_column(features, IMAGE_COLUMNS, image_col, "image")
-    caption_col = pick_column(features, CAPTION_COLUMNS, args.caption_column, "caption")
+    caption_cols = caption_columns(features, args.caption_column)
     if split_column(features) is None and split not in splits:
         sys.exit(f"{args.input} has no split {args.split!r}, only {names}: choose one with --split")
     if split not in splits:
@@ -607,7 +630,7 @@ def source_hub(args):
         first = False
         if isinstance(image, str) and os.path.isdir(args.input) and not os.path.isabs(image):
             image = os.path.join(args.input, image)  # a local set's text column of paths: from its folder
-        yield f"{i:09d}", image, ex.get(caption_col), None
+        yield f"{i:09d}", image, row_caption(ex, caption_cols), None
 
 
 def read_tar_samples(path):
@@ -940,7 +963,8 @@ def main(argv=None):
     p.add_argument("--image_root", default=None, help="table: the folder relative image paths start from "
                    "(default: the table's folder, then the working directory)")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
-    p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed); "
+    p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed), or "
+                   "several, comma-separated, each holding a caption of the same image (caption_0,caption_1); "
                    "webdataset, text-to-image-2M: the file extension or .json field of the caption; folder: the "
                    "captions' file extension (default: .txt, else .caption), or the field of the x.json beside x.jpg")
     p.add_argument("--out_dir", required=True)

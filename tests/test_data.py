@@ -385,9 +385,20 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
                            "--image_column", "pic", "--caption_column", "alt", "--image_size", "32",
                            "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "jl" / "train" / "shard-000000.tar").values()] == ["green\nalso green"]
+    # captions in several columns: numbered ones found as such (Flickr8k's caption_0 ...), or named by the flag
+    (src / "numbered.jsonl").write_text(json.dumps({"image": "imgs/r.png", "Caption 10": "last", "caption_2": "",
+                                                    "caption_1": "first", "caption_9": None, "id": 7}) + "\n")
+    for flags, caption in (([], "first\nlast"), (["--caption_column", "caption_2, Caption 10"], "last")):
+        out = tmp_path / f"numbered{len(flags)}"
+        prep_dataset.main(["--source", "table", "--input", str(src / "numbered.jsonl"), "--out_dir", str(out),
+                           "--image_size", "32", "--val_fraction", "0", "--workers", "1", *flags])
+        assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == [caption]
     with pytest.raises(SystemExit, match=r"no image column among \[.pic., .alt.\]: name it with --image_column"):
         prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "x"),
                            "--workers", "1"])
+    with pytest.raises(SystemExit, match="--caption_column 'alt_text' is not among the columns"):
+        prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "y"),
+                           "--caption_column", "title,alt_text", "--workers", "1"])
     with pytest.raises(SystemExit, match="--caption_column 'alt_text' is not among the columns"):
         prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "y"),
                            "--caption_column", "alt_text", "--workers", "1"])
@@ -606,6 +617,16 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "lone"), "--out_dir", str(tmp_path / "lone_out"),
                        "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "lone_out" / "train" / "shard-000000.tar").values()] == ["red in train"]
+    # Flickr8k's layout on the hub: five numbered caption columns, each a caption of the image
+    datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": None}],
+                                **{f"caption_{k}": [f"red {k}"] for k in range(5)}},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           **{f"caption_{k}": datasets.Value("string") for k in range(5)}}),
+                               ).save_to_disk(str(tmp_path / "flickr8k"))
+    prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "flickr8k"), "--out_dir", str(tmp_path / "f8k_out"),
+                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "f8k_out" / "train" / "shard-000000.tar").values()] == [
+        "red 0\nred 1\nred 2\nred 3\nred 4"]
     # a set of URLs and captions (Conceptual Captions' layout) stops at its first row, saying what to do
     urls = tmp_path / "urls"
     urls.mkdir()
