@@ -322,9 +322,9 @@ def caption_field(files, record, column, key, first):
 
 # column names that usually hold the caption, or the image, in tables and hub datasets
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description", "alt_text", "alt",
-                   "txt", "json")  # the last two: a webdataset turned into a table, a caption or a record per row
-IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "path", "file",
-                 "image_url", "url")
+                   "comment", "txt", "json")  # the last two: a webdataset turned into a table, a caption or a record
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "image_name", "path",
+                 "file", "image_url", "url")
 URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"
 
 
@@ -472,8 +472,10 @@ def json_records(doc):
 def source_table(args):
     """A table file with an image and a caption per row (see table_rows): the image as a path (a relative
     one from --image_root, else from the file's folder, else from the working directory) or as bytes (a
-    Parquet file from the hub). A caption cell may hold several captions, one per line. A table with a
-    split column gives the rows of --split."""
+    Parquet file from the hub). A caption cell may hold several captions, one per line, and rows that name
+    the same image file are one sample with each row's captions (Flickr8k's captions.txt gives each of an
+    image's five captions a row of its own): as five samples, an image would sit in train and val at once,
+    and be its own negative in a batch. A table with a split column gives the rows of --split."""
     path = args.input or ""
     if not os.path.isfile(path):
         sys.exit(f"--source table needs --input FILE, a .csv, .tsv, .jsonl, .json or .parquet file (got {path!r})")
@@ -482,6 +484,7 @@ def source_table(args):
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
     image_col = caption_cols = None
+    by_file, rows = {}, 0  # image file -> (its sample's key, its captions), in the order of their first rows
     for i, row, in_split in split_rows(table_rows(path), args.split, "table"):
         if not isinstance(row, dict):
             yield f"{i:09d}", None, None, {"skip": "bad_row"}
@@ -505,7 +508,13 @@ def source_table(args):
         if image is None:
             yield f"{i:09d}", None, None, {"skip": "missing_image"}
             continue
-        yield f"{i:09d}", image, row_caption(row, caption_cols), None
+        # the file's captions are gathered over the whole table, and its sample keeps its first row's key
+        by_file.setdefault(os.path.abspath(image), (f"{i:09d}", []))[1].append(row_caption(row, caption_cols))
+        rows += 1
+    if rows > len(by_file):
+        print(f"{path}: {rows} rows name {len(by_file)} image files; each file is one sample with its rows' captions")
+    for image, (key, captions) in by_file.items():
+        yield key, image, captions[0] if len(captions) == 1 else captions, None
 
 
 def split_list(text):

@@ -356,7 +356,7 @@ def test_folder_source_reads_the_caption_of_a_json_record_beside_an_image(tmp_pa
     with pytest.raises(SystemExit, match=r"holds images but no .txt captions.*captions_val.json.*--source table"):
         prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "coco"), "--out_dir", str(tmp_path / "c")])
 
-def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
+def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     src = tmp_path / "src"
     (src / "imgs").mkdir(parents=True)
     for name, rgb in (("r", (250, 0, 0)), ("g", (0, 250, 0)), ("b", (0, 0, 250))):
@@ -385,6 +385,20 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path):
                            "--image_column", "pic", "--caption_column", "alt", "--image_size", "32",
                            "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "jl" / "train" / "shard-000000.tar").values()] == ["green\nalso green"]
+    # one row per caption (Flickr8k's captions.txt; Flickr30k's results.csv, bar-separated): an image is one
+    # sample with all its rows' captions, wherever they sit in the table, so it never lands in train and val at once
+    (src / "captions.txt").write_text("image,caption\nr.png,a red card\ng.png,a green card\nr.png,red paper\n"
+                                      "g.png,green paper\nr.png,\n")
+    (src / "results.csv").write_text("image_name| comment_number| comment\nb.png| 0| a blue card\nb.png| 1| blue paper\n")
+    for table, captions in (("captions.txt", ["a red card\nred paper", "a green card\ngreen paper"]),
+                            ("results.csv", ["a blue card\nblue paper"])):
+        out = tmp_path / table.replace(".", "_")
+        m = prep_dataset.main(["--source", "table", "--input", str(src / table), "--image_root", str(src / "imgs"),
+                               "--out_dir", str(out), "--image_size", "32", "--val_fraction", "0.5", "--workers", "1"])
+        got = [c for split in ("train", "val") for f in sorted(glob.glob(str(out / split / "*.tar")))
+               for _, c in tar_samples(f).values()]
+        assert sorted(got) == sorted(captions) and m["skipped"] == {}
+    assert "5 rows name 2 image files; each file is one sample with its rows' captions" in capsys.readouterr().out
     # captions in several columns: numbered ones found as such (Flickr8k's caption_0 ...), or named by the flag
     (src / "numbered.jsonl").write_text(json.dumps({"image": "imgs/r.png", "Caption 10": "last", "caption_2": "",
                                                     "caption_1": "first", "caption_9": None, "id": 7}) + "\n")
