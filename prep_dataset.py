@@ -23,6 +23,7 @@ Bad input (undecodable image, missing/empty/non-UTF-8 caption) is skipped and co
 import argparse
 import errno
 import glob
+import html
 import io
 import json
 import os
@@ -724,8 +725,11 @@ def process_sample(item, image_size, quality):
     caption = caption_text(caption)
     if caption is None:
         return "skip", "missing_caption"
-    # several lines are several captions of the same image; the loader picks one per epoch
-    caption = "\n".join(line.strip() for line in caption.splitlines() if line.strip())
+    if "&" in caption:  # web alt texts (LAION's) arrive HTML-escaped, some twice: undone as OpenAI's CLIP does
+        caption = html.unescape(html.unescape(caption))
+    # several lines are several captions of the same image; the loader picks one per epoch. Runs of spaces and
+    # tabs within a line are one space
+    caption = "\n".join(" ".join(line.split()) for line in caption.splitlines() if line.strip())
     if not caption:
         return "skip", "empty_caption"
     if image is None:

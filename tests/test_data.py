@@ -252,6 +252,8 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (src / "m.jpg").write_bytes(jpeg((9, 9, 9)))
     (src / "m.caption").write_text("not this one")
     (src / "m.txt").write_text("the txt caption")
+    (src / "web.jpg").write_bytes(jpeg((9, 9, 9)))  # an alt text as the web serves it: escaped (twice), tabs
+    (src / "web.txt").write_text("Tom &amp;amp; Jerry&#39;s\tcat  \n  from\u00a0 the&#10;web ")
     (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo, of a type PIL does not read
     (src / "IMG_0001.txt").write_text("a photo")
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
@@ -261,7 +263,8 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
     by_caption = {c: img for img, c in samples.values()}
     assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing", "a red logo",
-                               "a white thing\nanother white", "a green avif", "a kohya caption", "the txt caption"}
+                               "a white thing\nanother white", "a green avif", "a kohya caption", "the txt caption",
+                               "Tom & Jerry's cat\nfrom the\nweb"}
     assert np.asarray(by_caption["a green avif"], dtype=float)[..., 1].mean() > 200
     logo = np.asarray(by_caption["a red logo"], dtype=float)
     assert logo[:4, :4].min() > 240 and logo[14:18, 14:18, 0].mean() > 240 and logo[14:18, 14:18, 1].mean() < 20
