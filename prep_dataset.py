@@ -470,6 +470,18 @@ def json_records(doc):
             if isinstance(im, dict) and "filename" in im else im for im in doc["images"]]
 
 
+def table_image(image, roots, image_root):
+    """A table's image path -> the file it names here, or None. A path written on another machine (absolute,
+    or Windows' C:\\data\\coco\\x.jpg) is looked for under --image_root by its trailing parts, the longest
+    first: data/coco/x.jpg, then coco/x.jpg, then x.jpg."""
+    found = next((p for p in (os.path.join(r, image) for r in roots) if os.path.isfile(p)), None)
+    if found is None and image_root:
+        parts = [part for part in re.split(r"[\\/]", image) if part]
+        found = next((p for p in (os.path.join(image_root, *parts[k:]) for k in range(len(parts)))
+                      if os.path.isfile(p)), None)
+    return found
+
+
 def source_table(args):
     """A table file with an image and a caption per row (see table_rows): the image as a path (a relative
     one from --image_root, else from the file's folder, else from the working directory) or as bytes (a
@@ -504,8 +516,7 @@ def source_table(args):
         if image.startswith(("http://", "https://")):
             yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
             continue
-        image = os.path.expanduser(image)
-        image = next((p for p in (os.path.join(r, image) for r in roots) if os.path.isfile(p)), None)
+        image = table_image(os.path.expanduser(image), roots, args.image_root)
         if image is None:
             yield f"{i:09d}", None, None, {"skip": "missing_image"}
             continue
@@ -905,7 +916,8 @@ def write_shards(args, stage_dir):
         if args.source == "table":
             hints["missing_image"] = ("Relative image paths start from --image_root if given, else from the table's "
                                       "folder, then from where you run the command: name the images' folder with "
-                                      "--image_root")
+                                      "--image_root (paths written on another machine are looked for there by "
+                                      "their last parts)")
         if args.source == "folder":
             hints["unsupported_image_type"] = ("Images of types that PIL does not read (a phone's HEIC photos, RAW, "
                                                f"SVG) were passed over: convert them to JPEG first (read: "

@@ -402,6 +402,15 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
                for _, c in tar_samples(f).values()]
         assert sorted(got) == sorted(captions) and m["skipped"] == {}
     assert "5 rows name 2 image files; each file is one sample with its rows' captions" in capsys.readouterr().out
+    # a table written on another machine: its absolute and Windows paths are found under --image_root
+    (src / "moved.csv").write_text("filepath,title\n/home/someone/data/imgs/g.png,green from linux\n"
+                                   "C:\\Users\\someone\\imgs\\b.png,blue from windows\n/elsewhere/nope.png,lost\n")
+    m = prep_dataset.main(["--source", "table", "--input", str(src / "moved.csv"), "--image_root", str(src),
+                           "--out_dir", str(tmp_path / "moved"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    moved = {c: np.asarray(img, dtype=float).mean(axis=(0, 1)) for img, c in
+             tar_samples(tmp_path / "moved" / "train" / "shard-000000.tar").values()}
+    assert set(moved) == {"green from linux", "blue from windows"} and m["skipped"] == {"missing_image": 1}
+    assert moved["green from linux"][1] > 200 and moved["blue from windows"][2] > 200
     # captions in several columns: numbered ones found as such (Flickr8k's caption_0 ...), or named by the flag
     (src / "numbered.jsonl").write_text(json.dumps({"image": "imgs/r.png", "Caption 10": "last", "caption_2": "",
                                                     "caption_1": "first", "caption_9": None, "id": 7}) + "\n")
