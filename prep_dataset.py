@@ -497,36 +497,46 @@ def source_table(args):
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
     image_col = caption_cols = None
-    by_file, rows = {}, 0  # image file -> (its sample's key, its captions), in the order of their first rows
+    # the samples go out once the whole table is read, each image file once with the captions of every row
+    # naming it, in the order of their first rows, passed-over rows in their places (--limit counts both)
+    by_file, in_order, rows = {}, [], 0  # image file -> (its first row's key, its captions); keys and files
     for i, row, in_split in split_rows(table_rows(path), args.split, "table"):
+        key = f"{i:09d}"
         if not isinstance(row, dict):
-            yield f"{i:09d}", None, None, {"skip": "bad_row"}
+            in_order.append((key, None, None, {"skip": "bad_row"}))
             continue
         if image_col is None:  # the first row names the columns
             image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
             caption_cols = caption_columns(row, args.caption_column)
         if not in_split:
-            yield f"{i:09d}", None, None, {"skip": "other_split"}
+            in_order.append((key, None, None, {"skip": "other_split"}))
             continue
         image = image_cell(row.get(image_col))
-        if isinstance(image, (bytes, bytearray)):
-            yield f"{i:09d}", bytes(image), row_caption(row, caption_cols), None
+        if isinstance(image, (bytes, bytearray)):  # a Parquet file of images: each row its own, streamed
+            yield key, bytes(image), row_caption(row, caption_cols), None
             continue
         image = str(image or "").strip()  # spreadsheets keep stray spaces around a cell
         if image.startswith(("http://", "https://")):
-            yield f"{i:09d}", None, None, {"skip": "image_is_a_url"}
+            in_order.append((key, None, None, {"skip": "image_is_a_url"}))
             continue
         image = table_image(os.path.expanduser(image), roots, args.image_root)
         if image is None:
-            yield f"{i:09d}", None, None, {"skip": "missing_image"}
+            in_order.append((key, None, None, {"skip": "missing_image"}))
             continue
-        # the file's captions are gathered over the whole table, and its sample keeps its first row's key
-        by_file.setdefault(os.path.abspath(image), (f"{i:09d}", []))[1].append(row_caption(row, caption_cols))
+        image = os.path.abspath(image)
+        if image not in by_file:
+            by_file[image] = (key, [])
+            in_order.append(image)
+        by_file[image][1].append(row_caption(row, caption_cols))
         rows += 1
     if rows > len(by_file):
         print(f"{path}: {rows} rows name {len(by_file)} image files; each file is one sample with its rows' captions")
-    for image, (key, captions) in by_file.items():
-        yield key, image, captions[0] if len(captions) == 1 else captions, None
+    for item in in_order:
+        if isinstance(item, tuple):
+            yield item
+        else:
+            key, captions = by_file[item]
+            yield key, item, captions[0] if len(captions) == 1 else captions, None
 
 
 def split_list(text):

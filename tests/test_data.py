@@ -402,6 +402,14 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
                for _, c in tar_samples(f).values()]
         assert sorted(got) == sorted(captions) and m["skipped"] == {}
     assert "5 rows name 2 image files; each file is one sample with its rows' captions" in capsys.readouterr().out
+    # --limit counts images and passed-over rows (another split) in the table's order; an image keeps the
+    # captions of its later rows
+    (src / "split.csv").write_text("filepath,title,split\nimgs/r.png,red,train\nimgs/g.png,green,train\n"
+                                   "imgs/b.png,blue,test\nimgs/r.png,more red,train\n")
+    prep_dataset.main(["--source", "table", "--input", str(src / "split.csv"), "--out_dir", str(tmp_path / "limit"),
+                       "--limit", "2", "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert sorted(c for _, c in tar_samples(tmp_path / "limit" / "train" / "shard-000000.tar").values()) == [
+        "green", "red\nmore red"]
     # a table written on another machine: its absolute and Windows paths are found under --image_root
     (src / "moved.csv").write_text("filepath,title\n/home/someone/data/imgs/g.png,green from linux\n"
                                    "C:\\Users\\someone\\imgs\\b.png,blue from windows\n/elsewhere/nope.png,lost\n")
