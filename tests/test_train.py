@@ -124,6 +124,12 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(SystemExit, match=r"not on mps: add --device cpu, or run without torchrun"):
         train.main(out + ["--device", "mps"])
+    # a global batch that two processes cannot share evenly (the process group and the ranks' comparison of
+    # what they found stood in for: this one process is rank 0 of 2)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train, "same_on_every_rank", lambda *args, **kwargs: None)
+    with pytest.raises(SystemExit, match=r"--batch_size 15 \(global\) must be divisible by the 2 processes"):
+        train.main(out + ["--batch_size", "15"])
 
 
 def test_zero_turns_clipping_off_and_makes_intervals_only_the_last_step(shapes_dir, tmp_path):
@@ -1040,14 +1046,22 @@ def test_a_compiled_run_trains_like_the_eager_one(shapes_dir, tmp_path, monkeypa
     assert all(torch.equal(v, model_comp.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+DDP_RUN = dict(max_steps=4, augment=False, checkpoint_interval=2, eval_interval=2)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shapes_dir, tmp_path_factory):
+    """The one-process run that both DDP runs below must equal: (its folder, its model)."""
+    out = str(tmp_path_factory.mktemp("single"))
+    return out, train.main(run_args(shapes_dir, out, **DDP_RUN))
+
+
 @pytest.mark.parametrize("micro_batch_size", [0, 4])
-def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_size):
+def test_ddp_two_processes_match_one_process(shapes_dir, one_process_run, tmp_path, micro_batch_size):
     """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching) against one process with 16; then the
     2-rank run resumed in one process."""
-    single, multi = str(tmp_path / "single"), str(tmp_path / "ddp")
-    args = dict(max_steps=4, augment=False, checkpoint_interval=2, eval_interval=2)
-    model = train.main(run_args(shapes_dir, single, **args))
-    args["micro_batch_size"] = micro_batch_size
+    (single, model), multi = one_process_run, str(tmp_path / "ddp")
+    args = dict(DDP_RUN, micro_batch_size=micro_batch_size)
     os.makedirs(multi)
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(root=ROOT, out=multi))
@@ -1073,8 +1087,7 @@ def test_ddp_two_processes_match_one_process(shapes_dir, tmp_path, micro_batch_s
 
 
 def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why(shapes_dir, tmp_path):
-    """Two nodes (one rank each, each in its own folder): first a global batch they cannot share evenly, then
-    disks that hold different data, then
+    """Two nodes (one rank each, each in its own folder) whose disks hold different data, then
     a checkpoint that only one of them has: without the check they would train on silently wrong (different
     epochs' orders, optimizer states), or one would wait for the other until the timeout. Then a full disk where
     rank 0 saves: the other rank learns it too."""
@@ -1087,22 +1100,18 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
     os.remove(sorted(glob.glob(str(nodes[1] / "data" / "train" / "*.tar")))[-1])  # one shard fewer there
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
-    def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run", **kw):
+    def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         # what torchrun --nnodes 2 --node_rank r --nproc_per_node 1 gives each node's one process
-        procs = [subprocess.Popen([sys.executable, script, *run_args("data", out, **{"max_steps": 3, **kw}), *extra],
-                                  cwd=node,
+        procs = [subprocess.Popen([sys.executable, script, *run_args("data", out, max_steps=3), *extra], cwd=node,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r, node in enumerate(nodes)]
         return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
 
-    # a global batch that the two processes cannot share evenly: each node's one process says so
-    for code, err in run_nodes(batch_size=15):
-        assert code != 0 and "--batch_size 15 (global) must be divisible by the 2 processes" in err, err
     for code, err in run_nodes():
         assert code != 0
         assert "the ranks did not find the same data" in err, err
