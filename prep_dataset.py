@@ -500,7 +500,9 @@ def source_table(args):
     # the samples go out once the whole table is read, each image file once with the captions of every row
     # naming it, in the order of their first rows, passed-over rows in their places (--limit counts both)
     by_file, in_order, rows = {}, [], 0  # image file -> (its first row's key, its captions); keys and files
-    for i, row, in_split in split_rows(table_rows(path), args.split, "table"):
+    rows_read = tqdm(split_rows(table_rows(path), args.split, "table"), desc="read table", unit=" rows", leave=False,
+                     dynamic_ncols=True)
+    for i, row, in_split in rows_read:
         key = f"{i:09d}"
         if not isinstance(row, dict):
             in_order.append((key, None, None, {"skip": "bad_row"}))
