@@ -497,9 +497,10 @@ def source_table(args):
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
     image_col = caption_cols = None
-    # the samples go out once the whole table is read, each image file once with the captions of every row
-    # naming it, in the order of their first rows, passed-over rows in their places (--limit counts both)
-    by_file, in_order, rows = {}, [], 0  # image file -> (its first row's key, its captions); keys and files
+    # the samples of image files go out once the whole table is read, each file once with the captions of every
+    # row naming it, in the order of their first rows, passed-over rows in their places (--limit counts both);
+    # the rows of a Parquet file of image bytes go out as they are read, one sample each
+    by_file, in_order = {}, []  # image file -> its captions, the list its item in in_order holds
     rows_read = tqdm(split_rows(table_rows(path), args.split, "table"), desc="read table", unit=" rows", leave=False,
                      dynamic_ncols=True)
     for i, row, in_split in rows_read:
@@ -526,19 +527,15 @@ def source_table(args):
             in_order.append((key, None, None, {"skip": "missing_image"}))
             continue
         image = os.path.abspath(image)
-        if image not in by_file:
-            by_file[image] = (key, [])
-            in_order.append(image)
-        by_file[image][1].append(row_caption(row, caption_cols))
-        rows += 1
+        if image not in by_file:  # the sample keeps its first row's key
+            by_file[image] = []
+            in_order.append((key, image, by_file[image], None))
+        by_file[image].append(row_caption(row, caption_cols))
+    rows = sum(map(len, by_file.values()))
     if rows > len(by_file):
         print(f"{path}: {rows} rows name {len(by_file)} image files; each file is one sample with its rows' captions")
-    for item in in_order:
-        if isinstance(item, tuple):
-            yield item
-        else:
-            key, captions = by_file[item]
-            yield key, item, captions[0] if len(captions) == 1 else captions, None
+    for key, image, captions, labels in in_order:
+        yield key, image, captions[0] if image and len(captions) == 1 else captions, labels
 
 
 def split_list(text):
