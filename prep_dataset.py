@@ -338,6 +338,8 @@ def caption_text(value):
                      if isinstance(value.get(k), (str, list, tuple))), None)
     if isinstance(value, (list, tuple)):
         return "\n".join(filter(None, map(caption_text, value)))
+    if isinstance(value, bytes):  # a caption file's bytes; -sig: drop the byte-order mark some editors start files with
+        return value.decode("utf-8-sig")
     return None if value is None else str(value)
 
 
@@ -499,7 +501,8 @@ def source_table(args):
     image_col = caption_cols = None
     # the samples of image files go out once the whole table is read, each file once with the captions of every
     # row naming it, in the order of their first rows, passed-over rows in their places (--limit counts both);
-    # the rows of a Parquet file of image bytes go out as they are read, one sample each
+    # the rows of a Parquet file of image bytes go out as they are read (an image's rows together are one sample:
+    # one_sample_per_image)
     by_file, in_order = {}, []  # image file -> its captions, the list its item in in_order holds
     rows_read = tqdm(split_rows(table_rows(path), args.split, "table"), desc="read table", unit=" rows", leave=False,
                      dynamic_ncols=True)
@@ -515,7 +518,7 @@ def source_table(args):
             in_order.append((key, None, None, {"skip": "other_split"}))
             continue
         image = image_cell(row.get(image_col))
-        if isinstance(image, (bytes, bytearray)):  # a Parquet file of images: each row its own, streamed
+        if isinstance(image, (bytes, bytearray)):  # a Parquet file of images: streamed
             yield key, bytes(image), row_caption(row, caption_cols), None
             continue
         image = str(image or "").strip()  # spreadsheets keep stray spaces around a cell
@@ -689,6 +692,43 @@ def read_tar_samples(path):
     yield from pending.items()
 
 
+def one_sample_per_image(items, args):
+    """A source's items -> the same, where consecutive items of one image (equal bytes, or the same file) are one
+    sample with each item's caption. Sets with a row per caption keep an image's rows together (COCO's on the hub:
+    five rows, each with the image and one caption); as five samples, the image would sit in train and val at
+    once, and be its own negative in a batch. Rows that show an earlier image again further on stay samples of
+    their own: they are counted and reported (by a hash of each image: about 50 us per 160 KB here, and 70 bytes
+    of memory an image).
+
+    To see where an image's rows end, one row more is read: a streamed source's position (args.stream_state,
+    recorded with each finished chunk) is then reported as the start of the image being gathered, so that a rerun
+    after an interrupt reads its rows whole, from where the finished chunks end."""
+    pending, start = None, args.resume_state  # the item being gathered; the source's position before its first row
+    before, position = args.resume_state, None  # the position before the row read next; the source's own reporter
+    seen, repeats = set(), 0
+    for key, image, caption, labels in items:
+        if position is None and args.stream_state is not None:  # a streamed source starts reporting once it runs
+            position = args.stream_state
+            args.stream_state = lambda: start if pending is not None else position()
+        if pending is not None and labels is None and pending[3] is None and isinstance(image, (bytes, str)) \
+                and image == pending[1]:
+            pending[2].append(caption)
+        else:
+            if isinstance(image, (bytes, str)):
+                repeats += hash(image) in seen
+                seen.add(hash(image))
+            done, pending, start = pending, [key, image, [caption], labels], before
+            if done is not None:
+                yield done[0], done[1], done[2][0] if len(done[2]) == 1 else done[2], done[3]
+        before = position() if position is not None else None
+    if pending is not None:
+        done, pending = pending, None  # gathered: the position is now the source's own, past the last row
+        yield done[0], done[1], done[2][0] if len(done[2]) == 1 else done[2], done[3]
+    if repeats:
+        tqdm.write(f"{repeats} rows show an image that an earlier row, not next to them, showed too: each stays a "
+                   "sample of its own, so such an image may sit in both train and val", file=sys.stderr)
+
+
 SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder, "webdataset": source_webdataset,
            "table": source_table, "hub": source_hub, "shapes": source_shapes}
 
@@ -737,12 +777,10 @@ def process_sample(item, image_size, quality):
     key, image, caption, labels = item
     if labels and "skip" in labels:
         return "skip", labels["skip"]
-    if isinstance(caption, bytes):
-        try:
-            caption = caption.decode("utf-8-sig")  # -sig: drop the byte-order mark some editors start files with
-        except UnicodeDecodeError:
-            return "skip", "caption_not_utf8"
-    caption = caption_text(caption)
+    try:
+        caption = caption_text(caption)
+    except UnicodeDecodeError:
+        return "skip", "caption_not_utf8"
     if caption is None:
         return "skip", "missing_caption"
     if "&" in caption:  # web alt texts (LAION's) arrive HTML-escaped, some twice: undone as OpenAI's CLIP does
@@ -1064,7 +1102,7 @@ def main(argv=None):
         with open(os.path.join(stage_dir, f"chunk-{done - 1:06d}.json")) as f:
             args.resume_state = json.load(f).get("source_state")
     # the source checks its input as it starts: a mistake there stops the run before anything is written
-    items = SOURCES[args.source](args)
+    items = one_sample_per_image(SOURCES[args.source](args), args)
     first = next(items, None)
     items = chain([first] if first is not None else [], items)
     try:

@@ -135,7 +135,7 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
         members = []
         for i in range(10):
             key = f"{s}{i:05d}"
-            image = b"not a jpeg at all" if i == 3 else jpeg((20 * i, 100, 50), (512, 512))
+            image = b"not a jpeg at all" if i == 3 else jpeg((20 * i, 100, 50 + 100 * s), (512, 512))
             prompt = "" if i == 5 else f"photo number {s}-{i}, " + "long words " * (200 if i == 7 else 1)
             members += [(key + ".jpg", image), (key + ".json", json.dumps({"prompt": prompt, "w": 512}).encode())]
         write_tar(src / f"data_{s:06d}.tar", members)
@@ -164,10 +164,11 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     # a copy in another webdataset layout (KEY.png + KEY.txt) reads as well
     other = tmp_path / "other"
     other.mkdir()
-    buf = io.BytesIO()
-    Image.new("RGB", (80, 60), (0, 200, 0)).save(buf, "PNG")
+    greens = [io.BytesIO() for _ in range(3)]
+    for i, buf in enumerate(greens):
+        Image.new("RGB", (80, 60), (0, 200 + 20 * i, 0)).save(buf, "PNG")
     write_tar(other / "data_000000.tar", [(f"k{i}.{ext}", data) for i in range(3)
-                                          for ext, data in (("png", buf.getvalue()), ("txt", f"green {i}".encode()))])
+                                          for ext, data in (("png", greens[i].getvalue()), ("txt", f"green {i}".encode()))])
     m = prep_dataset.main(["--input", str(other / "*.tar"), "--out_dir", str(tmp_path / "other_out"), "--image_size", "32",
                            "--val_fraction", "0", "--workers", "1"])
     got = tar_samples(tmp_path / "other_out" / "train" / "shard-000000.tar").values()
@@ -632,7 +633,10 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
                        str(tmp_path / "saved_out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "saved_out" / "train" / "shard-000000.tar").values()] == ["red on disk"]
     # Flickr30k's layout on the hub: one "test" split whose "split" column holds Karpathy's train/val/test
-    flickr = datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": None}] * 4,
+    reds = [io.BytesIO() for _ in range(4)]  # four images: rows showing one image one after another are one sample
+    for i, buf in enumerate(reds):
+        Image.new("RGB", (40, 40), (220 - 10 * i, 0, 0)).save(buf, "PNG")
+    flickr = datasets.Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None} for buf in reds],
                                          "caption": [["a", "b"], ["c"], ["d"], ["e"]], "split": ["train", "test", "train", "val"]},
                                         features=datasets.Features({"image": datasets.Image(),
                                                                     "caption": datasets.Sequence(datasets.Value("string")),
@@ -669,6 +673,50 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     with pytest.raises(SystemExit, match="'image_url' column .* holds URLs .*img2dataset"):
         prep_dataset.main(["--source", "hub", "--input", str(urls), "--out_dir", str(tmp_path / "urls_out"),
                            "--image_size", "32", "--workers", "1"])
+
+
+def test_a_row_per_caption_is_one_sample_per_image_and_resumes_whole(tmp_path, monkeypatch, capsys):
+    # COCO's sets on the hub give each of an image's captions a row, the image's rows together: each image must be
+    # one sample with its captions, never in train and val at once. A row showing an earlier image further on
+    # stays a sample of its own, and is reported
+    import datasets
+    pngs = {}
+    for name, rgb in (("A", (220, 0, 0)), ("B", (0, 220, 0)), ("C", (0, 0, 220))):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 40), rgb).save(buf, "PNG")
+        pngs[name] = buf.getvalue()
+    rows = [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("B", "b2"), ("C", "c1"), ("A", "a4")]
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": pngs[n], "path": None} for n, _ in rows],
+                                     "caption": [c for _, c in rows]},
+                                    features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "coco"))
+    ds.to_parquet(str(tmp_path / "coco.parquet"))
+    flags = ["--image_size", "32", "--val_fraction", "0", "--workers", "1", "--chunk_size", "1", "--shard_size", "10"]
+    expected = ["a1\na2\na3", "a4", "b1\nb2", "c1"]
+    for source, given in (("hub", tmp_path / "coco"), ("table", tmp_path / "coco.parquet")):
+        capsys.readouterr()
+        m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / source), *flags])
+        assert sorted(c for _, c in tar_samples(tmp_path / source / "train" / "shard-000000.tar").values()) == expected
+        assert m["counts"] == {"train": 4, "val": 0, "skipped": 0, "seen": 4}
+        assert "1 rows show an image that an earlier row, not next to them, showed too" in capsys.readouterr().err
+    # interrupted once a chunk is finished (A's rows, then B's), the streamed set goes on after them: the row read
+    # ahead to see where B's rows end (C's) is read again, not lost
+    write = prep_dataset.atomic_write
+
+    def stop_after_the_second_chunk(path, data):
+        write(path, data)
+        if path.endswith("chunk-000001.json"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(prep_dataset, "atomic_write", stop_after_the_second_chunk)
+    args = ["--source", "hub", "--input", str(tmp_path / "coco"), "--out_dir", str(tmp_path / "resumed"), *flags]
+    with pytest.raises(KeyboardInterrupt):
+        prep_dataset.main(args)
+    monkeypatch.undo()
+    capsys.readouterr()
+    prep_dataset.main(args)
+    assert "reused 2 finished chunks, going on in the source where they end" in capsys.readouterr().out
+    assert (tmp_path / "resumed" / "train" / "shard-000000.tar").read_bytes() == \
+        (tmp_path / "hub" / "train" / "shard-000000.tar").read_bytes()
 
 
 def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
@@ -721,19 +769,19 @@ def test_huge_images_are_read_without_warnings_or_counted_as_too_large(monkeypat
 
 
 def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
-    members = [("k1.jpg", jpeg((1, 2, 3))), ("k1.txt", b"first"),
-               ("k2.png", jpeg((1, 2, 3))), ("k2.json", json.dumps({"caption": "second"}).encode()),
-               ("k3.jpg", jpeg((1, 2, 3))), ("k3.txt", b"third"),
+    members = [("k1.jpg", jpeg((20, 2, 3))), ("k1.txt", b"first"),
+               ("k2.png", jpeg((40, 2, 3))), ("k2.json", json.dumps({"caption": "second"}).encode()),
+               ("k3.jpg", jpeg((60, 2, 3))), ("k3.txt", b"third"),
                # the same file names in two folders are two samples (webdataset keys hold the folder)
-               ("x/k6.jpg", jpeg((1, 2, 3))), ("x/k6.txt", b"sixth"),
-               ("y/k6.jpg", jpeg((1, 2, 3))), ("y/k6.txt", b"seventh")]
+               ("x/k6.jpg", jpeg((80, 2, 3))), ("x/k6.txt", b"sixth"),
+               ("y/k6.jpg", jpeg((100, 2, 3))), ("y/k6.txt", b"seventh")]
     write_tar(tmp_path / "a.tar", members)
-    write_tar(tmp_path / "b.tar", [("k4.jpg", jpeg((1, 2, 3))), ("k4.txt", b"fourth"),
-                                   ("k5.jpg", jpeg((1, 2, 3), (400, 400))), ("k5.txt", b"fifth")])
+    write_tar(tmp_path / "b.tar", [("k4.jpg", jpeg((120, 2, 3))), ("k4.txt", b"fourth"),
+                                   ("k5.jpg", jpeg((140, 2, 3), (400, 400))), ("k5.txt", b"fifth")])
     data = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(data[:3000])  # cut inside k5's image
     # made with plain `tar`, in the directory's order: a key's files apart, and one image with no caption
-    write_tar(tmp_path / "c.tar", [("u1.jpg", jpeg((1, 2, 3))), ("u2.jpg", jpeg((1, 2, 3))), ("u3.jpg", jpeg((1, 2, 3))),
+    write_tar(tmp_path / "c.tar", [("u1.jpg", jpeg((160, 2, 3))), ("u2.jpg", jpeg((180, 2, 3))), ("u3.jpg", jpeg((200, 2, 3))),
                                    ("u2.txt", b"u two"), ("u1.txt", b"u one")])
     m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "*.tar"), "--out_dir",
                            str(tmp_path / "out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
