@@ -725,8 +725,8 @@ def one_sample_per_image(items, args):
         done, pending = pending, None  # gathered: the position is now the source's own, past the last row
         yield done[0], done[1], done[2][0] if len(done[2]) == 1 else done[2], done[3]
     if repeats:
-        tqdm.write(f"{repeats} rows show an image that an earlier row, not next to them, showed too: each stays a "
-                   "sample of its own, so such an image may sit in both train and val", file=sys.stderr)
+        tqdm.write(f"rows showing again an image that an earlier row, not next to them, showed: {repeats}. Each "
+                   "stays a sample of its own, so such an image may sit in both train and val", file=sys.stderr)
 
 
 SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder, "webdataset": source_webdataset,

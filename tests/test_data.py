@@ -698,7 +698,7 @@ def test_a_row_per_caption_is_one_sample_per_image_and_resumes_whole(tmp_path, m
         m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / source), *flags])
         assert sorted(c for _, c in tar_samples(tmp_path / source / "train" / "shard-000000.tar").values()) == expected
         assert m["counts"] == {"train": 4, "val": 0, "skipped": 0, "seen": 4}
-        assert "1 rows show an image that an earlier row, not next to them, showed too" in capsys.readouterr().err
+        assert "rows showing again an image that an earlier row, not next to them, showed: 1." in capsys.readouterr().err
     # interrupted once a chunk is finished (A's rows, then B's), the streamed set goes on after them: the row read
     # ahead to see where B's rows end (C's) is read again, not lost
     write = prep_dataset.atomic_write
