@@ -706,6 +706,7 @@ def one_sample_per_image(items, args):
     pending, start = None, args.resume_state  # the item being gathered; the source's position before its first row
     before, position = args.resume_state, None  # the position before the row read next; the source's own reporter
     seen, repeats = set(), 0
+    gathered = lambda item: (item[0], item[1], item[2][0] if len(item[2]) == 1 else item[2], item[3])
     for key, image, caption, labels in items:
         if position is None and args.stream_state is not None:  # a streamed source starts reporting once it runs
             position = args.stream_state
@@ -719,11 +720,11 @@ def one_sample_per_image(items, args):
                 seen.add(hash(image))
             done, pending, start = pending, [key, image, [caption], labels], before
             if done is not None:
-                yield done[0], done[1], done[2][0] if len(done[2]) == 1 else done[2], done[3]
+                yield gathered(done)
         before = position() if position is not None else None
     if pending is not None:
         done, pending = pending, None  # gathered: the position is now the source's own, past the last row
-        yield done[0], done[1], done[2][0] if len(done[2]) == 1 else done[2], done[3]
+        yield gathered(done)
     if repeats:
         tqdm.write(f"rows showing again an image that an earlier row, not next to them, showed: {repeats}. Each "
                    "stays a sample of its own, so such an image may sit in both train and val", file=sys.stderr)
