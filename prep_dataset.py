@@ -379,6 +379,14 @@ def caption_columns(names, given):
     return [pick_column(names, CAPTION_COLUMNS, given, "caption")]
 
 
+def say_columns(names, image_col, caption_cols):
+    """Which columns are read, said once as reading starts: a guess that took the wrong one shows at once."""
+    others = [str(n) for n in names if n not in (image_col, *caption_cols)]
+    tqdm.write(f"images from column {image_col!r}, captions from {', '.join(map(repr, caption_cols))}"
+               + (f"; not read: {', '.join(others[:10])}{', ...' if len(others) > 10 else ''}" if others else "")
+               + " (others with --image_column, --caption_column)")
+
+
 def row_caption(row, columns):
     """A row's caption cell, or the list of its cells when its captions sit in several columns (see caption_text)."""
     return row.get(columns[0]) if len(columns) == 1 else [row.get(c) for c in columns]
@@ -514,6 +522,7 @@ def source_table(args):
         if image_col is None:  # the first row names the columns
             image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
             caption_cols = caption_columns(row, args.caption_column)
+            say_columns(row, image_col, caption_cols)
         if not in_split:
             in_order.append((key, None, None, {"skip": "other_split"}))
             continue
@@ -645,6 +654,7 @@ def source_hub(args):
     image_col = args.image_column or next((n for n, f in features.items() if isinstance(f, HFImage)), None)
     image_col = pick_column(features, IMAGE_COLUMNS, image_col, "image")
     caption_cols = caption_columns(features, args.caption_column)
+    say_columns(features, image_col, caption_cols)
     if split_column(features) is None and split not in splits:
         sys.exit(f"{args.input} has no split {args.split!r}, only {names}: choose one with --split")
     if split not in splits:

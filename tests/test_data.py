@@ -411,6 +411,9 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
                        "--limit", "2", "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert sorted(c for _, c in tar_samples(tmp_path / "limit" / "train" / "shard-000000.tar").values()) == [
         "green", "red\nmore red"]
+    # the columns read, guessed or named, are said as reading starts, with those left unread
+    assert "images from column 'filepath', captions from 'title'; not read: split (others with --image_column" \
+        in capsys.readouterr().out
     # a table written on another machine: its absolute and Windows paths are found under --image_root
     (src / "moved.csv").write_text("filepath,title\n/home/someone/data/imgs/g.png,green from linux\n"
                                    "C:\\Users\\someone\\imgs\\b.png,blue from windows\n/elsewhere/nope.png,lost\n")
