@@ -16,13 +16,15 @@ It works in two passes, each resumable (rerun the same command after an interrup
      stage each finished chunk under OUT/.stage/ (written to a temporary name, then renamed); a rerun
      reuses the finished chunks, and a streamed source (text-to-image-2M, hub) goes on where they end
      in the stream instead of downloading them again;
-  2. shuffle: draw one global permutation from the seed and write the final shards OUT/train/*.tar and
-     OUT/val/*.tar by reading the staged samples in that order, then OUT/manifest.json.
+  2. shuffle: make the samples that show the same picture one sample with all their captions, draw one
+     global permutation from the seed and write the final shards OUT/train/*.tar and OUT/val/*.tar by
+     reading the staged samples in that order, then OUT/manifest.json.
 Bad input (undecodable image, missing/empty/non-UTF-8 caption) is skipped and counted in the manifest.
 """
 import argparse
 import errno
 import glob
+import hashlib
 import html
 import io
 import json
@@ -704,18 +706,15 @@ def read_tar_samples(path):
 
 def one_sample_per_image(items, args):
     """A source's items -> the same, where consecutive items of one image (equal bytes, or the same file) are one
-    sample with each item's caption. Sets with a row per caption keep an image's rows together (COCO's on the hub:
-    five rows, each with the image and one caption); as five samples, the image would sit in train and val at
-    once, and be its own negative in a batch. Rows that show an earlier image again further on stay samples of
-    their own: they are counted and reported (by a hash of each image: about 50 us per 160 KB here, and 70 bytes
-    of memory an image).
+    item with each one's caption. Sets with a row per caption keep an image's rows together (COCO's on the hub:
+    five rows, each with the image and one caption): gathered here, the image is decoded and resized once, not
+    five times. Samples of one picture that sit apart are gathered after processing (one_sample_per_picture).
 
     To see where an image's rows end, one row more is read: a streamed source's position (args.stream_state,
     recorded with each finished chunk) is then reported as the start of the image being gathered, so that a rerun
     after an interrupt reads its rows whole, from where the finished chunks end."""
     pending, start = None, args.resume_state  # the item being gathered; the source's position before its first row
     before, position = args.resume_state, None  # the position before the row read next; the source's own reporter
-    seen, repeats = set(), 0
     gathered = lambda item: (item[0], item[1], item[2][0] if len(item[2]) == 1 else item[2], item[3])
     for key, image, caption, labels in items:
         if position is None and args.stream_state is not None:  # a streamed source starts reporting once it runs
@@ -725,9 +724,6 @@ def one_sample_per_image(items, args):
                 and image == pending[1]:
             pending[2].append(caption)
         else:
-            if isinstance(image, (bytes, str)):
-                repeats += hash(image) in seen
-                seen.add(hash(image))
             done, pending, start = pending, [key, image, [caption], labels], before
             if done is not None:
                 yield gathered(done)
@@ -735,9 +731,6 @@ def one_sample_per_image(items, args):
     if pending is not None:
         done, pending = pending, None  # gathered: the position is now the source's own, past the last row
         yield gathered(done)
-    if repeats:
-        tqdm.write(f"rows showing again an image that an earlier row, not next to them, showed: {repeats}. Each "
-                   "stays a sample of its own, so such an image may sit in both train and val", file=sys.stderr)
 
 
 SOURCES = {"text-to-image-2M": source_text_to_image_2m, "folder": source_folder, "webdataset": source_webdataset,
@@ -825,7 +818,9 @@ def process_sample(item, image_size, quality):
 
 def _process(args_item):
     item, image_size, quality = args_item
-    return process_sample(item, image_size, quality)
+    result = process_sample(item, image_size, quality)
+    # with the digest of the processed picture, by which write_shards finds it again in other samples
+    return (*result, hashlib.blake2b(result[2], digest_size=8).hexdigest()) if result[0] == "ok" else result
 
 # -----------------------------------------------------------------------------
 # writing
@@ -945,8 +940,8 @@ def stage_chunks(args, stage_dir, items, done):
                     if result[0] == "skip":
                         skipped[result[1]] = skipped.get(result[1], 0) + 1
                         continue
-                    _, key, jpg, caption, labels = result
-                    index.append([key, len(blob), len(jpg), caption, labels])
+                    _, key, jpg, caption, labels, digest = result
+                    index.append([key, len(blob), len(jpg), caption, labels, digest])
                     blob += jpg
                 atomic_write(os.path.join(stage_dir, f"chunk-{c:06d}.bin"), bytes(blob))
                 atomic_write(index_path, json.dumps({"samples": index, "skipped": skipped,
@@ -967,6 +962,8 @@ def write_shards(args, stage_dir):
         samples += [(c, *s) for s in chunk["samples"]]
         for reason, n in chunk["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+    seen = len(samples) + sum(skipped.values())
+    samples, merged = one_sample_per_picture(samples)
     if not samples:
         shutil.rmtree(stage_dir)  # nothing worth keeping: the corrected command starts afresh
         hints = {"image_is_a_url": f"The images were URLs: {URL_HINT}",
@@ -1031,9 +1028,35 @@ def write_shards(args, stage_dir):
             path = os.path.join(args.out_dir, name)
             if not os.path.exists(path):
                 atomic_write(path, tar_bytes(shard_samples(idx[s:s + args.shard_size])))
-    return {"counts": {"train": len(splits["train"]), "val": len(splits["val"]),
-                       "skipped": sum(skipped.values()), "seen": len(samples) + sum(skipped.values())},
+    return {"counts": {"train": len(splits["train"]), "val": len(splits["val"]), "skipped": sum(skipped.values()),
+                       "merged": merged, "seen": seen},
             "skipped": skipped, "shards": shards}
+
+
+def one_sample_per_picture(samples):
+    """The staged samples -> (the same, where samples of one picture are one sample with all their captions; how
+    many samples were folded into another). One picture: the same processed JPEG, by its digest. The same image in
+    several samples (a set with a row per caption, its rows apart; a picture scraped twice) would otherwise sit in
+    train and val at once, and be its own negative in a batch. Samples with labels (the shapes set's) stay apart."""
+    first, kept, lines_of = {}, [], {}  # digest -> its sample's place in kept; place -> the set of its caption lines
+    for c, key, offset, size, caption, labels, *digest in samples:  # (chunks staged before digests: none)
+        at = first.get(digest[0]) if digest and labels is None else None
+        if at is None:
+            if digest and labels is None:
+                first[digest[0]] = len(kept)
+            kept.append([c, key, offset, size, caption, labels])
+            continue
+        lines = lines_of.setdefault(at, set(kept[at][4].split("\n")))
+        for line in caption.split("\n"):
+            if line not in lines:  # an image's captions once each, in the order the samples came
+                lines.add(line)
+                kept[at][4] += "\n" + line
+    merged = len(samples) - len(kept)
+    if merged:
+        most = max(len(lines) for lines in lines_of.values())
+        tqdm.write(f"samples that showed a picture another sample showed too: {merged}. Each picture is one sample "
+                   f"with all their captions ({len(lines_of)} pictures; the most captions one gathered: {most})")
+    return kept, merged
 
 
 def main(argv=None):

@@ -73,7 +73,7 @@ def test_shapes_prep_manifest_labels_and_independent_readers(tmp_path):
     out = tmp_path / "shapes"
     m = prep_dataset.main(["--source", "shapes", "--out_dir", str(out), "--limit", "400", "--shard_size", "100",
                            "--val_fraction", "0.1", "--workers", "2"])
-    assert m["counts"] == {"train": 360, "val": 40, "skipped": 0, "seen": 400}
+    assert m["counts"] == {"train": 360, "val": 40, "skipped": 0, "merged": 0, "seen": 400}
     assert m["image_size"] == 64 and m["source"] == "shapes" and m["seed"] == 0
     assert m["tasks"]["shape"]["classes"] == prep_dataset.SHAPES
     assert m["tasks"]["color"]["classes"] == list(prep_dataset.COLORS)
@@ -144,7 +144,7 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
                            "--val_fraction", "0.25", "--workers", "2"])
     assert m["source"] == "text-to-image-2M"
     assert m["skipped"] == {"bad_image": 2, "empty_caption": 2}
-    assert m["counts"] == {"train": 12, "val": 4, "skipped": 4, "seen": 20}
+    assert m["counts"] == {"train": 12, "val": 4, "skipped": 4, "merged": 0, "seen": 20}
     samples = {}
     for path in glob.glob(str(out / "*" / "*.tar")):
         samples.update(tar_samples(path))
@@ -248,12 +248,12 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (src / "w.txt").write_bytes("\ufeffa white thing\r\nanother white\r\n".encode())  # as Windows' Notepad saves
     Image.new("RGB", (40, 40), (0, 250, 0)).save(src / "phone.avif")  # newer phones and sites save AVIF
     (src / "phone.txt").write_text("a green avif")
-    (src / "k.jpg").write_bytes(jpeg((9, 9, 9)))
+    (src / "k.jpg").write_bytes(jpeg((19, 9, 9)))
     (src / "k.caption").write_text("a kohya caption")  # kohya-ss's captions; beside a .txt, the .txt wins
-    (src / "m.jpg").write_bytes(jpeg((9, 9, 9)))
+    (src / "m.jpg").write_bytes(jpeg((29, 9, 9)))
     (src / "m.caption").write_text("not this one")
     (src / "m.txt").write_text("the txt caption")
-    (src / "web.jpg").write_bytes(jpeg((9, 9, 9)))  # an alt text as the web serves it: escaped (twice), tabs
+    (src / "web.jpg").write_bytes(jpeg((39, 9, 9)))  # an alt text as the web serves it: escaped (twice), tabs
     (src / "web.txt").write_text("Tom &amp;amp; Jerry&#39;s\tcat  \n  from\u00a0 the&#10;web ")
     (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo, of a type PIL does not read
     (src / "IMG_0001.txt").write_text("a photo")
@@ -333,8 +333,8 @@ def test_folder_source_reads_the_caption_of_a_json_record_beside_an_image(tmp_pa
                "b": {"captions": ["one of two", "two of two"], "key": "b"},  # several captions
                "c": {"url": "https://example.com/c.jpg"},  # none
                "t": {"caption": "not this"}}  # beside a .txt, the .txt wins
-    for stem, record in records.items():
-        (src / f"{stem}.jpg").write_bytes(jpeg((250, 0, 0)))
+    for i, (stem, record) in enumerate(records.items()):
+        (src / f"{stem}.jpg").write_bytes(jpeg((250, 20 * i, 0)))
         (src / f"{stem}.json").write_text(json.dumps(record))
     (src / "t.txt").write_text("the txt caption")
     (src / "bad.jpg").write_bytes(jpeg((250, 0, 0)))
@@ -607,8 +607,8 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     coco = tmp_path / "coco"
     coco.mkdir()
     with open(coco / "metadata.jsonl", "w") as f:
-        for name, words in (("1.png", ["a red card", "red paper"]), ("2.png", ["a blue card"])):
-            Image.new("RGB", (40, 40), (200, 0, 0)).save(coco / name)
+        for name, words, rgb in (("1.png", ["a red card", "red paper"], (200, 0, 0)), ("2.png", ["a blue card"], (0, 0, 200))):
+            Image.new("RGB", (40, 40), rgb).save(coco / name)
             sentences = [{"raw": w, "tokens": w.split(), "sentid": i} for i, w in enumerate(words)]
             f.write(json.dumps({"file_name": name, "sentences": sentences}) + "\n")
     prep_dataset.main(["--source", "hub", "--input", str(coco), "--out_dir", str(tmp_path / "coco_out"),
@@ -680,28 +680,29 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
 
 def test_a_row_per_caption_is_one_sample_per_image_and_resumes_whole(tmp_path, monkeypatch, capsys):
     # COCO's sets on the hub give each of an image's captions a row, the image's rows together: each image must be
-    # one sample with its captions, never in train and val at once. A row showing an earlier image further on
-    # stays a sample of its own, and is reported
+    # one sample with its captions, never in train and val at once. Rows showing an earlier image further on join
+    # its sample too, each caption once
     import datasets
     pngs = {}
     for name, rgb in (("A", (220, 0, 0)), ("B", (0, 220, 0)), ("C", (0, 0, 220))):
         buf = io.BytesIO()
         Image.new("RGB", (40, 40), rgb).save(buf, "PNG")
         pngs[name] = buf.getvalue()
-    rows = [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("B", "b2"), ("C", "c1"), ("A", "a4")]
+    rows = [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("B", "b2"), ("C", "c1"), ("A", "a4"), ("B", "b1")]
     ds = datasets.Dataset.from_dict({"image": [{"bytes": pngs[n], "path": None} for n, _ in rows],
                                      "caption": [c for _, c in rows]},
                                     features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
     ds.save_to_disk(str(tmp_path / "coco"))
     ds.to_parquet(str(tmp_path / "coco.parquet"))
     flags = ["--image_size", "32", "--val_fraction", "0", "--workers", "1", "--chunk_size", "1", "--shard_size", "10"]
-    expected = ["a1\na2\na3", "a4", "b1\nb2", "c1"]
+    expected = ["a1\na2\na3\na4", "b1\nb2", "c1"]
     for source, given in (("hub", tmp_path / "coco"), ("table", tmp_path / "coco.parquet")):
         capsys.readouterr()
         m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / source), *flags])
         assert sorted(c for _, c in tar_samples(tmp_path / source / "train" / "shard-000000.tar").values()) == expected
-        assert m["counts"] == {"train": 4, "val": 0, "skipped": 0, "seen": 4}
-        assert "rows showing again an image that an earlier row, not next to them, showed: 1." in capsys.readouterr().err
+        assert m["counts"] == {"train": 3, "val": 0, "skipped": 0, "merged": 2, "seen": 5}
+        assert "samples that showed a picture another sample showed too: 2. Each picture is one sample with all their " \
+               "captions (2 pictures; the most captions one gathered: 4)" in capsys.readouterr().out
     # interrupted once a chunk is finished (A's rows, then B's), the streamed set goes on after them: the row read
     # ahead to see where B's rows end (C's) is read again, not lost
     write = prep_dataset.atomic_write
