@@ -1038,19 +1038,17 @@ def one_sample_per_picture(samples):
     many samples were folded into another). One picture: the same processed JPEG, by its digest. The same image in
     several samples (a set with a row per caption, its rows apart; a picture scraped twice) would otherwise sit in
     train and val at once, and be its own negative in a batch. Samples with labels (the shapes set's) stay apart."""
-    first, kept, lines_of = {}, [], {}  # digest -> its sample's place in kept; place -> the set of its caption lines
+    first, kept, lines_of = {}, [], {}  # digest -> its sample's place in kept; place -> its caption lines, in order
     for c, key, offset, size, caption, labels, *digest in samples:  # (chunks staged before digests: none)
         at = first.get(digest[0]) if digest and labels is None else None
         if at is None:
             if digest and labels is None:
                 first[digest[0]] = len(kept)
             kept.append([c, key, offset, size, caption, labels])
-            continue
-        lines = lines_of.setdefault(at, set(kept[at][4].split("\n")))
-        for line in caption.split("\n"):
-            if line not in lines:  # an image's captions once each, in the order the samples came
-                lines.add(line)
-                kept[at][4] += "\n" + line
+        else:  # an image's captions once each, in the order the samples came (a dict keeps its keys' order)
+            lines_of.setdefault(at, dict.fromkeys(kept[at][4].split("\n"))).update(dict.fromkeys(caption.split("\n")))
+    for at, lines in lines_of.items():
+        kept[at][4] = "\n".join(lines)
     merged = len(samples) - len(kept)
     if merged:
         most = max(len(lines) for lines in lines_of.values())
