@@ -328,6 +328,7 @@ CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences"
                    "comment", "txt", "json")  # the last two: a webdataset turned into a table, a caption or a record
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "image_name", "path",
                  "file", "image_url", "url")
+NOT_CAPTIONS = ("_id", "_ids", "sentid", "_len", "_length", "_count", "_tokens", "_lang", "_language", "_score", "_url")
 URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"
 
 
@@ -369,7 +370,8 @@ def pick_column(names, wanted, given, what):
 def caption_columns(names, given):
     """The caption columns to read, each a caption of the row's image: --caption_column's (several: comma-separated),
     else the first caption-like one, else the numbered columns of one caption-like name (Flickr8k's caption_0 to
-    caption_4 on the hub), in their numbers' order."""
+    caption_4 on the hub), in their numbers' order, else the one column whose name joins a caption-like word to
+    another (caption_en)."""
     if given is not None and given not in names and "," in given:
         return [pick_column(names, (), column, "caption") for column in split_list(given)]
     if given is None and not any(plain_name(n) in CAPTION_COLUMNS for n in names):
@@ -378,6 +380,15 @@ def caption_columns(names, given):
             numbered = sorted((int(m.group(1)), n) for n, m in numbered.items() if m)
             if numbered:
                 return [n for _, n in numbered]
+        # a caption-like word with another before or after it (caption_en, sentences_raw, original_caption): taken
+        # where it is the only such column, and not an id, a length or tokens; several are for the user to choose
+        near = [n for n in names if len(plain_name(n).split("_")) > 1 and not plain_name(n).endswith(NOT_CAPTIONS)
+                and {plain_name(n).split("_")[0], plain_name(n).split("_")[-1]} & {*CAPTION_COLUMNS, "sentence"}]
+        if len(near) == 1:
+            return near
+        if near:
+            sys.exit(f"no caption column among {list(names)}, but several that may be ({', '.join(map(str, near))}): "
+                     "name one with --caption_column, or several, comma-separated, each a caption of the image")
     return [pick_column(names, CAPTION_COLUMNS, given, "caption")]
 
 

@@ -431,6 +431,18 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
         prep_dataset.main(["--source", "table", "--input", str(src / "numbered.jsonl"), "--out_dir", str(out),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1", *flags])
         assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == [caption]
+    # a caption-like word joined to another (COCO sets' sentences_raw beside its tokens and ids): the one such column
+    # that is no id, length or tokens is read; where several could be, the error names them
+    (src / "raw.jsonl").write_text(json.dumps({"filepath": "imgs/g.png", "sentences_tokens": ["a", "green"],
+                                               "sentences_raw": ["a green card", "green paper"], "sentences_sentid": [3, 4]}) + "\n")
+    prep_dataset.main(["--source", "table", "--input", str(src / "raw.jsonl"), "--out_dir", str(tmp_path / "raw"),
+                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "raw" / "train" / "shard-000000.tar").values()] == ["a green card\ngreen paper"]
+    (src / "two_kinds.csv").write_text("filepath,vlm_caption,original_caption\nimgs/g.png,a long one,green\n")
+    with pytest.raises(SystemExit, match=r"but several that may be \(vlm_caption, original_caption\): name one with "
+                                         "--caption_column, or several"):
+        prep_dataset.main(["--source", "table", "--input", str(src / "two_kinds.csv"), "--out_dir", str(tmp_path / "y"),
+                           "--workers", "1"])
     with pytest.raises(SystemExit, match=r"no image column among \[.pic., .alt.\]: name it with --image_column"):
         prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "x"),
                            "--workers", "1"])
