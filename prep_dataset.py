@@ -328,7 +328,7 @@ CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences"
                    "comment", "txt", "json")  # the last two: a webdataset turned into a table, a caption or a record
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "image_name", "path",
                  "file", "image_url", "url")
-NOT_CAPTIONS = ("_id", "_ids", "sentid", "_len", "_length", "_count", "_tokens", "_lang", "_language", "_score", "_url")
+NOT_CAPTIONS = ("_id", "_ids", "_sentid", "_len", "_length", "_count", "_tokens", "_lang", "_language", "_score", "_url")
 URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"
 
 
@@ -375,15 +375,17 @@ def caption_columns(names, given):
     if given is not None and given not in names and "," in given:
         return [pick_column(names, (), column, "caption") for column in split_list(given)]
     if given is None and not any(plain_name(n) in CAPTION_COLUMNS for n in names):
-        for base in (*CAPTION_COLUMNS, "sentence"):
+        bases = (*CAPTION_COLUMNS, "sentence")
+        for base in bases:
             numbered = {n: re.fullmatch(rf"{base}_?(\d+)", plain_name(n)) for n in names}
             numbered = sorted((int(m.group(1)), n) for n, m in numbered.items() if m)
             if numbered:
                 return [n for _, n in numbered]
         # a caption-like word with another before or after it (caption_en, sentences_raw, original_caption): taken
         # where it is the only such column, and not an id, a length or tokens; several are for the user to choose
-        near = [n for n in names if len(plain_name(n).split("_")) > 1 and not plain_name(n).endswith(NOT_CAPTIONS)
-                and {plain_name(n).split("_")[0], plain_name(n).split("_")[-1]} & {*CAPTION_COLUMNS, "sentence"}]
+        words = {n: plain_name(n).split("_") for n in names}
+        near = [n for n, w in words.items() if len(w) > 1 and {w[0], w[-1]} & set(bases)
+                and not plain_name(n).endswith(NOT_CAPTIONS)]
         if len(near) == 1:
             return near
         if near:
@@ -1057,7 +1059,9 @@ def one_sample_per_picture(samples):
                 first[digest[0]] = len(kept)
             kept.append([c, key, offset, size, caption, labels])
         else:  # an image's captions once each, in the order the samples came (a dict keeps its keys' order)
-            lines_of.setdefault(at, dict.fromkeys(kept[at][4].split("\n"))).update(dict.fromkeys(caption.split("\n")))
+            if at not in lines_of:
+                lines_of[at] = dict.fromkeys(kept[at][4].split("\n"))
+            lines_of[at].update(dict.fromkeys(caption.split("\n")))
     for at, lines in lines_of.items():
         kept[at][4] = "\n".join(lines)
     merged = len(samples) - len(kept)

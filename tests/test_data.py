@@ -804,6 +804,15 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     captions = sorted(c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values())
     assert captions == ["first", "fourth", "second", "seventh", "sixth", "third", "u one", "u two"]
     assert m["counts"]["train"] == 8 and m["skipped"] == {"missing_caption": 1}
+    # shards with a sample per caption, an image's samples one after another: one sample, its caption files' text
+    same = jpeg((7, 7, 7))
+    write_tar(tmp_path / "per_caption.tar", [("p1.jpg", same), ("p1.txt", b"one view\n"), ("p2.jpg", same),
+                                              ("p2.txt", "another view \u00e9".encode())])
+    m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "per_caption.tar"), "--out_dir",
+                           str(tmp_path / "per_caption"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "per_caption" / "train" / "shard-000000.tar").values()] == [
+        "one view\nanother view \u00e9"]
+    assert m["counts"]["seen"] == 1  # gathered before processing: the image was decoded once
     # --caption_column: a file of that extension, or a field of the .json (a short and a long caption side by
     # side); a name the first sample lacks stops at once, saying what the samples hold
     (tmp_path / "two").mkdir()
