@@ -4,6 +4,7 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
     python evaluate.py runs/demo/best.pt --zeroshot data/shapes                 # the shapes set's own tasks
     python evaluate.py CKPT --zeroshot path/to/imagefolder                      # DIR/CLASS/img, or DIR/val/CLASS/img
     python evaluate.py CKPT --zeroshot cifar10 --split test                     # a dataset by hub name
+    python evaluate.py CKPT --zeroshot clip-benchmark/wds_cifar10               # clip_benchmark's sets, names and prompts
     python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
     python evaluate.py CKPT --zeroshot imagenet --classnames LOC_synset_mapping.txt   # folders named n01440764...
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
@@ -45,8 +46,12 @@ DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of 
                      "a low resolution photo of a {}.", "a drawing of a {}.", "a painting of a {}.",
                      "a rendering of a {}.", "a cropped photo of the {}.", "itap of a {}."]
 RETRIEVAL_KS = (1, 5, 10)
-# a classification set's class column, by its usual names (CIFAR-100's fine_label before its coarse_label)
-LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "category")
+# a classification set's class column, by its usual names (CIFAR-100's fine_label before its coarse_label;
+# cls: a webdataset's class-id files, as in clip_benchmark's sets)
+LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "category", "cls")
+# what clip_benchmark's webdataset sets (clip-benchmark/wds_cifar10 ...) keep beside their shards: the class names,
+# a line per class id, and the set's own prompt templates, with {c} for the class name
+SET_CLASSNAMES, SET_TEMPLATES = "classnames.txt", "zeroshot_classification_templates.txt"
 
 # -----------------------------------------------------------------------------
 # metrics (on embeddings; the tests check them against naive loops)
@@ -106,6 +111,7 @@ def class_embeddings(model, tokenizer, classnames, templates, device, autocast):
     """(C, embed_dim): per class, the normalised mean of its templates' normalised text embeddings."""
     rows = []
     for name in classnames:
+        templates = [t.replace("{c}", "{}") for t in templates]  # clip_benchmark's templates say {c}
         prompts = [t.format(name) if "{}" in t else f"{t} {name}" for t in templates]
         tokens = tokenizer(prompts, trim=True).to(device)  # prompts are short: no need to run the padding
         with autocast:
@@ -118,15 +124,18 @@ def class_embeddings(model, tokenizer, classnames, templates, device, autocast):
 
 
 def shard_split(paths):
-    """A folder of shards (data/x/val) or a prepared dataset (data/x, meaning its val split), or several of
-    either, comma-separated -> (the sets' dirs, comma-separated, and their split)."""
+    """A folder of shards (data/x/val) or a prepared dataset (data/x, meaning its val split; a set of another
+    tool's with no val/ but a test/, as clip_benchmark's, its test split), or several of either,
+    comma-separated -> (the sets' dirs, comma-separated, and their split)."""
     found = []
     for path in data_dirs(paths):
         path = os.path.normpath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no folder {path}: give a folder of shards or a prepared dataset")
         tars = any(name.endswith(".tar") for name in os.listdir(path))
-        found.append((os.path.dirname(path), os.path.basename(path)) if tars else (path, "val"))
+        held_out = [s for s in SPLIT_FOLDERS[:-1] if shard_paths(path, s)]  # test, val, valid, validation
+        split = "val" if "val" in held_out or not held_out else held_out[0]
+        found.append((os.path.dirname(path), os.path.basename(path)) if tars else (path, split))
     if len({split for _, split in found}) > 1:
         raise ValueError(f"{paths}: several folders are read together only from splits of one name, e.g. a/val,b/val")
     return ",".join(d for d, _ in found), found[0][1] if found else "val"
@@ -279,15 +288,18 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         if label_column is None and len(classes) > 1 and notes:
             print(f"{name_or_dir} has several class columns ({', '.join(classes)}): using {label_col}; choose "
                   "another with --label_column", file=sys.stderr)
-        if label_col is None:  # the class names as text, as many community sets keep them: make them classes
+        if label_col is None:  # no class labels: a column of class names as text, or of class ids
             label_col = next((k for k, f in ds.features.items() if k.lower() in LABEL_COLUMNS
-                              and getattr(f, "dtype", None) == "string"), None)
-            ds = ds.class_encode_column(label_col) if label_col else ds
-        elif not isinstance(ds.features[label_col], datasets.ClassLabel):  # --label_column: text, or ids
-            ds = ds.class_encode_column(label_col)
+                              and getattr(f, "dtype", None) in ("string", *INTEGERS)), None)
         if image_col is None or label_col is None:
             raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
-        classnames = ds.features[label_col].names
+        if isinstance(ds.features[label_col], datasets.ClassLabel):
+            classnames = ds.features[label_col].names
+        elif getattr(ds.features[label_col], "dtype", None) in INTEGERS:  # ids, named by a file or left as numbers
+            classnames, classnames_file = id_classnames(ds, name_or_dir, label_col, classnames_file, notes)
+        else:  # the class names as text, as many community sets keep them: make them classes
+            ds = ds.class_encode_column(label_col)
+            classnames = ds.features[label_col].names
         rows = ds.cast_column(image_col, datasets.Image(decode=False))
         labelled = rows.filter(lambda labels: [lab is not None and lab >= 0 for lab in labels], batched=True,
                                input_columns=label_col)
@@ -315,6 +327,37 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
     return rows, image_col, label_col, classnames
 
 
+INTEGERS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def beside_set(name_or_dir, filename):
+    """A file a set keeps at its root beside its data (clip_benchmark's classnames.txt): a local copy's, or
+    fetched from the hub by the set's name; None where it has none."""
+    if os.path.isdir(name_or_dir):
+        path = os.path.join(name_or_dir, filename)
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import hf_hub_download  # installed with `datasets`
+        return hf_hub_download(name_or_dir, filename, repo_type="dataset")
+    except Exception:  # no such file, or no network: the caller goes on without it
+        return None
+
+
+def id_classnames(ds, name_or_dir, label_col, classnames_file, notes):
+    """A label column of class ids (clip_benchmark's .cls) -> (the class names, index = id; the names file still
+    to read, if any). The ids index the names as they are: a split that lacks a class keeps the others' ids."""
+    top = max((lab for lab in ds[label_col] if lab is not None), default=-1)
+    names_file = classnames_file or beside_set(name_or_dir, SET_CLASSNAMES)
+    count = len(read_lines(names_file, "--classnames" if classnames_file else "the class names")) if names_file \
+        else top + 1
+    if top >= count:
+        raise SystemExit(f"{name_or_dir}: class id {top} in {label_col!r}, but {names_file} names {count} classes "
+                         f"(ids 0 to {count - 1}): give the right names with --classnames")
+    if names_file and not classnames_file and notes:
+        print(f"{name_or_dir}: the class names of its ids from {names_file}", file=sys.stderr)
+    return [str(i) for i in range(count)], names_file
+
+
 @torch.no_grad()
 def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
                             num_workers=2, classnames_file=None, max_samples=None, label_column=None, notes=True):
@@ -324,6 +367,12 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
         # a quick look: a random subset, the same each run (a folder's images come class by class)
         keep = sorted(np.random.default_rng(0).choice(len(ds), max_samples, replace=False).tolist())
         ds = ds.select(keep) if hasattr(ds, "select") else [ds[i] for i in keep]
+    own = beside_set(name_or_dir, SET_TEMPLATES) if templates is None else None
+    if own:  # the set's own prompts, as clip_benchmark's sets keep them
+        templates = read_lines(own, "the templates file")
+        if notes:
+            print(f"{name_or_dir}: its own {len(templates)} prompt templates (evaluate.py --templates gives others)",
+                  file=sys.stderr)
     tokenizer = Tokenizer(cfg.encoding, cfg.context_length)
     weights = class_embeddings(model, tokenizer, classnames, templates or DEFAULT_TEMPLATES, device, autocast)
     # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes,
@@ -462,7 +511,8 @@ def main(argv=None):
     p.add_argument("--label_column", default=None, help="the class column of a `datasets` set that has several "
                    "(default: the one named label, else the first)")
     p.add_argument("--templates", nargs="+", default=None,
-                   help='prompt templates with {} for the class name, or a file with one per line')
+                   help="prompt templates with {} (or {c}) for the class name, or a file with one per line "
+                   "(default: the set's own zeroshot_classification_templates.txt, else a few of the CLIP paper's)")
     p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split); "
                    "several, comma-separated")
     p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples and zero-shot images (a "

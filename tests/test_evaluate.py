@@ -513,3 +513,85 @@ def test_a_zero_shot_set_out_of_reach_is_dropped_not_fatal(tmp_path, capsys):
                                            torch.autocast("cpu", enabled=False))
     assert evaluator(CLIP(cfg)) == {}
     assert "zero-shot on" in capsys.readouterr().err and evaluator.datasets == []
+
+
+def write_tar(path, files):
+    """A webdataset shard: (name, bytes) members in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_clip_benchmark_sets_read_with_their_class_names_ids_and_templates(tmp_path, capsys, monkeypatch):
+    # clip_benchmark's webdataset layout (clip-benchmark/wds_cifar10 on the hub): test/*.tar of KEY.webp + KEY.cls
+    # (a class id), and beside them classnames.txt (a name per id) and zeroshot_classification_templates.txt ({c})
+    root = tmp_path / "wds_colours"
+    rng = np.random.default_rng(0)
+    members = []
+    for i, c in enumerate([0, 2, 2, 0, 2]):  # no green image: ids must index the names as they are, not re-encoded
+        pixels = rng.integers(0, 80, (24, 30, 3))
+        pixels[..., c] += 150
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buf, "WEBP", lossless=True)
+        members += [(f"s{i:07d}.webp", buf.getvalue()), (f"s{i:07d}.cls", str(c).encode())]
+    write_tar(root / "test" / "0.tar", members)
+    (root / "classnames.txt").write_text("red\ngreen\nblue\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c} thing.\n")
+    rows, image_col, label_col, classnames = evaluate.load_classification(str(root))
+    assert (image_col, label_col, classnames, rows[label_col]) == ("webp", "cls", ["red", "green", "blue"],
+                                                                   [0, 2, 2, 0, 2])
+    assert "the class names of its ids from" in capsys.readouterr().err
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    oracle = ColourOracle(Tokenizer(cfg.encoding, cfg.context_length))
+    used = []
+    real = evaluate.class_embeddings
+    monkeypatch.setattr(evaluate, "class_embeddings", lambda m, tok, names, templates, *a:
+                        used.append((names, templates)) or real(m, tok, names, templates, *a))
+    off = torch.autocast("cpu", enabled=False)
+    got = evaluate.zeroshot_classification(oracle, str(root), cfg, "cpu", off, num_workers=0)
+    assert got == {"top1": 1.0, "top5": 1.0, "classes": 3, "samples": 5, "unreadable": 0}
+    assert used[-1] == (["red", "green", "blue"], ["a photo of a {c}.", "a {c} thing."])
+    assert "its own 2 prompt templates" in capsys.readouterr().err
+    # {c} is the class name, as {} is: the same prompts, the same embeddings
+    torch.manual_seed(0)
+    model, tok = CLIP(cfg).eval(), Tokenizer(cfg.encoding, cfg.context_length)
+    torch.testing.assert_close(real(model, tok, ["red"], ["a photo of a {c}."], "cpu", off),
+                               real(model, tok, ["red"], ["a photo of a {}."], "cpu", off), rtol=0, atol=0)
+    # templates given on the command line win over the set's own
+    evaluate.zeroshot_classification(oracle, str(root), cfg, "cpu", off, templates=["a {}"], num_workers=0)
+    assert used[-1][1] == ["a {}"]
+    # the same set by its hub name: its names and templates are fetched beside the shards
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, repo_type=None):
+        fetched.append((repo_id, filename, repo_type))
+        if not (root / filename).is_file():
+            raise FileNotFoundError(filename)  # as the hub's EntryNotFoundError: the set has no such file
+        return str(root / filename)
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(evaluate, "load_hub_set", lambda name, split: prep_dataset.load_hub_set(str(root), split))
+    got = evaluate.zeroshot_classification(oracle, "clip-benchmark/wds_colours", cfg, "cpu", off, num_workers=0)
+    assert got["top1"] == 1.0 and used[-1] == (["red", "green", "blue"], ["a photo of a {c}.", "a {c} thing."])
+    assert ("clip-benchmark/wds_colours", "classnames.txt", "dataset") in fetched
+    # without a names file the ids are the names (and said to be numbers where they are not digits); with
+    # one that names too few classes, an error that says so
+    (root / "classnames.txt").unlink()
+    assert evaluate.load_classification(str(root))[3] == ["0", "1", "2"]
+    (tmp_path / "two.txt").write_text("red\ngreen\n")
+    with pytest.raises(SystemExit, match="class id 2 in 'cls', but .*two.txt names 2 classes"):
+        evaluate.load_classification(str(root), classnames_file=str(tmp_path / "two.txt"))
+    (tmp_path / "three.txt").write_text("rouge\nvert\nbleu\n")
+    assert evaluate.load_classification(str(root), classnames_file=str(tmp_path / "three.txt"))[3] == \
+        ["rouge", "vert", "bleu"]
+    # its retrieval sets (wds_flickr30k: KEY.webp + KEY.txt, a caption per line) have test/ and no val/:
+    # the set's folder means its test split
+    write_tar(tmp_path / "wds_pairs" / "test" / "0.tar",
+              [(n, d) for i in range(3) for n, d in ((f"{i}.webp", members[2 * i][1]), (f"{i}.txt", b"a\nb"))])
+    assert evaluate.shard_split(str(tmp_path / "wds_pairs")) == (str(tmp_path / "wds_pairs"), "test")
+    img, txt, _, text_image = evaluate.embed_shards(model, str(tmp_path / "wds_pairs"), "test", cfg, "cpu", off,
+                                                    num_workers=0)
+    assert len(img) == 3 and text_image.tolist() == [0, 0, 1, 1, 2, 2]
