@@ -460,19 +460,34 @@ def text_rows(f, path):
                     yield None
         return
     # a .tsv is tab-separated; otherwise the delimiter is the one the header line uses most (Excel writes
-    # semicolons where the decimal mark is a comma): the captions may hold any of them, column names rarely do
+    # semicolons where the decimal mark is a comma): the captions may hold any of them, column names rarely do.
+    # A first line of data (no header) instead shows its delimiter by the one that cuts an image path out whole
+    # (Flickr8k's "x.jpg#0<tab>A man, in red, ...": more commas than tabs)
     header = f.readline()
     f.seek(0)
-    delimiter = "\t" if path.endswith(".tsv") else max(",;\t|", key=header.count)
     csv.field_size_limit(2 ** 31 - 1)  # a long caption is kept (the tokenizer truncates it), not an error
-    first = next(csv.reader([header], delimiter=delimiter), [])
-    is_image = lambda cell: cell.strip().lower().endswith(tuple(IMAGE_EXTENSIONS)) or "://" in cell
+    cells = lambda d: next(csv.reader([header], delimiter=d), [])
+    whole_path = lambda cell: re.fullmatch(r"\S+(" + "|".join(map(re.escape, IMAGE_EXTENSIONS)) + r")(#\d+)?"
+                                           r"|https?://\S+", cell.strip(), re.IGNORECASE)
+    by_count = sorted(",;\t|", key=header.count, reverse=True)
+    delimiter = "\t" if path.endswith(".tsv") else next(
+        (d for d in by_count if header.count(d) and any(map(whole_path, cells(d)))), by_count[0])
+    first = cells(delimiter)
+    is_image = lambda cell: image_path(cell).lower().endswith(tuple(IMAGE_EXTENSIONS)) or "://" in cell
     names = None
     if any(map(is_image, first)):  # no header line (Conceptual Captions' TSV, a quick list): the first row is data
         names = ["image" if is_image(cell) else f"column{i}" for i, cell in enumerate(first)]
         if len(names) == 2:  # an image and, beside it, its caption
             names = [n if n == "image" else "caption" for n in names]
     yield from csv.DictReader(f, fieldnames=names, delimiter=delimiter)
+
+
+def image_path(cell):
+    """A table's image cell, less spaces around it and the caption number that Flickr8k's and Flickr30k's
+    token files append to it (1000268201_693b08cb0e.jpg#2: the image's third caption)."""
+    cell = cell.strip()
+    numbered = re.fullmatch(r"(.+)#\d+", cell)
+    return numbered[1] if numbered and numbered[1].lower().endswith(tuple(IMAGE_EXTENSIONS)) else cell
 
 
 def json_records(doc):
@@ -545,7 +560,7 @@ def source_table(args):
         if isinstance(image, (bytes, bytearray)):  # a Parquet file of images: streamed
             yield key, bytes(image), row_caption(row, caption_cols), None
             continue
-        image = str(image or "").strip()  # spreadsheets keep stray spaces around a cell
+        image = image_path(str(image or ""))  # spreadsheets keep stray spaces around a cell
         if image.startswith(("http://", "https://")):
             in_order.append((key, None, None, {"skip": "image_is_a_url"}))
             continue

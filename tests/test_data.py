@@ -483,6 +483,15 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     (src / "cc3m.tsv").write_text("a red card\thttps://example.com/r.jpg\n")  # Conceptual Captions' layout
     with pytest.raises(SystemExit, match="The images were URLs: download the images first"):
         made("cc3m.tsv")
+    # Flickr8k's and Flickr30k's own token files: no header, a tab, the image with its caption's number, and
+    # captions with more commas than the line has tabs; an image's numbered rows are one sample
+    (src / "Flickr8k.token.txt").write_text("r.png#0\tA red card, flat, on a table, lit .\nr.png#1\ta red card\n"
+                                            "g.png#0\tA green card .\n")
+    prep_dataset.main(["--source", "table", "--input", str(src / "Flickr8k.token.txt"), "--image_root",
+                       str(src / "imgs"), "--out_dir", str(tmp_path / "flickr"), "--image_size", "32",
+                       "--val_fraction", "0", "--workers", "1"])
+    assert sorted(c for _, c in tar_samples(tmp_path / "flickr" / "train" / "shard-000000.tar").values()) == \
+        ["A green card .", "A red card, flat, on a table, lit .\na red card"]
     # a JSON list of records, and JSON lines where a broken line is skipped and counted
     (src / "list.json").write_text(json.dumps([{"image": "imgs/r.png", "text": "red"}, {"image": "imgs/g.png", "text": "green"}]))
     assert sorted(made("list.json")) == ["green", "red"]
