@@ -491,12 +491,17 @@ def image_path(cell):
 
 
 def json_records(doc):
-    """The records a JSON document holds: a list of them, one record, or a caption set's annotation file,
+    """The records a JSON document holds: a list of them, one record, a list of them under one key of a
+    document that holds no image itself, or a caption set's annotation file,
     one record per image: COCO's {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
     (its captions gathered into a list) or Karpathy's splits {"images": [{"filepath", "filename",
     "sentences", "split"}]} (COCO, Flickr30k)."""
     if isinstance(doc, list):
         return doc
+    if isinstance(doc, dict) and not isinstance(doc.get("images"), list) and not any(k in IMAGE_COLUMNS for k in doc):
+        # the records under one key beside the file's own notes: TextCaps' {"dataset_type": ..., "data": [...]}
+        lists = [v for v in doc.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v[:100])]
+        return lists[0] if len(lists) == 1 else [doc]
     if not (isinstance(doc, dict) and isinstance(doc.get("images"), list)):
         return [doc]
     if isinstance(doc.get("annotations"), list):

@@ -577,6 +577,14 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(karpathy))
     got, _ = made(tmp_path / "dataset_flickr30k.json", "f", "--image_root", str(coco / "train2017"))
     assert got == {"a 0\na 1": (1, 0, 0), "d 0\nd 1": (1, 1, 0)}
+    # TextCaps' file: its records under "data", beside notes about the file; a row per caption, all five in each
+    rows = [{"image_id": n, "image_path": f"train2017/{n}.jpg", "caption_id": j, "caption_str": f"{n} sign {j}",
+             "caption_tokens": [n, "sign", str(j)], "reference_strs": [f"{n} sign {k}" for k in range(2)],
+             "set_name": "train"} for n in "ab" for j in range(2)]
+    (tmp_path / "TextCaps_0.1_train.json").write_text(json.dumps({"dataset_type": "train", "dataset_name": "textcaps",
+                                                                  "dataset_version": "0.1", "data": rows}))
+    got, m = made(tmp_path / "TextCaps_0.1_train.json", "textcaps", "--image_root", str(coco))
+    assert got == {"a sign 0\na sign 1": (1, 0, 0), "b sign 0\nb sign 1": (0, 1, 0)} and m["skipped"] == {}
     # the folder source finds the images without .txt captions, and points to the table beside them
     with pytest.raises(SystemExit, match=r"no \.txt captions.*captions_train2017\.json.*--source table"):
         prep_dataset.main(["--source", "folder", "--input", str(coco), "--out_dir", str(tmp_path / "dir")])
