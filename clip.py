@@ -330,6 +330,26 @@ class CLIP(nn.Module):
         scale = self.logit_scale.exp().clamp(max=100)
         return self.encode_image(images), self.encode_text(tokens), scale, self.logit_bias
 
+
+def resize_position_embeddings(state, cfg: CLIPConfig):
+    """A state dict's weights made to fit a model of another image_size or context_length (fine-tuning at a
+    higher resolution, as CLIP's last epoch and FLIP's "unmasked tuning" do). The patch grid's embeddings are
+    resampled bicubically to the new grid, the class token's kept; the text's are cut to the new context, or
+    extended with rows drawn as the model's own init draws them. Everything else is as it was."""
+    state = dict(state)
+    pos = state["visual.pos_embedding"]  # (1 + old grid^2, W)
+    old, grid = math.isqrt(pos.shape[0] - 1), cfg.image_size // cfg.patch_size
+    if old != grid:
+        patches = pos[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, W, old, old), rows first
+        patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+        state["visual.pos_embedding"] = torch.cat([pos[:1], patches[0].permute(1, 2, 0).flatten(0, 1).to(pos.dtype)])
+    text = state["text.pos_embedding"]  # (old context, W)
+    extra = cfg.context_length - len(text)
+    if extra:  # a caption of the old length sees the positions it was trained with, whichever way this goes
+        state["text.pos_embedding"] = text[:cfg.context_length] if extra < 0 else torch.cat(
+            [text, torch.randn(extra, text.shape[1], dtype=text.dtype) * 0.01])
+    return state
+
 # -----------------------------------------------------------------------------
 # losses, correct under data parallelism
 #

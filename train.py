@@ -36,7 +36,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint_manager import CheckpointError, CheckpointManager, load_run
-from clip import CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding
+from clip import (CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding,
+                  resize_position_embeddings)
 from dataloader import ShardLoader, data_dirs, default_num_workers, shard_paths
 from logger import Logger
 from prep_dataset import lock_dir, unlock_dir
@@ -618,6 +619,12 @@ def main(argv=None):
     if start is not None:
         # the checkpoint fixes the model's shape: a model flag that contradicts it would be silently lost
         model_cfg = CLIPConfig(**start["model_config"])
+        if cfg.init_from:  # fine-tuning at another resolution or caption length: the position embeddings follow
+            resized = {k: v for k, v in cfg.model_args.items() if k in ("image_size", "context_length")}
+            try:
+                model_cfg = replace(model_cfg, **resized)
+            except AssertionError as e:  # an image size its patches do not divide
+                sys.exit(f"--init_from {start_path}: {e}")
         clash = [f"--{k} {v!r} (the checkpoint's: {getattr(model_cfg, k)!r})" for k, v in cfg.model_args.items()
                  if getattr(model_cfg, k) != v]
         named = start.get("config", {}).get("model")  # the preset it was made from (a file of weights alone: unknown)
@@ -629,7 +636,10 @@ def main(argv=None):
             else:  # fine-tuning with the other loss: the weights, and that loss's own fresh temperature (and bias)
                 model_cfg = replace(model_cfg, loss=cfg.loss)
         if clash:
-            sys.exit(f"{start_path} fixes the model's shape; drop " + ", ".join(clash))
+            resizable = {"image_size", "context_length"} & set(cfg.model_args)
+            sys.exit(f"{start_path} fixes the model's shape; drop " + ", ".join(clash) + (
+                f" (to fine-tune at another {' or '.join(sorted(resizable))}, start a new run from its weights with "
+                f"--init_from {start_path})" if cfg.resume and resizable else ""))
         cfg.model = named or cfg.model  # what config.json and the checkpoints then say (cfg.loss is the model's)
     else:
         try:
@@ -732,8 +742,15 @@ def main(argv=None):
     if start is not None:
         # --init_from with the other --loss: the towers' weights, and that loss's own fresh temperature (and bias)
         fresh = {"logit_scale", "logit_bias"} if model_cfg.loss != start["model_config"].get("loss", "clip") else set()
+        weights = start["model"]
+        was = CLIPConfig(**start["model_config"])
+        if (was.image_size, was.context_length) != (model_cfg.image_size, model_cfg.context_length):  # --init_from
+            weights = resize_position_embeddings(weights, model_cfg)
+            if master:
+                print(f"position embeddings resized: images {was.image_size} -> {model_cfg.image_size} px, "
+                      f"captions {was.context_length} -> {model_cfg.context_length} tokens")
         try:
-            missing, unexpected = raw_model.load_state_dict({k: v for k, v in start["model"].items() if k not in fresh},
+            missing, unexpected = raw_model.load_state_dict({k: v for k, v in weights.items() if k not in fresh},
                                                             strict=False)
             mismatch = f"missing {missing}, unexpected {unexpected}" if set(missing) - fresh or unexpected else None
         except RuntimeError as e:  # tensors of other shapes than their names': one line each after a heading

@@ -1,6 +1,7 @@
 import math
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clip import (CLIP, PRESETS, Tokenizer, attention, clip_loss, contrastive_loss, count_parameters, flops_per_sample,
-                  get_config, sigmoid_loss)
+                  get_config, resize_position_embeddings, sigmoid_loss)
 
 
 def small_config(**kw):
@@ -318,3 +319,46 @@ def test_two_ranks_train_exactly_like_one_process(tmp_path, loss_name):
     torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=0, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_position_embeddings_resize_to_another_grid_and_context():
+    cfg = get_config("tiny", patch_size=8, vision_layers=1, text_layers=1)  # 64 px: an 8x8 grid
+    torch.manual_seed(0)
+    model = CLIP(cfg).eval()
+    state = model.state_dict()
+    assert all(resize_position_embeddings(state, cfg)[k] is v for k, v in state.items())  # the same shape: unchanged
+    # the patch grid resampled as an image, rows as rows: against bicubic interpolation written out, Keys'
+    # cubic kernel (a = -0.75, as PyTorch's) over the old patch centres, the border patches repeated
+    W = cfg.vision_width
+
+    def cubic(t, a=-0.75):
+        t = abs(t)
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+
+    resample = torch.zeros(16, 8)  # new patch centre k from the old ones: k sits at (k + 0.5) / 2 - 0.5 old patches
+    for k in range(16):
+        at = (k + 0.5) / 2 - 0.5
+        for j in range(math.floor(at) - 1, math.floor(at) + 3):
+            resample[k, min(max(j, 0), 7)] += cubic(at - j)
+    grid = torch.randn(8, 8, W)
+    state["visual.pos_embedding"] = torch.cat([torch.randn(1, W), grid.reshape(64, W)])
+    big = replace(cfg, image_size=128, context_length=12)  # a 16x16 grid
+    got = resize_position_embeddings(state, big)
+    assert got["visual.pos_embedding"].shape == (1 + 16 * 16, W)
+    torch.testing.assert_close(got["visual.pos_embedding"][0], state["visual.pos_embedding"][0], rtol=0, atol=0)
+    naive = torch.einsum("ki,ijw,lj->klw", resample, grid, resample)
+    torch.testing.assert_close(got["visual.pos_embedding"][1:].reshape(16, 16, W), naive, rtol=1e-5, atol=1e-5)
+    # the text's positions: cut to the new context, so a caption that fits has the features it had
+    text = got["text.pos_embedding"]
+    torch.testing.assert_close(text, state["text.pos_embedding"][:12], rtol=0, atol=0)
+    short = replace(cfg, context_length=12)
+    cut = CLIP(short).eval()
+    cut.load_state_dict(resize_position_embeddings(model.state_dict(), short))
+    tokens = Tokenizer(cfg.encoding, 12)(["a red circle", "a small blue star in the top left"], trim=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.encode_text(tokens), model.encode_text(tokens), rtol=0, atol=0)
+    # or extended, the old rows first and new ones drawn at the init's scale
+    longer = resize_position_embeddings(state, replace(cfg, context_length=96))["text.pos_embedding"]
+    assert longer.shape == (96, cfg.text_width)
+    torch.testing.assert_close(longer[:32], state["text.pos_embedding"], rtol=0, atol=0)
+    assert 0.005 < longer[32:].std() < 0.02

@@ -22,7 +22,7 @@ import logger
 import prep_dataset
 import train
 from checkpoint_manager import CheckpointError, CheckpointManager, load_checkpoint
-from clip import CLIP, Tokenizer, clip_loss, flops_per_sample, get_config
+from clip import CLIP, Tokenizer, clip_loss, flops_per_sample, get_config, resize_position_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -537,8 +537,22 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
     model = train.main(run_args(shapes_dir, str(tmp_path / "ft5"), max_steps=1, max_lr=1e-12) + ["--init_from", bare])
     assert f"initialising from {bare}\n" in capsys.readouterr().out
     torch.testing.assert_close(model.state_dict()["logit_scale"], state["model"]["logit_scale"], rtol=0, atol=1e-8)
-    with pytest.raises(SystemExit, match="fixes the model's shape; drop --image_size 64"):
-        train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1) + ["--init_from", ckpt, "--image_size", "64"])
+    # fine-tuning at a higher resolution and a shorter context: the position embeddings follow, the rest is kept
+    model = train.main(run_args(shapes_dir, str(tmp_path / "ft2"), max_steps=1, max_lr=1e-12) +
+                       ["--init_from", ckpt, "--image_size", "64", "--context_length", "8"])
+    assert "position embeddings resized: images 32 -> 64 px, captions 16 -> 8 tokens" in capsys.readouterr().out
+    assert (model.config.image_size, model.config.context_length) == (64, 8)
+    resized = resize_position_embeddings(state["model"], model.config)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, resized[name], rtol=0, atol=1e-8, msg=name)
+        if "pos_embedding" not in name:
+            torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
+    assert load_checkpoint(str(tmp_path / "ft2" / "ckpt-00000001.pt"))["model_config"]["image_size"] == 64
+    # but not a resumed run, nor another patch size (other weights' shapes)
+    with pytest.raises(SystemExit, match=r"drop --image_size 64 .*start a new run from its weights with --init_from"):
+        train.main(["--out_dir", ft, "--resume", "--image_size", "64"])
+    with pytest.raises(SystemExit, match="fixes the model's shape; drop --patch_size 16"):
+        train.main(run_args(shapes_dir, str(tmp_path / "ft6"), max_steps=1) + ["--init_from", ckpt, "--patch_size", "16"])
     # --model and --loss given with --resume would be lost without a word (the model is the checkpoint's)
     with pytest.raises(SystemExit, match=r"drop --model 'base' \(the checkpoint's: 'tiny'\)"):
         train.main(["--out_dir", ft, "--resume", "--model", "base"])
