@@ -337,9 +337,11 @@ def resize_position_embeddings(state, cfg: CLIPConfig):
     resampled bicubically to the new grid, the class token's kept; the text's are cut to the new context, or
     extended with rows drawn as the model's own init draws them. Everything else is as it was."""
     state = dict(state)
+    if "visual.pos_embedding" not in state or "text.pos_embedding" not in state:
+        return state  # not a CLIP's weights: loading them says what is missing
     pos = state["visual.pos_embedding"]  # (1 + old grid^2, W)
     old, grid = math.isqrt(pos.shape[0] - 1), cfg.image_size // cfg.patch_size
-    if old != grid:
+    if old != grid and old * old == pos.shape[0] - 1:
         patches = pos[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, W, old, old), rows first
         patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
         state["visual.pos_embedding"] = torch.cat([pos[:1], patches[0].permute(1, 2, 0).flatten(0, 1).to(pos.dtype)])

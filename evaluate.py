@@ -110,8 +110,8 @@ def recall_at_k(image_emb, text_emb, text_image=None, ks=RETRIEVAL_KS, block=409
 def class_embeddings(model, tokenizer, classnames, templates, device, autocast):
     """(C, embed_dim): per class, the normalised mean of its templates' normalised text embeddings."""
     rows = []
+    templates = [t.replace("{c}", "{}") for t in templates]  # clip_benchmark's templates say {c}
     for name in classnames:
-        templates = [t.replace("{c}", "{}") for t in templates]  # clip_benchmark's templates say {c}
         prompts = [t.format(name) if "{}" in t else f"{t} {name}" for t in templates]
         tokens = tokenizer(prompts, trim=True).to(device)  # prompts are short: no need to run the padding
         with autocast:
