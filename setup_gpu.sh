@@ -67,8 +67,32 @@ fi
 PY="$VENV/bin/python"
 
 echo "== 3/5 packages"
-# torch==2.13.0 from PyPI is a CUDA build on Linux x86_64; set TORCH_INDEX_URL for another CUDA version,
-# e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+# torch==2.13.0 from PyPI is a CUDA 13 build on Linux x86_64, which needs a 580 driver or newer; set TORCH_INDEX_URL
+# for another CUDA version, e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+DRIVER_MAJOR="${DRIVER_CUDA:-}"; DRIVER_MAJOR="${DRIVER_MAJOR%%.*}"
+if [ -z "${TORCH_INDEX_URL:-}" ] && [ -n "$DRIVER_MAJOR" ] && [ "$DRIVER_MAJOR" -lt 13 ] \
+    && ! "$PY" -c "import torch" 2>/dev/null; then
+  # a fresh environment on a CUDA 12 driver (most cloud images): PyTorch's own CUDA 12 build of the same torch
+  # instead of PyPI's, which would install and then see no GPU. cu128 first: Blackwell GPUs need CUDA 12.8
+  if [ "$DRIVER_MAJOR" -lt 12 ]; then
+    echo "this driver runs CUDA up to $DRIVER_CUDA; torch 2.13.0 needs CUDA 12 or newer: update the NVIDIA driver" >&2
+    echo "(e.g. 'sudo apt install nvidia-driver-580', then reboot) and run this script again." >&2
+    exit 1
+  fi
+  for BUILD in cu128 cu126; do
+    if [ "$DRY" = 1 ] || "$PY" -m pip index versions torch --index-url "https://download.pytorch.org/whl/$BUILD" \
+        2>/dev/null | grep -q "2\.13\.0"; then
+      TORCH_INDEX_URL="https://download.pytorch.org/whl/$BUILD"
+      break
+    fi
+  done
+  if [ -z "${TORCH_INDEX_URL:-}" ]; then
+    echo "PyTorch's index lists no CUDA 12 build of torch 2.13.0 (cu128, cu126), and PyPI's CUDA 13 build needs a" >&2
+    echo "driver of 580 or newer: update the driver, or name a build with TORCH_INDEX_URL=... bash setup_gpu.sh" >&2
+    exit 1
+  fi
+  echo "the driver runs CUDA $DRIVER_CUDA: torch from $TORCH_INDEX_URL (PyPI's build is for CUDA 13)"
+fi
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
   # a torch already installed from elsewhere (a rerun, after a CUDA build the driver could not run) is
   # replaced: pip would otherwise take it for the torch==2.13.0 asked for

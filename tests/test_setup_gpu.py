@@ -79,3 +79,28 @@ def test_an_amd_gpu_is_sent_to_torch_for_rocm(tmp_path):
     assert out.returncode == 1 and "AMD Instinct MI300X" in out.stdout
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/rocm" in out.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_a_fresh_box_with_a_cuda_12_driver_gets_torch_for_cuda_12(tmp_path):
+    # most cloud images run a CUDA 12 driver, which PyPI's torch (CUDA 13) cannot use: a fresh environment takes
+    # PyTorch's own CUDA 12 build of the same torch at once, instead of installing one that sees no GPU
+    def box(cuda):
+        bin_dir = tmp_path / cuda
+        bin_dir.mkdir()
+        smi = bin_dir / "nvidia-smi"
+        smi.write_text(f'#!/bin/sh\nif [ -n "$1" ]; then echo "0, NVIDIA B200, 570.86.15, 183359 MiB"; else\n'
+                       f'echo "| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: {cuda} |"; fi\n')
+        smi.chmod(0o755)
+        return subprocess.run(["bash", SCRIPT, "--venv", str(tmp_path / "fresh"), "--dry-run"], capture_output=True,
+                              text=True, cwd=ROOT, timeout=600,
+                              env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    out = box("12.8")
+    assert out.returncode == 0, out.stderr
+    assert "the driver runs CUDA 12.8: torch from https://download.pytorch.org/whl/cu128" in out.stdout
+    assert "pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" in out.stdout
+    # a CUDA 13 driver takes PyPI's torch, as requirements.txt pins it; one older than CUDA 12 cannot run torch 2.13
+    out = box("13.0")
+    assert out.returncode == 0 and "--index-url" not in out.stdout and "requirements.txt" in out.stdout
+    out = box("11.4")
+    assert out.returncode == 1 and "update the NVIDIA driver" in out.stderr
+    assert not (tmp_path / "fresh").exists()
