@@ -201,7 +201,7 @@ def set_name(name_or_dir):
     return parts[-2] if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDERS else parts[-1]
 
 
-def class_folders(root, split=None):
+def class_folders(root, split=None, notes=True):
     """A folder in torchvision's ImageFolder layout, ROOT/CLASS/**/image, or that layout one level down by
     split (ROOT/val/CLASS/...) -> (rows, class names), or None when it holds no such images. A folder whose
     subfolders are all split names is read by split: --split, else the first of SPLIT_FOLDERS it has, so
@@ -219,8 +219,9 @@ def class_folders(root, split=None):
         root = os.path.join(root, split)
     elif by_split:
         chosen = next(d for s in SPLIT_FOLDERS for d in subdirs if d.lower() == s)
-        print(f"{root} holds the splits {subdirs}: evaluating on {chosen} (evaluate.py --split picks another)",
-              file=sys.stderr)
+        if notes:
+            print(f"{root} holds the splits {subdirs}: evaluating on {chosen} (evaluate.py --split picks another)",
+                  file=sys.stderr)
         root = os.path.join(root, chosen)
     rows, classes = [], []
     for name in folders(root):
@@ -265,7 +266,7 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
     are hidden, marked -1) are left out and counted. notes=False: no notes about the set on stderr (training
     evaluates the same sets again and again)."""
     import datasets
-    found = class_folders(name_or_dir, split) if os.path.isdir(name_or_dir) else None
+    found = class_folders(name_or_dir, split, notes) if os.path.isdir(name_or_dir) else None
     if found is not None:
         if label_column is not None:  # said, not ignored: the folders name the classes
             raise SystemExit(f"--label_column is for `datasets` sets: the classes of {name_or_dir} are its folders")

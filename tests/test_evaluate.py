@@ -560,6 +560,11 @@ def test_clip_benchmark_sets_read_with_their_class_names_ids_and_templates(tmp_p
     model, tok = CLIP(cfg).eval(), Tokenizer(cfg.encoding, cfg.context_length)
     torch.testing.assert_close(real(model, tok, ["red"], ["a photo of a {c}."], "cpu", off),
                                real(model, tok, ["red"], ["a photo of a {}."], "cpu", off), rtol=0, atol=0)
+    # during training, evaluated again and again, its notes are said once
+    evaluator = evaluate.TrainingEvaluator(str(root), False, str(tmp_path), {}, cfg, "cpu", off, num_workers=0)
+    assert set(evaluator(model)) == set(evaluator(model)) == {"zeroshot/wds_colours/top1", "zeroshot/wds_colours/top5"}
+    err = capsys.readouterr().err
+    assert err.count("holds the splits ['test']") == err.count("its own 2 prompt templates") == 1, err
     # templates given on the command line win over the set's own
     evaluate.zeroshot_classification(oracle, str(root), cfg, "cpu", off, templates=["a {}"], num_workers=0)
     assert used[-1][1] == ["a {}"]
