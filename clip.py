@@ -349,7 +349,7 @@ def resize_position_embeddings(state, cfg: CLIPConfig):
     extra = cfg.context_length - len(text)
     if extra:  # a caption of the old length sees the positions it was trained with, whichever way this goes
         state["text.pos_embedding"] = text[:cfg.context_length] if extra < 0 else torch.cat(
-            [text, torch.randn(extra, text.shape[1], dtype=text.dtype) * 0.01])
+            [text, torch.randn(extra, text.shape[1], dtype=text.dtype, device=text.device) * 0.01])
     return state
 
 # -----------------------------------------------------------------------------
