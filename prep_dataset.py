@@ -511,8 +511,15 @@ def json_records(doc):
                 captions.setdefault(a.get("image_id"), []).append(a.get("caption"))
         return [{**im, "captions": captions.get(im.get("id"), [])} if isinstance(im, dict) else im
                 for im in doc["images"]]
-    return [{**im, "filepath": os.path.join(str(im.get("filepath") or ""), str(im["filename"]))}
-            if isinstance(im, dict) and "filename" in im else im for im in doc["images"]]
+    return [folder_and_file(im) if isinstance(im, dict) else im for im in doc["images"]]
+
+
+def folder_and_file(row):
+    """Karpathy's split rows name an image by its folder and file apart ({"filepath": "val2014", "filename":
+    "COCO_val2014_000000391895.jpg"}; Flickr30k's, the file alone): the path, as one "filepath"."""
+    if "filename" not in row:
+        return row
+    return {**row, "filepath": os.path.join(str(row.get("filepath") or ""), str(row["filename"]))}
 
 
 def table_image(image, roots, image_root):
@@ -537,8 +544,6 @@ def source_table(args):
     path = args.input or ""
     if not os.path.isfile(path):
         sys.exit(f"--source table needs --input FILE, a .csv, .tsv, .jsonl, .json or .parquet file (got {path!r})")
-    if args.image_root and not os.path.isdir(args.image_root):
-        sys.exit(f"--image_root {args.image_root!r} is not a folder")
     # a relative path from --image_root, else from the table's folder, else from where the command runs
     roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
     image_col = caption_cols = None
@@ -696,18 +701,24 @@ def source_hub(args):
         print(f"{args.input} has no split {args.split!r}: reading its only one, {split!r}, by its split column")
     if isinstance(features[image_col], HFImage):
         ds = ds.cast_column(image_col, HFImage(decode=False))  # raw bytes (or a path): decoded in the workers
+    # the Karpathy split on the hub (yerevann/coco-karpathy) names each image by folder and file apart, and lists
+    # URLs: with the images on disk, --image_root names the folder its paths start from
+    karpathy = image_col == "filepath" and "filename" in features and not args.image_column
+    roots = [args.image_root] if args.image_root else [args.input if os.path.isdir(args.input) else "", ""]
     first = True
     for i, ex, in_split in split_rows(streamed(ds, args), args.split, "set"):
         if not in_split:
             yield f"{i:09d}", None, None, {"skip": "other_split"}
             continue
-        image = image_cell(ex.get(image_col))
+        image = image_cell((folder_and_file(ex) if karpathy else ex).get(image_col))
         if first and isinstance(image, str) and image.startswith(("http://", "https://")):
             # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
             sys.exit(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): {URL_HINT}")
         first = False
-        if isinstance(image, str) and os.path.isdir(args.input) and not os.path.isabs(image):
-            image = os.path.join(args.input, image)  # a local set's text column of paths: from its folder
+        if isinstance(image, str) and "://" not in image:  # a path: from --image_root, else from a local set's folder
+            found = table_image(os.path.expanduser(image), roots, args.image_root) if image else None
+            yield f"{i:09d}", found, row_caption(ex, caption_cols), None if found else {"skip": "missing_image"}
+            continue
         yield f"{i:09d}", image, row_caption(ex, caption_cols), None
 
 
@@ -1001,9 +1012,10 @@ def write_shards(args, stage_dir):
         shutil.rmtree(stage_dir)  # nothing worth keeping: the corrected command starts afresh
         hints = {"image_is_a_url": f"The images were URLs: {URL_HINT}",
                  "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)"}
-        if args.source == "table":
+        if args.source in ("table", "hub"):
             hints["missing_image"] = ("Relative image paths start from --image_root if given, else from the table's "
-                                      "folder, then from where you run the command: name the images' folder with "
+                                      "(or the set's) folder, then from where you run the command: name the images' "
+                                      "folder with "
                                       "--image_root (paths written on another machine are looked for there by "
                                       "their last parts)")
         if args.source == "folder":
@@ -1099,8 +1111,8 @@ def main(argv=None):
                    ".csv/.tsv/.jsonl/.json/.parquet file (table), dataset name or folder (hub)")
     p.add_argument("--split", default=None, help="hub: the dataset split to read; table: the rows to keep when "
                    "the table has a split column (several: train,restval). Default: train")
-    p.add_argument("--image_root", default=None, help="table: the folder relative image paths start from "
-                   "(default: the table's folder, then the working directory)")
+    p.add_argument("--image_root", default=None, help="table, hub: the folder relative image paths start from "
+                   "(default: the table's or the local set's folder, then the working directory)")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
     p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed), or "
                    "several, comma-separated, each holding a caption of the same image (caption_0,caption_1); "
@@ -1127,10 +1139,12 @@ def main(argv=None):
                            ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]")):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
-    for name, sources in (("split", ("table", "hub")), ("image_root", ("table",)), ("image_column", ("table", "hub")),
+    for name, sources in (("split", ("table", "hub")), ("image_root", ("table", "hub")), ("image_column", ("table", "hub")),
                           ("caption_column", ("table", "hub", "webdataset", "text-to-image-2M", "folder"))):
         if getattr(args, name) is not None and args.source not in sources:  # said, not ignored
             p.error(f"--{name} is for --source {' or '.join(sources)}, not {args.source}")
+    if args.image_root and not os.path.isdir(args.image_root):
+        p.error(f"--image_root {args.image_root!r} is not a folder")
     args.split = args.split or "train"
     args.image_size = args.image_size or (64 if args.source == "shapes" else 256)
 
@@ -1143,7 +1157,7 @@ def main(argv=None):
         settings.update(split=args.split, image_column=args.image_column, caption_column=args.caption_column)
     elif args.caption_column:  # only when given: shards prepared without it still match
         settings.update(caption_column=args.caption_column)
-    if args.source == "table" and args.image_root:  # only when given: a table prepared without it still matches
+    if args.image_root:  # only when given: a table prepared without it still matches
         settings.update(image_root=args.image_root)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:

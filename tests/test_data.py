@@ -705,6 +705,29 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     with pytest.raises(SystemExit, match="'image_url' column .* holds URLs .*img2dataset"):
         prep_dataset.main(["--source", "hub", "--input", str(urls), "--out_dir", str(tmp_path / "urls_out"),
                            "--image_size", "32", "--workers", "1"])
+    # the Karpathy split on the hub (yerevann/coco-karpathy): each image by folder and file name apart, beside
+    # its URL; with COCO's images on disk, --image_root names where the folders are
+    karpathy = tmp_path / "coco-karpathy"
+    (karpathy / "data").mkdir(parents=True)
+    (tmp_path / "coco" / "val2014").mkdir(parents=True)
+    rows = []
+    for i, rgb in enumerate([(250, 0, 0), (0, 250, 0), (0, 0, 250)]):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (40, 30), rgb).save(tmp_path / "coco" / "val2014" / name)
+        rows.append({"filepath": "val2014", "filename": name, "sentences": [f"{i} a", f"{i} b"], "cocoid": i,
+                     "split": "test" if i else "train", "url": f"http://images.cocodataset.org/val2014/{name}"})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), karpathy / "data" / "test-00000-of-00001.parquet")
+    m = prep_dataset.main(["--source", "hub", "--input", str(karpathy), "--split", "test", "--image_root",
+                           str(tmp_path / "coco"), "--out_dir", str(tmp_path / "karpathy_out"), "--image_size", "32",
+                           "--val_fraction", "0", "--workers", "1"])
+    got = tar_samples(tmp_path / "karpathy_out" / "train" / "shard-000000.tar").values()
+    assert sorted((c, int(np.asarray(img)[..., 2].mean() > 128)) for img, c in got) == [("1 a\n1 b", 0), ("2 a\n2 b", 1)]
+    assert m["skipped"] == {"other_split": 1}
+    with pytest.raises(SystemExit, match=r"'missing_image': 2.*name the images' folder with --image_root"):
+        prep_dataset.main(["--source", "hub", "--input", str(karpathy), "--split", "test", "--out_dir",
+                           str(tmp_path / "karpathy_no_root"), "--image_size", "32", "--workers", "1"])
 
 
 def test_a_row_per_caption_is_one_sample_per_image_and_resumes_whole(tmp_path, monkeypatch, capsys):
