@@ -244,13 +244,22 @@ class VisionTransformer(nn.Module):
         x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(B, (H // p) * (W // p), C * p * p)
 
-    def forward(self, images):
+    def forward(self, images, keep=None):
+        """keep: (B, K) indices of the patches each image keeps, for patch dropout (FLIP, Li et al. 2023): the
+        tower then runs K + 1 tokens instead of N + 1, each kept patch with its own position embedding."""
         if images.dtype == torch.uint8:
             images = images.float() / 255.0  # else: float images already in [0, 1]
-        x = (images - self.mean) / self.std
-        x = self.patch_embed(self.patchify(x))  # (B, N, W)
+        x = self.patchify((images - self.mean) / self.std)  # (B, N, 3*p*p)
+        pos = self.pos_embedding[1:]  # (N, W)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, 3*p*p)
+            # gathered row by row, not indexed as pos[keep]: its backward then adds each image's gradients to
+            # distinct rows, and sums the images in a fixed order (pos[keep]'s accumulates in any order on a CPU,
+            # and runs would differ in their last bits)
+            pos = pos.expand(x.shape[0], -1, -1).gather(1, keep[..., None].expand(-1, -1, pos.shape[-1]))  # (B, K, W)
+        x = self.patch_embed(x)  # (B, K, W)
         cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (B, N+1, W)
+        x = torch.cat([cls + self.pos_embedding[:1], x + pos], dim=1)  # (B, K+1, W)
         # the class token summarises the image
         x = self.transformer(x, pool=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))  # (B, W)
         return self.proj(self.ln_f(x))  # (B, embed_dim)
@@ -314,21 +323,21 @@ class CLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enabled
         self.text.transformer.grad_checkpointing = enabled
 
-    def encode_image(self, images, normalize=True):
-        x = self.visual(images)
+    def encode_image(self, images, normalize=True, keep=None):
+        x = self.visual(images, keep)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens, normalize=True):
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images, tokens):
+    def forward(self, images, tokens, keep=None):
         """-> (image_features, text_features, logit_scale, logit_bias): unit-norm (B, embed_dim) embeddings,
         the temperature exp(t) clamped at 100 as in CLIP, and SigLIP's bias (None for the softmax loss).
         The temperature comes out of forward() so that DDP sees it used, and its gradient flows back
-        through here like every other parameter's."""
+        through here like every other parameter's. keep: the patches each image keeps (patch dropout)."""
         scale = self.logit_scale.exp().clamp(max=100)
-        return self.encode_image(images), self.encode_text(tokens), scale, self.logit_bias
+        return self.encode_image(images, keep=keep), self.encode_text(tokens), scale, self.logit_bias
 
 
 def resize_position_embeddings(state, cfg: CLIPConfig):
@@ -433,14 +442,14 @@ def count_parameters(cfg: CLIPConfig):
             "token_embedding": model.text.token_embedding.weight.numel(), "total": count(model)}
 
 
-def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True, text_length=None):
+def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True, text_length=None, patches=None):
     """Training FLOPs for one (image, caption) pair, as the model runs them: 3x the forward (backward
     costs twice the forward), counting 2 FLOPs per multiply-add of every matmul; the token lookup is
     free. Attention scores are counted in full for the causal tower too, the usual convention (PaLM,
     nanoGPT). The last layer of each tower computes only its pooled row, and is counted so; with
     pooled_last_layer=False, in full, as models that run every row there do (for comparisons).
     text_length: the caption positions a batch runs (the loader cuts batches after their longest
-    caption); context_length if not given."""
+    caption); context_length if not given. patches: the patches each image keeps (patch dropout); all if not given."""
     def tower(tokens, width, layers):
         if layers == 0:
             return 0
@@ -449,7 +458,7 @@ def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True, text_length=None):
         # last layer: keys and values of every row, then query, attention, proj and mlp of one row
         last = 2 * tokens * 2 * width * width + 2 * (matmul - 2 * width * width) + 2 * 2 * tokens * width
         return (layers - 1) * layer + (last if pooled_last_layer else layer)
-    n_patches = (cfg.image_size // cfg.patch_size) ** 2
+    n_patches = patches or (cfg.image_size // cfg.patch_size) ** 2
     vision = (2 * n_patches * 3 * cfg.patch_size ** 2 * cfg.vision_width
               + tower(n_patches + 1, cfg.vision_width, cfg.vision_layers)
               + 2 * cfg.vision_width * cfg.embed_dim)

@@ -55,6 +55,7 @@ class TrainConfig:
     make_shapes: int = 0  # where data_dir is missing or empty, generate this many samples of the shapes set there
     augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
     crop_scale_min: float = 0.8
+    patch_dropout: float = 0.0  # the share of each training image's patches left out (FLIP): faster steps; 0 = off
     num_workers: int = -1  # data loader processes per rank; -1: the cores per rank less one (a 2-core CPU step: 0)
     # run
     out_dir: str = "runs/base"
@@ -225,7 +226,19 @@ def clipped_step(optimizer, params, grad_clip, loss, scaler=None):
 # one optimisation step's gradients
 
 
-def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=None):
+def kept_patches(cfg, model_cfg, step, batch):
+    """Patch dropout (FLIP, Li et al. 2023): the patches each image of the global batch keeps at this step, (batch,
+    K) indices, sorted. Drawn from the seed and the step alone, so that every rank, every micro-batch's two passes
+    and a resumed run see the same ones; None when off."""
+    n = (model_cfg.image_size // model_cfg.patch_size) ** 2
+    k = max(1, round(n * (1 - cfg.patch_dropout)))
+    if k >= n:
+        return None
+    g = torch.Generator().manual_seed(cfg.seed * 2 ** 32 + step)
+    return torch.rand(batch, n, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=None, keep=None):
     """Accumulates into .grad the gradient of the loss over the whole (global) batch; returns the loss.
     With fp16's loss scaler, the gradient times its scale (small gradients would round to zero in fp16).
 
@@ -235,30 +248,31 @@ def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=N
     that gives d loss / d embedding for every sample, and the exact gradient for the temperature;
     3) re-run each micro-batch with gradients and backpropagate those embedding gradients through the
     towers. The step's gradient equals the full batch's, logit_scale included, because the temperature
-    receives its cached gradient exactly once (on the last micro-batch) instead of once per micro-batch."""
+    receives its cached gradient exactly once (on the last micro-batch) instead of once per micro-batch.
+    keep: the patches each image keeps (patch dropout), the same in both passes."""
     is_ddp = isinstance(model, DDP)
     B = images.shape[0]
     m = micro_batch_size or B
     if m >= B:
         with autocast:
-            loss = clip_loss(*model(images, tokens))
+            loss = clip_loss(*model(images, tokens, keep))
         (loss if scaler is None else scaler.scale(loss)).backward()
         return loss.detach()
-    chunks = list(zip(images.split(m), tokens.split(m)))
+    chunks = list(zip(images.split(m), tokens.split(m), keep.split(m) if keep is not None else [None] * -(-B // m)))
     with torch.no_grad(), autocast:  # 1) embeddings of the whole batch, no activations kept
-        cached = [model(i, t) for i, t in chunks]
+        cached = [model(i, t, p) for i, t, p in chunks]
     leaf = lambda xs: torch.cat(xs).float().requires_grad_()
     img, txt = leaf([c[0] for c in cached]), leaf([c[1] for c in cached])
     scale = cached[0][2].detach().requires_grad_()
     bias = None if cached[0][3] is None else cached[0][3].detach().requires_grad_()
     loss = clip_loss(img, txt, scale, bias)  # 2) the full-batch loss, gathered over ranks inside
     (loss if scaler is None else scaler.scale(loss)).backward()  # scaled, so are the embeddings' gradients
-    for k, (i, t) in enumerate(chunks):  # 3) each micro-batch again, with gradients
+    for k, (i, t, p) in enumerate(chunks):  # 3) each micro-batch again, with gradients
         last = k == len(chunks) - 1
         if is_ddp:
             model.require_backward_grad_sync = last  # before forward: DDP prepares its hooks there
         with autocast:
-            img_k, txt_k, scale_k, bias_k = model(i, t)
+            img_k, txt_k, scale_k, bias_k = model(i, t, p)
         rows = slice(k * m, k * m + i.shape[0])
         surrogate = (img_k.float() * img.grad[rows]).sum() + (txt_k.float() * txt.grad[rows]).sum()
         # every parameter takes part in every backward (DDP expects it), the temperature's gradient counts once
@@ -592,6 +606,7 @@ def main(argv=None):
                            ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more"),
                            ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
                            ("crop_scale_min", 0 < cfg.crop_scale_min <= 1, "in (0, 1]"),
+                           ("patch_dropout", 0 <= cfg.patch_dropout < 1, "in [0, 1): the share of patches left out"),
                            ("grad_clip", cfg.grad_clip >= 0, "0 (off) or more"),
                            ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
                            ("log_interval", cfg.log_interval >= 0, "0 (only the last step) or more"),
@@ -857,10 +872,13 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, tokens = next(batches)  # on the device already: the loader copies a batch ahead (prefetch)
+            keep = kept_patches(cfg, model_cfg, step, cfg.batch_size)  # this rank's rows of the global batch's
+            keep = keep[rank * local_batch:(rank + 1) * local_batch].to(device) if keep is not None else None
             # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
-            flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1]) * tokens.shape[0]
+            flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1],
+                                            patches=keep.shape[1] if keep is not None else None) * tokens.shape[0]
             try:
-                loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler)
+                loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler, keep)
                 grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
             except torch.OutOfMemoryError:
                 per_pass = cfg.micro_batch_size or local_batch

@@ -7,6 +7,7 @@ side by side in one run (same batch, precision, thread count, torch).
     python benchmarks/bench.py --model base --batch_size 256 --precision bf16 --compile true   # one GPU
     python benchmarks/bench.py --model base --batch_size 256 --compile true --sides ours --data device,copy,prefetch
     python benchmarks/bench.py --model tiny --precision bf16 --sides ours,ours-sdpa   # a CPU's bf16 attention paths
+    python benchmarks/bench.py --model ViT-B/32 --batch_size 16 --sides ours,ours-patch-dropout   # FLIP's 50%
     python benchmarks/bench.py --model tiny --patch_size 8 --vision_width 192 --text_width 192 \
         --vision_layers 6 --text_layers 6 --vision_heads 3 --text_heads 3 --embed_dim 192        # any size field
 
@@ -42,7 +43,7 @@ import clip  # noqa: E402
 from clip import CLIP, CLIPConfig, clip_loss, flops_per_sample, get_config, padded_vocab_size  # noqa: E402
 from dataloader import prefetch  # noqa: E402
 from train import (DTYPES, PEAK_BF16_FLOPS, clipped_step, cpu_multiplies_bf16, keep_freed_memory,  # noqa: E402
-                   param_groups, precision_context)
+                   kept_patches, param_groups, precision_context)
 
 
 def matmul_peak(device, dtype, budget_s=2.0):
@@ -80,12 +81,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def ours(cfg, device, fused, scaler):
+def ours(cfg, device, fused, scaler, keep=None):
+    """keep: the patches each image keeps (side ours-patch-dropout), the same every step."""
     model = CLIP(cfg).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=fused)
     # train.py's update: clipping at 1.0 inside fused AdamW, and a non-finite step skipped on the device
     update = lambda loss: clipped_step(opt, model.parameters(), 1.0, loss, scaler)
-    return model, opt, lambda images, tokens: clip_loss(*model(images, tokens)), update
+    keep = keep.to(device) if keep is not None else None
+    return model, opt, lambda images, tokens: clip_loss(*model(images, tokens, keep)), update
 
 
 def sdpa_attention(q, k, v, causal=False, mask=None):
@@ -189,7 +192,9 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved; the median is reported")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sides", default="ours,openclip",
-                   help="a comma list of: ours, openclip, ours-sdpa (ours with all attention through SDPA's kernels)")
+                   help="a comma list of: ours, openclip, ours-sdpa (ours with all attention through SDPA's kernels), "
+                        "ours-patch-dropout (ours leaving out --patch_dropout of each image's patches)")
+    p.add_argument("--patch_dropout", type=float, default=0.5, help="for side ours-patch-dropout, as train.py's")
     p.add_argument("--data", default="device",
                    help="where each step's batch comes from, a comma list of: device (already there: the step "
                         "alone), copy (from pinned host memory, on the compute stream), prefetch (the loader's "
@@ -199,8 +204,10 @@ def main():
     for name in sizes:
         p.add_argument(f"--{name}", type=int, help="overrides the preset")
     args = p.parse_args()
-    if set(args.sides.split(",")) - {"ours", "ours-sdpa", "openclip"}:
-        p.error(f"--sides {args.sides}: choose from ours, ours-sdpa, openclip")
+    if set(args.sides.split(",")) - {"ours", "ours-sdpa", "ours-patch-dropout", "openclip"}:
+        p.error(f"--sides {args.sides}: choose from ours, ours-sdpa, ours-patch-dropout, openclip")
+    if not 0 < args.patch_dropout < 1:
+        p.error(f"--patch_dropout {args.patch_dropout}: must be in (0, 1)")
     if set(args.data.split(",")) - {"device", "copy", "prefetch"}:
         p.error(f"--data {args.data}: choose from device, copy, prefetch")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,6 +221,9 @@ def main():
     flops = flops_per_sample(cfg)
     # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
     side_flops = {"ours": flops, "ours-sdpa": flops, "openclip": flops_per_sample(cfg, pooled_last_layer=False)}
+    # patch dropout as train.py draws it (its first step's patches): MFU counts the patches the tower runs
+    keep = kept_patches(argparse.Namespace(patch_dropout=args.patch_dropout, seed=0), cfg, 0, args.batch_size)
+    side_flops["ours-patch-dropout"] = flops_per_sample(cfg, patches=keep.shape[1] if keep is not None else None)
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
@@ -222,7 +232,8 @@ def main():
         # as train.py does on a CPU; process-wide, so both sides run with it
         allocator = "freed memory kept" if keep_freed_memory() else "default allocator"
         peak = None  # measured below, a round at a time, beside the steps
-    builders = {"ours": ours, "ours-sdpa": ours, "openclip": openclip}
+    builders = {"ours": ours, "ours-sdpa": ours, "openclip": openclip,
+                "ours-patch-dropout": lambda *a, **kw: ours(*a, **kw, keep=keep)}
     runs = []
     for side in args.sides.split(","):
         if side == "openclip":

@@ -20,12 +20,13 @@ def run(script, *args):
 
 def test_training_step_benchmark_reports_throughput_and_mfu():
     # our side only (OpenCLIP lives in a separate environment); one short round, with size overrides
-    out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours", "--rounds", "1",
+    out = run("bench.py", "--model", "tiny", "--batch_size", "8", "--sides", "ours,ours-patch-dropout", "--rounds", "1",
               "--steps", "1", "--warmup", "1", "--patch_size", "32", "--text_layers", "2")
     assert repr(get_config("tiny", patch_size=32, text_layers=2)) in out.splitlines()
-    line = next(l for l in out.splitlines() if l.startswith("ours"))
-    samples_per_s, mfu = re.search(r"([\d.]+) samples/s .* MFU ([\d.]+)%", line).groups()
-    assert float(samples_per_s) > 0 and 0 < float(mfu) < 200
+    for side in ("ours ", "ours-patch-dropout "):  # and the same step leaving out half of each image's patches
+        line = next(l for l in out.splitlines() if l.startswith(side))
+        samples_per_s, mfu = re.search(r"([\d.]+) samples/s .* MFU ([\d.]+)%", line).groups()
+        assert float(samples_per_s) > 0 and 0 < float(mfu) < 200
     assert "GFLOP per sample" in out and "measured 2048^3 fp32 torch.mm" in out
     # bf16 steps on a CPU are measured against the CPU's bf16 matmul rate, not its fp32 one
     # beside the same model with every attention through SDPA's kernels (what clip.attention leaves in bf16)

@@ -362,3 +362,32 @@ def test_position_embeddings_resize_to_another_grid_and_context():
     assert longer.shape == (96, cfg.text_width)
     torch.testing.assert_close(longer[:32], state["text.pos_embedding"], rtol=0, atol=0)
     assert 0.005 < longer[32:].std() < 0.02
+
+
+def test_patch_dropout_runs_only_the_kept_patches():
+    cfg = get_config("tiny", patch_size=8, vision_layers=2, text_layers=1)  # 64 patches
+    torch.manual_seed(0)
+    model = CLIP(cfg)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    everything = torch.arange(64).expand(3, 64)
+    assert torch.equal(model.encode_image(images, keep=everything), model.encode_image(images))
+    keep = torch.rand(3, 64).argsort(dim=1)[:, :20]  # 20 patches each, a different 20 per image
+    got = model.encode_image(images, keep=keep, normalize=False)
+    # naive: every patch embedded with its position, then the kept ones picked, the class token put first
+    v = model.visual
+    x = v.patch_embed(v.patchify((images.float() / 255 - v.mean) / v.std)) + v.pos_embedding[1:]
+    x = torch.stack([x[b, keep[b]] for b in range(3)])
+    x = torch.cat([(v.class_embedding + v.pos_embedding[0]).expand(3, 1, -1), x], dim=1)
+    for block in v.transformer.blocks:  # every row of every layer
+        x = block(x)
+    want = v.proj(v.ln_f(x[:, 0]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the order the patches are listed in does not matter (their positions come with them)
+    torch.testing.assert_close(model.encode_image(images, keep=keep.flip(1), normalize=False), got,
+                               rtol=1e-5, atol=1e-5)
+    # only the kept patches' position embeddings learn from the step
+    got.sum().backward()
+    learned = v.pos_embedding.grad[1:].abs().sum(dim=1) > 0
+    assert torch.equal(learned, torch.zeros(64, dtype=torch.bool).index_fill(0, keep.flatten(), True))
+    # and the FLOPs counted are those of the patches run
+    assert flops_per_sample(cfg, patches=20) < flops_per_sample(cfg) == flops_per_sample(cfg, patches=64)

@@ -350,6 +350,21 @@ def test_resume_is_bitwise_exact_and_the_log_continues(shapes_dir, tmp_path, cap
     assert [r["step"] for r in read_log(split)][-2:] == [7, 8]
 
 
+def test_a_run_with_patch_dropout_resumes_bit_for_bit(shapes_dir, tmp_path):
+    # the patches left out come from the seed and the step, and their gradients add up in a fixed order: an
+    # interrupted run goes on as the one that never stopped (patch 8: 64 patches, 16 of them kept)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    args = dict(patch_size=8, patch_dropout=0.75, batch_size=64, vision_layers=1, text_layers=1, eval_interval=0)
+    train.main(run_args(shapes_dir, straight, **args))
+    train.main(run_args(shapes_dir, split, **args))
+    os.remove(os.path.join(split, "ckpt-00000006.pt"))  # as if it had stopped at step 3
+    train.main(["--resume", os.path.join(split, "ckpt-00000003.pt")])
+    a, b = (load_checkpoint(os.path.join(d, "ckpt-00000006.pt")) for d in (straight, split))
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_bf16_or_fp16_run_on_a_cpu_resumes_exactly_too(precision, shapes_dir, tmp_path, capsys, monkeypatch):
     # --precision bf16 is the fast way on CPUs with bf16 units, fp16 (with its loss scale) on GPUs without them:
@@ -1065,17 +1080,23 @@ DDP_RUN = dict(max_steps=4, augment=False, checkpoint_interval=2, eval_interval=
 
 @pytest.fixture(scope="module")
 def one_process_run(shapes_dir, tmp_path_factory):
-    """The one-process run that both DDP runs below must equal: (its folder, its model)."""
-    out = str(tmp_path_factory.mktemp("single"))
-    return out, train.main(run_args(shapes_dir, out, **DDP_RUN))
+    """The one-process runs that the DDP runs below must equal, by patch dropout: (its folder, its model)."""
+    runs = {}
+
+    def run(patch_dropout):
+        if patch_dropout not in runs:
+            out = str(tmp_path_factory.mktemp("single"))
+            runs[patch_dropout] = out, train.main(run_args(shapes_dir, out, **DDP_RUN, patch_dropout=patch_dropout))
+        return runs[patch_dropout]
+    return run
 
 
-@pytest.mark.parametrize("micro_batch_size", [0, 4])
-def test_ddp_two_processes_match_one_process(shapes_dir, one_process_run, tmp_path, micro_batch_size):
-    """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching) against one process with 16; then the
-    2-rank run resumed in one process."""
-    (single, model), multi = one_process_run, str(tmp_path / "ddp")
-    args = dict(DDP_RUN, micro_batch_size=micro_batch_size)
+@pytest.mark.parametrize("micro_batch_size, patch_dropout", [(0, 0.0), (4, 0.5)])
+def test_ddp_two_processes_match_one_process(shapes_dir, one_process_run, tmp_path, micro_batch_size, patch_dropout):
+    """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching, and half of each image's patches left out)
+    against one process with 16; then the 2-rank run resumed in one process."""
+    (single, model), multi = one_process_run(patch_dropout), str(tmp_path / "ddp")
+    args = dict(DDP_RUN, micro_batch_size=micro_batch_size, patch_dropout=patch_dropout)
     os.makedirs(multi)
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(root=ROOT, out=multi))
@@ -1094,10 +1115,9 @@ def test_ddp_two_processes_match_one_process(shapes_dir, one_process_run, tmp_pa
         [r["val_loss"] for r in read_log(single, "eval")], abs=1e-5)
     # the two ranks' run goes on in one process from their step-2 checkpoint (as on a node with fewer GPUs): the
     # same global batches, so the same run
-    if not micro_batch_size:
-        resumed = train.main(["--resume", os.path.join(multi, "ckpt-00000002.pt")])
-        for name, value in resumed.state_dict().items():
-            torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
+    resumed = train.main(["--resume", os.path.join(multi, "ckpt-00000002.pt")])
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why(shapes_dir, tmp_path):
