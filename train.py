@@ -234,7 +234,7 @@ def kept_patches(cfg, model_cfg, step, batch):
     k = max(1, round(n * (1 - cfg.patch_dropout)))
     if k >= n:
         return None
-    g = torch.Generator().manual_seed(cfg.seed * 2 ** 32 + step)
+    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) % 2 ** 63)
     return torch.rand(batch, n, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values
 
 
