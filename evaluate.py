@@ -492,6 +492,21 @@ def print_table(results, prefix=""):
             print(f"{prefix + key:<40} {value:>8}")
 
 
+def unprepared_hint(paths):
+    """What to run where --retrieval names data that prep_dataset.py has not made into shards (a `datasets` set, a
+    table of pairs, a folder of them): the evaluation set it can make of them, all in val/."""
+    if "," in paths:
+        return ""
+    source = ("table" if os.path.isfile(paths) else
+              "folder" if os.path.isdir(paths) and any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                                                       for _, _, files in os.walk(paths) for f in files) else "hub")
+    out = os.path.join("data", os.path.splitext(os.path.basename(os.path.normpath(paths)))[0] + "-eval")
+    return (f"\n--retrieval reads shards that prep_dataset.py wrote. To score {paths}, make an evaluation set of it "
+            f"first (every sample in val/), then give that:\n  python prep_dataset.py --source {source} --input {paths}"
+            f"{' --split test' if source == 'hub' else ''} --val_fraction 1 --out_dir {out}\n"
+            f"  python evaluate.py CHECKPOINT --retrieval {out}")
+
+
 def shards_or_exit(parser, *args, **kwargs):
     """embed_shards, with a missing or empty shard folder reported as a usage error, not a traceback."""
     try:
@@ -626,7 +641,10 @@ def main(argv=None):
         try:
             data_dir, split = shard_split(args.retrieval)
         except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
+            p.error(f"{e}{unprepared_hint(args.retrieval)}")
+        if not any(shard_paths(data_dir, s) for s in ("train", split)):  # no prepared set: how to make one
+            p.error(f"no shards in {', '.join(os.path.join(d, split) for d in data_dirs(data_dir))}"
+                    f"{unprepared_hint(args.retrieval)}")
         img, txt, _, text_image = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples,
                                                  args.batch_size, args.num_workers)
         results.update(recall_at_k(img, txt, text_image))

@@ -231,6 +231,17 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--retrieval", str(tmp_path / "nowhere")])
     assert "no folder" in capsys.readouterr().err
+    # data not yet made into shards (a hub set, a table, a folder of pairs): the two commands that score it
+    (tmp_path / "pairs.csv").write_text("image,caption\nred/0.png,red\n")
+    for given, source in (("nlphuji/flickr_1k_test_image_text_retrieval", "hub --input nlphuji/flickr_1k_test_image_text"
+                           "_retrieval --split test"), (str(tmp_path / "pairs.csv"), f"table --input {tmp_path / 'pairs.csv'}"),
+                          (str(root), f"folder --input {root}")):
+        with pytest.raises(SystemExit):
+            evaluate.main([ckpt, "--retrieval", given])
+        err = capsys.readouterr().err
+        name = os.path.splitext(os.path.basename(given))[0]
+        assert f"python prep_dataset.py --source {source} --val_fraction 1 --out_dir data/{name}-eval" in err, err
+        assert f"python evaluate.py CHECKPOINT --retrieval data/{name}-eval" in err
     prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "no_val"), "--limit", "10", "--val_fraction", "0",
                        "--workers", "1"])
     with pytest.raises(SystemExit):  # a set with no held-out split: said so, with the ways to go on
