@@ -226,16 +226,17 @@ def clipped_step(optimizer, params, grad_clip, loss, scaler=None):
 # one optimisation step's gradients
 
 
-def kept_patches(cfg, model_cfg, step, batch):
-    """Patch dropout (FLIP, Li et al. 2023): the patches each image of the global batch keeps at this step, (batch,
-    K) indices, sorted. Drawn from the seed and the step alone, so that every rank, every micro-batch's two passes
-    and a resumed run see the same ones; None when off."""
+def kept_patches(cfg, model_cfg, step, batch, rows=slice(None)):
+    """Patch dropout (FLIP, Li et al. 2023): the patches that the images `rows` of the global batch keep at this
+    step, (rows, K) indices, sorted. Drawn for the whole global batch from the seed and the step alone, so that
+    every rank, every micro-batch's two passes and a resumed run see the same ones; None when off."""
     n = (model_cfg.image_size // model_cfg.patch_size) ** 2
     k = max(1, round(n * (1 - cfg.patch_dropout)))
     if k >= n:
         return None
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) % 2 ** 63)
-    return torch.rand(batch, n, generator=g).argsort(dim=1)[:, :k].sort(dim=1).values
+    # each rank sorts only its own rows: the draw is cheap, the sort is not (a global batch of 32k: 6.4M keys)
+    return torch.rand(batch, n, generator=g)[rows].argsort(dim=1)[:, :k].sort(dim=1).values
 
 
 def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=None, keep=None):
@@ -872,8 +873,9 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, tokens = next(batches)  # on the device already: the loader copies a batch ahead (prefetch)
-            keep = kept_patches(cfg, model_cfg, step, cfg.batch_size)  # this rank's rows of the global batch's
-            keep = keep[rank * local_batch:(rank + 1) * local_batch].to(device) if keep is not None else None
+            mine = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's rows of the global batch
+            keep = kept_patches(cfg, model_cfg, step, cfg.batch_size, mine)
+            keep = keep.to(device, non_blocking=True) if keep is not None else None
             # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
             flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1],
                                             patches=keep.shape[1] if keep is not None else None) * tokens.shape[0]
