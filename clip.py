@@ -442,14 +442,16 @@ def count_parameters(cfg: CLIPConfig):
             "token_embedding": model.text.token_embedding.weight.numel(), "total": count(model)}
 
 
-def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True, text_length=None, patches=None):
+def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True, text_length=None, patches=None,
+                     trained=("vision", "text")):
     """Training FLOPs for one (image, caption) pair, as the model runs them: 3x the forward (backward
     costs twice the forward), counting 2 FLOPs per multiply-add of every matmul; the token lookup is
     free. Attention scores are counted in full for the causal tower too, the usual convention (PaLM,
     nanoGPT). The last layer of each tower computes only its pooled row, and is counted so; with
     pooled_last_layer=False, in full, as models that run every row there do (for comparisons).
     text_length: the caption positions a batch runs (the loader cuts batches after their longest
-    caption); context_length if not given. patches: the patches each image keeps (patch dropout); all if not given."""
+    caption); context_length if not given. patches: the patches each image keeps (patch dropout); all if not given.
+    trained: the towers whose backward runs (a locked tower runs its forward only)."""
     def tower(tokens, width, layers):
         if layers == 0:
             return 0
@@ -463,4 +465,4 @@ def flops_per_sample(cfg: CLIPConfig, pooled_last_layer=True, text_length=None, 
               + tower(n_patches + 1, cfg.vision_width, cfg.vision_layers)
               + 2 * cfg.vision_width * cfg.embed_dim)
     text = tower(text_length or cfg.context_length, cfg.text_width, cfg.text_layers) + 2 * cfg.text_width * cfg.embed_dim
-    return 3 * (vision + text)
+    return sum((3 if name in trained else 1) * tower_flops for name, tower_flops in (("vision", vision), ("text", text)))

@@ -56,6 +56,9 @@ class TrainConfig:
     augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
     crop_scale_min: float = 0.8
     patch_dropout: float = 0.0  # the share of each training image's patches left out (FLIP): faster steps; 0 = off
+    # a tower kept as --init_from gave it, its projection too (LiT locks the image tower); the other one learns
+    lock_image: bool = False
+    lock_text: bool = False
     num_workers: int = -1  # data loader processes per rank; -1: the cores per rank less one (a 2-core CPU step: 0)
     # run
     out_dir: str = "runs/base"
@@ -618,6 +621,11 @@ def main(argv=None):
                            ("max_bad_steps", cfg.max_bad_steps >= 1, "at least 1")):
         if not ok:
             sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
+    if cfg.lock_image and cfg.lock_text:
+        sys.exit("--lock_image and --lock_text together leave nothing to train but the temperature: lock one tower")
+    if (cfg.lock_image or cfg.lock_text) and start is None:
+        sys.exit(f"--lock_{'image' if cfg.lock_image else 'text'} keeps a tower as it starts, and a fresh run's "
+                 "starts random: give the weights to keep with --init_from CHECKPOINT")
     if cfg.zeroshot_classnames and cfg.zeroshot in ("auto", "none"):  # said, not ignored
         sys.exit("--zeroshot_classnames names the classes of the sets given with --zeroshot: give them")
     if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
@@ -781,6 +789,11 @@ def main(argv=None):
             set_rng_state(start["rng"])
             step = start["step"]
     del start
+    # LiT (Zhai et al. 2022): a locked tower's weights get no gradient, so fused AdamW passes them by (no update,
+    # no weight decay) and DDP leaves them out of its all-reduce; its backward is not run
+    for tower, locked in ((raw_model.visual, cfg.lock_image), (raw_model.text, cfg.lock_text)):
+        tower.requires_grad_(not locked)
+    trained = tuple(name for name, locked in (("vision", cfg.lock_image), ("text", cfg.lock_text)) if not locked)
     if use_compile:
         # a fresh compile cache: shapes that an earlier run in this process compiled (a notebook that trains
         # twice, at two image sizes) would otherwise be taken for dynamic ones and compiled as such
@@ -877,7 +890,7 @@ def main(argv=None):
             keep = kept_patches(cfg, model_cfg, step, cfg.batch_size, mine)
             keep = keep.to(device, non_blocking=True) if keep is not None else None
             # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
-            flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1],
+            flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1], trained=trained,
                                             patches=keep.shape[1] if keep is not None else None) * tokens.shape[0]
             try:
                 loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler, keep)

@@ -391,3 +391,7 @@ def test_patch_dropout_runs_only_the_kept_patches():
     assert torch.equal(learned, torch.zeros(64, dtype=torch.bool).index_fill(0, keep.flatten(), True))
     # and the FLOPs counted are those of the patches run
     assert flops_per_sample(cfg, patches=20) < flops_per_sample(cfg) == flops_per_sample(cfg, patches=64)
+    # a locked tower (LiT) runs its forward only: a third of its cost
+    both, forward = flops_per_sample(cfg), flops_per_sample(cfg, trained=())
+    text_only, vision_only = flops_per_sample(cfg, trained=("text",)), flops_per_sample(cfg, trained=("vision",))
+    assert both == 3 * forward and (both - text_only) + (both - vision_only) == 2 * forward

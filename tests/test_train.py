@@ -563,6 +563,19 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
         if "pos_embedding" not in name:
             torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
     assert load_checkpoint(str(tmp_path / "ft2" / "ckpt-00000001.pt"))["model_config"]["image_size"] == 64
+    # LiT: the image tower (and its projection) kept as the checkpoint has it, the text tower learning
+    model = train.main(run_args(shapes_dir, str(tmp_path / "lit"), max_steps=2, max_lr=1e-2, micro_batch_size=8) +
+                       ["--init_from", ckpt, "--lock_image", "true"])
+    for name, value in model.state_dict().items():
+        if name.startswith("visual."):
+            assert torch.equal(value, state["model"][name]), name
+    assert not torch.equal(model.text.token_embedding.weight, state["model"]["text.token_embedding.weight"])
+    assert not torch.equal(model.text.proj.weight, state["model"]["text.proj.weight"])
+    with pytest.raises(SystemExit, match="a fresh run's starts random: give the weights to keep with --init_from"):
+        train.main(run_args(shapes_dir, str(tmp_path / "lit2"), max_steps=1, lock_text="true"))
+    with pytest.raises(SystemExit, match="--lock_image and --lock_text together"):
+        train.main(run_args(shapes_dir, str(tmp_path / "lit3"), max_steps=1) + ["--init_from", ckpt, "--lock_image",
+                                                                                "true", "--lock_text", "true"])
     # but not a resumed run, nor another patch size (other weights' shapes)
     with pytest.raises(SystemExit, match=r"drop --image_size 64 .*start a new run from its weights with --init_from"):
         train.main(["--out_dir", ft, "--resume", "--image_size", "64"])
