@@ -55,10 +55,6 @@ class TrainConfig:
     make_shapes: int = 0  # where data_dir is missing or empty, generate this many samples of the shapes set there
     augment: bool = True  # random resized crop (crop_scale_min..1 of the area) for training images
     crop_scale_min: float = 0.8
-    patch_dropout: float = 0.0  # the share of each training image's patches left out (FLIP): faster steps; 0 = off
-    # a tower kept as --init_from gave it, its projection too (LiT locks the image tower); the other one learns
-    lock_image: bool = False
-    lock_text: bool = False
     num_workers: int = -1  # data loader processes per rank; -1: the cores per rank less one (a 2-core CPU step: 0)
     # run
     out_dir: str = "runs/base"
@@ -82,6 +78,7 @@ class TrainConfig:
     # bf16 (also 2-3x faster on CPUs with bf16 units), fp16, fp32
     precision: str = "auto"
     grad_checkpointing: bool = False
+    patch_dropout: float = 0.0  # the share of each training image's patches left out (FLIP): faster steps; 0 = off
     # logging, evaluation, checkpoints
     log_interval: int = 10  # steps; for this and the other intervals, 0 = only at the last step
     eval_interval: int = 500
@@ -93,6 +90,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest K (0 = all), plus best.pt
     resume: str = ""  # "latest" (bare --resume): the newest in out_dir; or a checkpoint, or a run directory (its newest)
     init_from: str = ""  # a checkpoint (or a run directory: its best.pt) whose weights start a fresh run
+    # a tower kept as --init_from gave it, its projection too (LiT locks the image tower); the other one learns
+    lock_image: bool = False
+    lock_text: bool = False
     max_bad_steps: int = 5  # non-finite steps in a row that stop the run
 
 
