@@ -325,7 +325,8 @@ def caption_field(files, record, column, key, first):
 
 # column names that usually hold the caption, or the image, in tables and hub datasets
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences", "description", "alt_text", "alt",
-                   "comment", "txt", "json")  # the last two: a webdataset turned into a table, a caption or a record
+                   "comment", "txt", "json",  # these two: a webdataset turned into a table, a caption or a record
+                   "conversations")  # a chat about the image, LLaVA's layout: its answers (caption_text)
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "image_name", "path",
                  "file", "image_url", "url")
 NOT_CAPTIONS = ("_id", "_ids", "_sentid", "_len", "_length", "_count", "_tokens", "_lang", "_language", "_score", "_url")
@@ -339,6 +340,13 @@ def caption_text(value):
     if isinstance(value, dict):
         return next((caption_text(value[k]) for k in ("raw", *CAPTION_COLUMNS)
                      if isinstance(value.get(k), (str, list, tuple))), None)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, dict) and ("from" in t or "role" in t)
+                                                          for t in value):
+        # a chat about the image (LLaVA-Pretrain's and ShareGPT4V's "conversations"): the model's answers are its
+        # captions, each on one line (their paragraphs joined); the questions ("Describe the image. <image>") are not
+        answers = [t.get("value", t.get("content")) for t in value if str(t.get("from", t.get("role"))).lower()
+                   in ("gpt", "assistant")]
+        return "\n".join(" ".join(str(a).replace("<image>", " ").split()) for a in answers if a) or None
     if isinstance(value, (list, tuple)):
         return "\n".join(filter(None, map(caption_text, value)))
     if isinstance(value, bytes):  # a caption file's bytes; -sig: drop the byte-order mark some editors start files with

@@ -585,6 +585,15 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
                                                                   "dataset_version": "0.1", "data": rows}))
     got, m = made(tmp_path / "TextCaps_0.1_train.json", "textcaps", "--image_root", str(coco))
     assert got == {"a sign 0\na sign 1": (1, 0, 0), "b sign 0\nb sign 1": (0, 1, 0)} and m["skipped"] == {}
+    # LLaVA-Pretrain's and ShareGPT4V's chats about each image: the model's answers are the captions (an answer's
+    # paragraphs on one line), the prompts that ask for them are not
+    chats = [{"id": n, "image": f"train2017/{n}.jpg", "conversations": [
+        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+        {"from": "gpt", "value": f"{n} described\n\nin detail"}]} for n in "ab"]
+    chats[1]["conversations"] += [{"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "green"}]
+    (tmp_path / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(chats))
+    got, m = made(tmp_path / "blip_laion_cc_sbu_558k.json", "llava", "--image_root", str(coco))
+    assert got == {"a described in detail": (1, 0, 0), "b described in detail\ngreen": (0, 1, 0)}
     # the folder source finds the images without .txt captions, and points to the table beside them
     with pytest.raises(SystemExit, match=r"no \.txt captions.*captions_train2017\.json.*--source table"):
         prep_dataset.main(["--source", "folder", "--input", str(coco), "--out_dir", str(tmp_path / "dir")])
