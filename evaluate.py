@@ -27,7 +27,7 @@ import json
 import os
 import re
 import sys
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -337,9 +337,15 @@ def beside_set(name_or_dir, filename):
     if os.path.isdir(name_or_dir):
         path = os.path.join(name_or_dir, filename)
         return path if os.path.isfile(path) else None
+    return fetched_beside_set(name_or_dir, filename)
+
+
+@lru_cache(maxsize=None)
+def fetched_beside_set(name, filename):
+    """beside_set for a hub name, asked once per process: training evaluates the same sets again and again."""
     try:
         from huggingface_hub import hf_hub_download  # installed with `datasets`
-        return hf_hub_download(name_or_dir, filename, repo_type="dataset")
+        return hf_hub_download(name, filename, repo_type="dataset")
     except Exception:  # no such file, or no network: the caller goes on without it
         return None
 

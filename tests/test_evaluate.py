@@ -593,6 +593,9 @@ def test_clip_benchmark_sets_read_with_their_class_names_ids_and_templates(tmp_p
     got = evaluate.zeroshot_classification(oracle, "clip-benchmark/wds_colours", cfg, "cpu", off, num_workers=0)
     assert got["top1"] == 1.0 and used[-1] == (["red", "green", "blue"], ["a photo of a {c}.", "a {c} thing."])
     assert ("clip-benchmark/wds_colours", "classnames.txt", "dataset") in fetched
+    asked = len(fetched)  # evaluated again (as training does at every evaluation): the hub is not asked again
+    evaluate.zeroshot_classification(oracle, "clip-benchmark/wds_colours", cfg, "cpu", off, num_workers=0)
+    assert len(fetched) == asked
     # without a names file the ids are the names (and said to be numbers where they are not digits); with
     # one that names too few classes, an error that says so
     (root / "classnames.txt").unlink()
