@@ -296,9 +296,10 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
             raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
         if isinstance(ds.features[label_col], datasets.ClassLabel):
             classnames = ds.features[label_col].names
-        elif getattr(ds.features[label_col], "dtype", None) in INTEGERS:  # ids, named by a file or left as numbers
-            classnames, classnames_file = id_classnames(ds, name_or_dir, label_col, classnames_file, notes)
-        else:  # the class names as text, as many community sets keep them: make them classes
+        elif getattr(ds.features[label_col], "dtype", None) in INTEGERS and (
+                classnames_file or beside_set(name_or_dir, SET_CLASSNAMES)):  # ids, and a file naming them
+            ds, classnames, classnames_file = id_classnames(ds, name_or_dir, label_col, classnames_file, notes)
+        else:  # the class names as text, as many community sets keep them, or bare ids: the values found are the classes
             ds = ds.class_encode_column(label_col)
             classnames = ds.features[label_col].names
         rows = ds.cast_column(image_col, datasets.Image(decode=False))
@@ -351,18 +352,24 @@ def fetched_beside_set(name, filename):
 
 
 def id_classnames(ds, name_or_dir, label_col, classnames_file, notes):
-    """A label column of class ids (clip_benchmark's .cls) -> (the class names, index = id; the names file still
-    to read, if any). The ids index the names as they are: a split that lacks a class keeps the others' ids."""
-    top = max((lab for lab in ds[label_col] if lab is not None), default=-1)
+    """A label column of class ids (clip_benchmark's .cls) with a file that names them, a line per id (--classnames,
+    else the set's classnames.txt) -> (the set, the classes as ids, the names file to read). The ids index the
+    lines as they are, from 0, so that a split lacking a class keeps the others' ids; ids that run from 1 to the
+    number of lines (Flowers-102's, Stanford Cars') count from 1."""
     names_file = classnames_file or beside_set(name_or_dir, SET_CLASSNAMES)
-    count = len(read_lines(names_file, "--classnames" if classnames_file else "the class names")) if names_file \
-        else top + 1
-    if top >= count:
+    count = len(read_lines(names_file, "--classnames" if classnames_file else "the class names"))
+    ids = [lab for lab in ds[label_col] if lab is not None and lab >= 0]  # -1: a hidden label
+    low, top = min(ids, default=0), max(ids, default=-1)
+    if top >= count and not (low >= 1 and top == count):
         raise SystemExit(f"{name_or_dir}: class id {top} in {label_col!r}, but {names_file} names {count} classes "
-                         f"(ids 0 to {count - 1}): give the right names with --classnames")
-    if names_file and not classnames_file and notes:
-        print(f"{name_or_dir}: the class names of its ids from {names_file}", file=sys.stderr)
-    return [str(i) for i in range(count)], names_file
+                         f"(ids 0 to {count - 1}, or 1 to {count}): give the right names with --classnames")
+    if top == count:  # counted from 1
+        ds = ds.map(lambda labels: {label_col: [lab - 1 if lab is not None and lab > 0 else lab for lab in labels]},
+                    batched=True, input_columns=label_col)
+    if notes:
+        print(f"{name_or_dir}: the class names of its ids {'1' if top == count else '0'} to {top} from {names_file}",
+              file=sys.stderr)
+    return ds, [str(i) for i in range(count)], names_file
 
 
 @torch.no_grad()

@@ -554,7 +554,7 @@ def test_clip_benchmark_sets_read_with_their_class_names_ids_and_templates(tmp_p
     rows, image_col, label_col, classnames = evaluate.load_classification(str(root))
     assert (image_col, label_col, classnames, rows[label_col]) == ("webp", "cls", ["red", "green", "blue"],
                                                                    [0, 2, 2, 0, 2])
-    assert "the class names of its ids from" in capsys.readouterr().err
+    assert "the class names of its ids 0 to 2 from" in capsys.readouterr().err
     cfg = get_config("tiny", vision_layers=1, text_layers=1)
     oracle = ColourOracle(Tokenizer(cfg.encoding, cfg.context_length))
     used = []
@@ -589,23 +589,33 @@ def test_clip_benchmark_sets_read_with_their_class_names_ids_and_templates(tmp_p
         return str(root / filename)
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    monkeypatch.setattr(evaluate, "load_hub_set", lambda name, split: prep_dataset.load_hub_set(str(root), split))
+    real_load = evaluate.load_hub_set
+    monkeypatch.setattr(evaluate, "load_hub_set", lambda name, split: real_load(
+        str(root) if name == "clip-benchmark/wds_colours" else name, split))
     got = evaluate.zeroshot_classification(oracle, "clip-benchmark/wds_colours", cfg, "cpu", off, num_workers=0)
     assert got["top1"] == 1.0 and used[-1] == (["red", "green", "blue"], ["a photo of a {c}.", "a {c} thing."])
     assert ("clip-benchmark/wds_colours", "classnames.txt", "dataset") in fetched
     asked = len(fetched)  # evaluated again (as training does at every evaluation): the hub is not asked again
     evaluate.zeroshot_classification(oracle, "clip-benchmark/wds_colours", cfg, "cpu", off, num_workers=0)
     assert len(fetched) == asked
-    # without a names file the ids are the names (and said to be numbers where they are not digits); with
-    # one that names too few classes, an error that says so
+    # without a names file the ids found are the classes, named by their numbers (and said to be numbers where
+    # they are not digits); with one that names too few classes, an error that says so
     (root / "classnames.txt").unlink()
-    assert evaluate.load_classification(str(root))[3] == ["0", "1", "2"]
-    (tmp_path / "two.txt").write_text("red\ngreen\n")
-    with pytest.raises(SystemExit, match="class id 2 in 'cls', but .*two.txt names 2 classes"):
-        evaluate.load_classification(str(root), classnames_file=str(tmp_path / "two.txt"))
+    assert evaluate.load_classification(str(root))[3] == ["0", "2"]
+    (tmp_path / "one.txt").write_text("red\n")
+    with pytest.raises(SystemExit, match="class id 2 in 'cls', but .*one.txt names 1 classes"):
+        evaluate.load_classification(str(root), classnames_file=str(tmp_path / "one.txt"))
     (tmp_path / "three.txt").write_text("rouge\nvert\nbleu\n")
     assert evaluate.load_classification(str(root), classnames_file=str(tmp_path / "three.txt"))[3] == \
         ["rouge", "vert", "bleu"]
+    # ids counted from 1 (Flowers-102's, Stanford Cars'): 1 to the number of names
+    write_tar(tmp_path / "from_one" / "test" / "0.tar",
+              [(n, str(int(d) + 1).encode() if n.endswith(".cls") else d) for n, d in members])
+    rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "from_one"),
+                                                                  classnames_file=str(tmp_path / "three.txt"))
+    assert (classnames, rows[label_col]) == (["rouge", "vert", "bleu"], [0, 2, 2, 0, 2])
+    err = capsys.readouterr().err
+    assert "from_one: the class names of its ids 1 to 3 from" in err, err
     # its retrieval sets (wds_flickr30k: KEY.webp + KEY.txt, a caption per line) have test/ and no val/:
     # the set's folder means its test split
     write_tar(tmp_path / "wds_pairs" / "test" / "0.tar",
