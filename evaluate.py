@@ -243,10 +243,31 @@ def read_lines(path, flag):
         raise SystemExit(f"{flag} {path}: {e.strerror or e}") from e
 
 
+def classname_lines(path, flag="--classnames"):
+    """A class-names file as lines: a text file's own, or a JSON file's in the same form: Keras'
+    imagenet_class_index.json ({"0": ["n01440764", "tench"], ...}: "FOLDER NAME" lines in index order), a
+    {"FOLDER": "NAME"} record, or a list of names."""
+    if not path.lower().endswith(".json"):
+        return read_lines(path, flag)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag} {path} is not a JSON file of class names ({e})") from e
+    if isinstance(doc, dict) and all(str(k).isdigit() for k in doc):  # by index: Keras' file
+        doc = [doc[k] for k in sorted(doc, key=int)]
+    elif isinstance(doc, dict):
+        doc = [[k, v] for k, v in doc.items()]
+    if not isinstance(doc, list):
+        raise SystemExit(f"{flag} {path}: expected a list of class names, or a record of them")
+    return [" ".join(map(str, d)) if isinstance(d, list) else str(d) for d in doc]
+
+
 def read_classnames(path, classes):
     """--classnames FILE: a line per class, either "FOLDER NAME" (ImageNet's LOC_synset_mapping.txt says
-    "n01440764 tench, Tinca tinca") or the name alone, in the classes' order."""
-    lines = read_lines(path, "--classnames")
+    "n01440764 tench, Tinca tinca") or the name alone, in the classes' order (or a JSON file of either:
+    classname_lines)."""
+    lines = classname_lines(path)
     pairs = dict(line.split(None, 1) for line in lines if len(line.split(None, 1)) == 2)
     if all(c in pairs for c in classes):
         return [pairs[c] for c in classes]
@@ -357,7 +378,7 @@ def id_classnames(ds, name_or_dir, label_col, classnames_file, notes):
     lines as they are, from 0, so that a split lacking a class keeps the others' ids; ids that run from 1 to the
     number of lines (Flowers-102's, Stanford Cars') count from 1."""
     names_file = classnames_file or beside_set(name_or_dir, SET_CLASSNAMES)
-    count = len(read_lines(names_file, "--classnames" if classnames_file else "the class names"))
+    count = len(classname_lines(names_file, "--classnames" if classnames_file else "the class names"))
     ids = [lab for lab in ds[label_col] if lab is not None and lab >= 0]  # -1: a hidden label
     low, top = min(ids, default=0), max(ids, default=-1)
     if top >= count and not (low >= 1 and top == count):
@@ -536,7 +557,8 @@ def main(argv=None):
     p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a "
                    "folder's split folder (default: the first of test, val, valid, validation, train it has)")
     p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
-                   "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order")
+                   "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order; or the same as JSON "
+                   "(Keras' imagenet_class_index.json)")
     p.add_argument("--label_column", default=None, help="the class column of a `datasets` set that has several "
                    "(default: the one named label, else the first)")
     p.add_argument("--templates", nargs="+", default=None,

@@ -343,6 +343,19 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     (tmp_path / "mapping.txt").write_text("n00000000 ignored\nn01440764 tench, Tinca tinca\n"
                                           "n01443537 goldfish, Carassius auratus\n")
     assert evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "mapping.txt"))[3] == ["tench", "goldfish"]
+    # or from Keras' imagenet_class_index.json (by index: [folder, name]), or a JSON list of names in order
+    (tmp_path / "imagenet_class_index.json").write_text(json.dumps(
+        {"1": ["n01443537", "goldfish"], "0": ["n01440764", "tench"], "10": ["n01530575", "brambling"]}))
+    assert evaluate.load_classification(str(tmp_path / "ids"), None,
+                                        str(tmp_path / "imagenet_class_index.json"))[3] == ["tench", "goldfish"]
+    assert evaluate.classname_lines(str(tmp_path / "imagenet_class_index.json")) == [
+        "n01440764 tench", "n01443537 goldfish", "n01530575 brambling"]
+    (tmp_path / "names.json").write_text(json.dumps(["great_white_shark", "goldfish"]))
+    assert evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "names.json"))[3] == \
+        ["great white shark", "goldfish"]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json is not a JSON file of class names"):
+        evaluate.load_classification(str(tmp_path / "ids"), None, str(tmp_path / "bad.json"))
     # and during training, from train.py --zeroshot_classnames
     prompts = []
     monkeypatch.setattr(evaluate, "class_embeddings", lambda model, tok, names, *a: prompts.append(names) or
