@@ -315,11 +315,13 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
                               and getattr(f, "dtype", None) in ("string", *INTEGERS)), None)
         if image_col is None or label_col is None:
             raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
+        ids = getattr(ds.features[label_col], "dtype", None) in INTEGERS
+        names_file = classnames_file or (beside_set(name_or_dir, SET_CLASSNAMES) if ids else None)
         if isinstance(ds.features[label_col], datasets.ClassLabel):
             classnames = ds.features[label_col].names
-        elif getattr(ds.features[label_col], "dtype", None) in INTEGERS and (
-                classnames_file or beside_set(name_or_dir, SET_CLASSNAMES)):  # ids, and a file naming them
-            ds, classnames, classnames_file = id_classnames(ds, name_or_dir, label_col, classnames_file, notes)
+        elif ids and names_file:  # class ids, and a file naming them
+            ds, classnames = id_classnames(ds, name_or_dir, label_col, names_file, notes)
+            classnames_file = names_file
         else:  # the class names as text, as many community sets keep them, or bare ids: the values found are the classes
             ds = ds.class_encode_column(label_col)
             classnames = ds.features[label_col].names
@@ -372,13 +374,12 @@ def fetched_beside_set(name, filename):
         return None
 
 
-def id_classnames(ds, name_or_dir, label_col, classnames_file, notes):
-    """A label column of class ids (clip_benchmark's .cls) with a file that names them, a line per id (--classnames,
-    else the set's classnames.txt) -> (the set, the classes as ids, the names file to read). The ids index the
+def id_classnames(ds, name_or_dir, label_col, names_file, notes):
+    """A label column of class ids (clip_benchmark's .cls) with the file that names them, a line per id (--classnames,
+    else the set's classnames.txt) -> (the set, the classes as ids, to be named from the file). The ids index the
     lines as they are, from 0, so that a split lacking a class keeps the others' ids; ids that run from 1 to the
     number of lines (Flowers-102's, Stanford Cars') count from 1."""
-    names_file = classnames_file or beside_set(name_or_dir, SET_CLASSNAMES)
-    count = len(classname_lines(names_file, "--classnames" if classnames_file else "the class names"))
+    count = len(classname_lines(names_file))
     ids = [lab for lab in ds[label_col] if lab is not None and lab >= 0]  # -1: a hidden label
     low, top = min(ids, default=0), max(ids, default=-1)
     if top >= count and not (low >= 1 and top == count):
@@ -390,7 +391,7 @@ def id_classnames(ds, name_or_dir, label_col, classnames_file, notes):
     if notes:
         print(f"{name_or_dir}: the class names of its ids {'1' if top == count else '0'} to {top} from {names_file}",
               file=sys.stderr)
-    return ds, [str(i) for i in range(count)], names_file
+    return ds, [str(i) for i in range(count)]
 
 
 @torch.no_grad()

@@ -506,12 +506,12 @@ def json_records(doc):
     "sentences", "split"}]} (COCO, Flickr30k)."""
     if isinstance(doc, list):
         return doc
-    if isinstance(doc, dict) and not isinstance(doc.get("images"), list) and not any(k in IMAGE_COLUMNS for k in doc):
-        # the records under one key beside the file's own notes: TextCaps' {"dataset_type": ..., "data": [...]}
-        lists = [v for v in doc.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v[:100])]
-        return lists[0] if len(lists) == 1 else [doc]
-    if not (isinstance(doc, dict) and isinstance(doc.get("images"), list)):
+    if not isinstance(doc, dict):
         return [doc]
+    if not isinstance(doc.get("images"), list):  # one record, or the records under one key beside the file's notes
+        lists = [v for v in doc.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v[:100])]
+        records = len(lists) == 1 and not any(k in IMAGE_COLUMNS for k in doc)  # TextCaps' {"dataset_type", "data"}
+        return lists[0] if records else [doc]
     if isinstance(doc.get("annotations"), list):
         captions = {}
         for a in doc["annotations"]:
@@ -1023,9 +1023,8 @@ def write_shards(args, stage_dir):
         if args.source in ("table", "hub"):
             hints["missing_image"] = ("Relative image paths start from --image_root if given, else from the table's "
                                       "(or the set's) folder, then from where you run the command: name the images' "
-                                      "folder with "
-                                      "--image_root (paths written on another machine are looked for there by "
-                                      "their last parts)")
+                                      "folder with --image_root (paths written on another machine are looked for "
+                                      "there by their last parts)")
         if args.source == "folder":
             hints["unsupported_image_type"] = ("Images of types that PIL does not read (a phone's HEIC photos, RAW, "
                                                f"SVG) were passed over: convert them to JPEG first (read: "

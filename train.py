@@ -229,15 +229,15 @@ def clipped_step(optimizer, params, grad_clip, loss, scaler=None):
 # one optimisation step's gradients
 
 
-def kept_patches(cfg, model_cfg, step, batch, rows=slice(None)):
+def kept_patches(model_cfg, patch_dropout, seed, step, batch, rows=slice(None)):
     """Patch dropout (FLIP, Li et al. 2023): the patches that the images `rows` of the global batch keep at this
     step, (rows, K) indices, sorted. Drawn for the whole global batch from the seed and the step alone, so that
     every rank, every micro-batch's two passes and a resumed run see the same ones; None when off."""
     n = (model_cfg.image_size // model_cfg.patch_size) ** 2
-    k = max(1, round(n * (1 - cfg.patch_dropout)))
+    k = max(1, round(n * (1 - patch_dropout)))
     if k >= n:
         return None
-    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) % 2 ** 63)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2 ** 63)
     # each rank sorts only its own rows: the draw is cheap, the sort is not (a global batch of 32k: 6.4M keys)
     return torch.rand(batch, n, generator=g)[rows].argsort(dim=1)[:, :k].sort(dim=1).values
 
@@ -887,8 +887,9 @@ def main(argv=None):
                 group["lr"] = lr
             images, tokens = next(batches)  # on the device already: the loader copies a batch ahead (prefetch)
             mine = slice(rank * local_batch, (rank + 1) * local_batch)  # this rank's rows of the global batch
-            keep = kept_patches(cfg, model_cfg, step, cfg.batch_size, mine)
-            keep = keep.to(device, non_blocking=True) if keep is not None else None
+            keep = kept_patches(model_cfg, cfg.patch_dropout, cfg.seed, step, cfg.batch_size, mine)
+            if keep is not None:  # to a GPU from pinned memory: a copy from pageable memory waits for the GPU's queue
+                keep = (keep.pin_memory() if device.type == "cuda" else keep).to(device, non_blocking=True)
             # this rank's work: its batch's captions run only up to the longest one (trim_tokens)
             flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1], trained=trained,
                                             patches=keep.shape[1] if keep is not None else None) * tokens.shape[0]

@@ -222,7 +222,7 @@ def main():
     # OpenCLIP runs every row of the last layer; MFU counts the FLOPs each side actually runs
     side_flops = {"ours": flops, "ours-sdpa": flops, "openclip": flops_per_sample(cfg, pooled_last_layer=False)}
     # patch dropout as train.py draws it (its first step's patches): MFU counts the patches the tower runs
-    keep = kept_patches(argparse.Namespace(patch_dropout=args.patch_dropout, seed=0), cfg, 0, args.batch_size)
+    keep = kept_patches(cfg, args.patch_dropout, 0, 0, args.batch_size)
     side_flops["ours-patch-dropout"] = flops_per_sample(cfg, patches=keep.shape[1] if keep is not None else None)
     if device.type == "cuda":
         name = torch.cuda.get_device_name()

@@ -104,3 +104,21 @@ def test_a_fresh_box_with_a_cuda_12_driver_gets_torch_for_cuda_12(tmp_path):
     out = box("11.4")
     assert out.returncode == 1 and "update the NVIDIA driver" in out.stderr
     assert not (tmp_path / "fresh").exists()
+    # not a dry run: PyTorch's index is asked which CUDA 12 build it has. A stand-in environment whose python has no
+    # torch, answers `pip index` with a cu126 build only, and records what pip is asked to install
+    venv = tmp_path / "standin"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.txt"
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                      'if [ "$1" = "-c" ] || [ "$1" = "-" ]; then exit 1; fi\n'  # no torch to import
+                      'case "$*" in *"index versions torch"*cu126*) echo "torch (2.13.0+cu126)";; esac\n')
+    python.chmod(0o755)
+    smi = tmp_path / "12.8" / "nvidia-smi"
+    run = subprocess.run(["bash", SCRIPT, "--venv", str(venv)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "PATH": f"{smi.parent}{os.pathsep}{os.environ['PATH']}"})
+    asked = calls.read_text().splitlines()
+    lookups = [line for line in asked if "index versions torch" in line]
+    assert [line.rsplit("/", 1)[-1] for line in lookups] == ["cu128", "cu126"], asked  # cu128 first, none there
+    assert "-m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in asked
+    assert "torch from https://download.pytorch.org/whl/cu126" in run.stdout
