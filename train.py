@@ -359,7 +359,7 @@ def cpu_bf16_advice(precision):
     units = cpu_multiplies_bf16()
     if precision == "auto" and units:
         return ("this CPU has bf16 matrix units: --precision bf16 runs 2-3x faster here than the default fp32, "
-                "at bf16's precision (README, Performance)")
+                "at bf16's precision (README, Numerics and speed)")
     if precision == "bf16" and units is False:
         return ("warning: this CPU has no bf16 matrix units (no AVX512-BF16 or AMX), so torch emulates bf16 "
                 "matmuls and steps run many times slower than in fp32 (16x for `tiny` on an AVX2 CPU): "
