@@ -335,9 +335,12 @@ class CLIP(nn.Module):
         """-> (image_features, text_features, logit_scale, logit_bias): unit-norm (B, embed_dim) embeddings,
         the temperature exp(t) clamped at 100 as in CLIP, and SigLIP's bias (None for the softmax loss).
         The temperature comes out of forward() so that DDP sees it used, and its gradient flows back
-        through here like every other parameter's. keep: the patches each image keeps (patch dropout)."""
+        through here like every other parameter's. keep: the patches each image keeps (patch dropout).
+        images or tokens None: that tower is not run, and its features are None (a locked tower's, once known)."""
         scale = self.logit_scale.exp().clamp(max=100)
-        return self.encode_image(images, keep=keep), self.encode_text(tokens), scale, self.logit_bias
+        image_features = None if images is None else self.encode_image(images, keep=keep)
+        text_features = None if tokens is None else self.encode_text(tokens)
+        return image_features, text_features, scale, self.logit_bias
 
 
 def resize_position_embeddings(state, cfg: CLIPConfig):

@@ -242,7 +242,8 @@ def kept_patches(model_cfg, patch_dropout, seed, step, batch, rows=slice(None)):
     return torch.rand(batch, n, generator=g)[rows].argsort(dim=1)[:, :k].sort(dim=1).values
 
 
-def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=None, keep=None):
+def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=None, keep=None,
+                     trained=("vision", "text")):
     """Accumulates into .grad the gradient of the loss over the whole (global) batch; returns the loss.
     With fp16's loss scaler, the gradient times its scale (small gradients would round to zero in fp16).
 
@@ -253,7 +254,8 @@ def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=N
     3) re-run each micro-batch with gradients and backpropagate those embedding gradients through the
     towers. The step's gradient equals the full batch's, logit_scale included, because the temperature
     receives its cached gradient exactly once (on the last micro-batch) instead of once per micro-batch.
-    keep: the patches each image keeps (patch dropout), the same in both passes."""
+    keep: the patches each image keeps (patch dropout), the same in both passes. trained: the towers that learn;
+    a locked one (LiT) is left out of pass 3, as its weights take no gradient and pass 1 gave its embeddings."""
     is_ddp = isinstance(model, DDP)
     B = images.shape[0]
     m = micro_batch_size or B
@@ -276,9 +278,11 @@ def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=N
         if is_ddp:
             model.require_backward_grad_sync = last  # before forward: DDP prepares its hooks there
         with autocast:
-            img_k, txt_k, scale_k, bias_k = model(i, t, p)
+            img_k, txt_k, scale_k, bias_k = model(i if "vision" in trained else None,
+                                                  t if "text" in trained else None, p)
         rows = slice(k * m, k * m + i.shape[0])
-        surrogate = (img_k.float() * img.grad[rows]).sum() + (txt_k.float() * txt.grad[rows]).sum()
+        surrogate = sum((emb.float() * cached_emb.grad[rows]).sum()
+                        for emb, cached_emb in ((img_k, img), (txt_k, txt)) if emb is not None)
         # every parameter takes part in every backward (DDP expects it), the temperature's gradient counts once
         surrogate = surrogate + scale_k * (scale.grad if last else 0.0)
         if bias is not None:
@@ -894,7 +898,8 @@ def main(argv=None):
             flops_since += flops_per_sample(model_cfg, text_length=tokens.shape[1], trained=trained,
                                             patches=keep.shape[1] if keep is not None else None) * tokens.shape[0]
             try:
-                loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler, keep)
+                loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler, keep,
+                                        trained)
                 grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
             except torch.OutOfMemoryError:
                 per_pass = cfg.micro_batch_size or local_batch

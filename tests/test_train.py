@@ -317,6 +317,39 @@ def test_accumulation_equals_the_full_batch(loss_name):
     for name in g_full:
         torch.testing.assert_close(g_acc[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
 
+@pytest.mark.parametrize("locked", ["visual", "text"])
+def test_a_locked_tower_runs_once_per_micro_batch_and_the_gradients_stay_exact(locked):
+    # LiT with micro-batches: a locked tower's embeddings come from the first pass, and the pass with gradients
+    # leaves it out, since nothing in it takes a gradient; the other tower's gradients are those of the full batch
+    cfg = get_config("tiny", vision_layers=2, text_layers=2)
+    images = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 5000, (32, cfg.context_length), generator=torch.Generator().manual_seed(1))
+    trained = ("text",) if locked == "visual" else ("vision",)
+
+    def gradients(micro, towers):
+        torch.manual_seed(0)
+        model = CLIP(cfg)
+        getattr(model, locked).requires_grad_(False)
+        runs = []
+        getattr(model, locked).register_forward_hook(lambda *_: runs.append(1))
+        loss = train.forward_backward(model, images, tokens, micro, torch.autocast("cpu", enabled=False),
+                                      trained=towers)
+        return loss, {n: p.grad for n, p in model.named_parameters()}, len(runs)
+
+    full_loss, full, _ = gradients(0, trained)
+    loss, grads, runs = gradients(8, trained)
+    assert runs == 4  # the first pass's 4 micro-batches, none in the second
+    _, rerun, reruns = gradients(8, ("vision", "text"))  # the tower run again in the second pass, for nothing
+    assert reruns == 8
+    torch.testing.assert_close(loss, full_loss)
+    for name, grad in full.items():
+        assert (grad is None) == name.startswith(locked + "."), name
+        if grad is not None:
+            assert torch.equal(grads[name], rerun[name]), name
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert full["logit_scale"].abs() > 0
+
+
 # ---------------------------------------------------------------------------- resume, checkpoints, logs
 
 
