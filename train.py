@@ -229,17 +229,30 @@ def clipped_step(optimizer, params, grad_clip, loss, scaler=None):
 # one optimisation step's gradients
 
 
+def mix64(z):
+    """splitmix64's finaliser (Steele et al. 2014): consecutive integers in, independent-looking uint64s out."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 def kept_patches(model_cfg, patch_dropout, seed, step, batch, rows=slice(None)):
     """Patch dropout (FLIP, Li et al. 2023): the patches that the images `rows` of the global batch keep at this
-    step, (rows, K) indices, sorted. Drawn for the whole global batch from the seed and the step alone, so that
-    every rank, every micro-batch's two passes and a resumed run see the same ones; None when off."""
+    step, (rows, K) indices, sorted; None when off. Each (image, patch) of the global batch gets a random key,
+    a hash of the seed, the step and its place, and each image keeps its K lowest: every rank, every
+    micro-batch's two passes and a resumed run see the same patches, however the rows are split among ranks,
+    and a rank computes the keys of its own rows only (not the global batch's: 6.4M keys at a batch of 32k)."""
     n = (model_cfg.image_size // model_cfg.patch_size) ** 2
     k = max(1, round(n * (1 - patch_dropout)))
     if k >= n:
         return None
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2 ** 63)
-    # each rank sorts only its own rows: the draw is cheap, the sort is not (a global batch of 32k: 6.4M keys)
-    return torch.rand(batch, n, generator=g)[rows].argsort(dim=1)[:, :k].sort(dim=1).values
+    start, stop, _ = rows.indices(batch)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps around, as the hash means it to
+        stream = mix64(mix64(np.uint64(seed) * golden) ^ np.uint64(step))
+        place = np.arange(start * n, stop * n, dtype=np.uint64).reshape(-1, n)
+        keys = mix64(stream + (place + np.uint64(1)) * golden)
+    return torch.from_numpy(np.sort(np.argpartition(keys, k - 1, axis=1)[:, :k], axis=1))
 
 
 def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=None, keep=None,

@@ -398,6 +398,28 @@ def test_a_run_with_patch_dropout_resumes_bit_for_bit(shapes_dir, tmp_path):
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
 
 
+def test_the_kept_patches_of_a_rank_are_its_rows_of_one_draw_for_the_whole_batch():
+    cfg = get_config("tiny", patch_size=8)  # 64 patches
+    whole = train.kept_patches(cfg, 0.75, 0, 5, 96)
+    assert whole.shape == (96, 16) and whole.dtype == torch.int64
+    assert all(len(set(row.tolist())) == 16 and row.tolist() == sorted(row.tolist()) for row in whole)
+    assert 0 <= whole.min() and whole.max() < 64
+    # ranks computing only their own rows see what one process sees, however the batch is split
+    for parts in (2, 3, 4):
+        rows = 96 // parts
+        split = torch.cat([train.kept_patches(cfg, 0.75, 0, 5, 96, slice(r * rows, (r + 1) * rows)) for r in range(parts)])
+        assert torch.equal(split, whole)
+    # another step, another seed: another draw; the same seed and step: the same one
+    assert torch.equal(train.kept_patches(cfg, 0.75, 0, 5, 96), whole)
+    assert (train.kept_patches(cfg, 0.75, 0, 6, 96) != whole).any() and (train.kept_patches(cfg, 0.75, 1, 5, 96) != whole).any()
+    # every patch is kept at the rate asked for, and rows are not copies of each other
+    many = torch.cat([train.kept_patches(cfg, 0.75, seed, step, 256) for seed in range(2) for step in range(10)])
+    rate = torch.bincount(many.flatten(), minlength=64).float() / len(many)
+    assert (rate - 0.25).abs().max() < 0.02  # 5120 rows: a binomial's standard deviation is 0.006
+    assert len({tuple(row.tolist()) for row in many}) == len(many)
+    assert train.kept_patches(cfg, 0.0, 0, 5, 96) is None
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_bf16_or_fp16_run_on_a_cpu_resumes_exactly_too(precision, shapes_dir, tmp_path, capsys, monkeypatch):
     # --precision bf16 is the fast way on CPUs with bf16 units, fp16 (with its loss scale) on GPUs without them:
