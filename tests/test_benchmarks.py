@@ -101,10 +101,10 @@ def test_zeroshot_benchmark_reports_each_worker_count():
 
 
 def test_lit_benchmark_times_both_second_passes_after_checking_their_gradients_agree():
-    for lock in ("image", "text"):
-        out = run("bench_lit.py", "--model", "tiny", "--batch_size", "16", "--micro_batch_size", "4", "--lock", lock,
-                  "--rounds", "1", "--steps", "1")
-        assert f"{lock} tower locked" in out
-        rates = dict(re.findall(r"^(locked tower left out|locked tower run again)\s+([\d.]+) samples/s", out, re.M))
-        assert len(rates) == 2 and all(float(v) > 0 for v in rates.values())
-        assert re.search(r"^ratio: [\d.]+x$", out, re.M)
+    # (the script stops if the two sides' gradients differ; the text tower locked is checked in test_train.py)
+    out = run("bench_lit.py", "--model", "tiny", "--batch_size", "16", "--micro_batch_size", "4", "--rounds", "1",
+              "--steps", "1")
+    assert "image tower locked" in out
+    rates = dict(re.findall(r"^(locked tower left out|locked tower run again)\s+([\d.]+) samples/s", out, re.M))
+    assert len(rates) == 2 and all(float(v) > 0 for v in rates.values())
+    assert re.search(r"^ratio: [\d.]+x$", out, re.M)
