@@ -249,7 +249,7 @@ def kept_patches(model_cfg, patch_dropout, seed, step, batch, rows=slice(None)):
     start, stop, _ = rows.indices(batch)
     golden = np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps around, as the hash means it to
-        stream = mix64(mix64(np.uint64(seed) * golden) ^ np.uint64(step))
+        stream = mix64(mix64(np.uint64(seed % 2 ** 64) * golden) ^ np.uint64(step))
         place = np.arange(start * n, stop * n, dtype=np.uint64).reshape(-1, n)
         keys = mix64(stream + (place + np.uint64(1)) * golden)
     return torch.from_numpy(np.sort(np.argpartition(keys, k - 1, axis=1)[:, :k], axis=1))
