@@ -1015,11 +1015,15 @@ def write_shards(args, stage_dir):
         for reason, n in chunk["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     seen = len(samples) + sum(skipped.values())
-    samples, merged = one_sample_per_picture(samples)
+    samples, merged, placeholders = one_sample_per_picture(samples, args.max_samples_per_picture)
+    if placeholders:
+        skipped["placeholder_image"] = placeholders
     if not samples:
         shutil.rmtree(stage_dir)  # nothing worth keeping: the corrected command starts afresh
         hints = {"image_is_a_url": f"The images were URLs: {URL_HINT}",
-                 "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)"}
+                 "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)",
+                 "placeholder_image": ("Each picture was shown by more than --max_samples_per_picture samples and "
+                                       "taken for a placeholder: --max_samples_per_picture 0 keeps them")}
         if args.source in ("table", "hub"):
             hints["missing_image"] = ("Relative image paths start from --image_root if given, else from the table's "
                                       "(or the set's) folder, then from where you run the command: name the images' "
@@ -1085,12 +1089,15 @@ def write_shards(args, stage_dir):
             "skipped": skipped, "shards": shards}
 
 
-def one_sample_per_picture(samples):
+def one_sample_per_picture(samples, max_samples=0):
     """The staged samples -> (the same, where samples of one picture are one sample with all their captions; how
-    many samples were folded into another). One picture: the same processed JPEG, by its digest. The same image in
-    several samples (a set with a row per caption, its rows apart; a picture scraped twice) would otherwise sit in
-    train and val at once, and be its own negative in a batch. Samples with labels (the shapes set's) stay apart."""
-    first, kept, lines_of = {}, [], {}  # digest -> its sample's place in kept; place -> its caption lines, in order
+    many samples were folded into another; how many showed a placeholder). One picture: the same processed JPEG,
+    by its digest. The same image in several samples (a set with a row per caption, its rows apart; a picture
+    scraped twice) would otherwise sit in train and val at once, and be its own negative in a batch. A picture
+    that more than max_samples samples show (0: no limit) is a placeholder: the "image not available" picture a
+    web host serves for a vanished one, thousands of times in scraped sets, each time with an unrelated caption;
+    it is dropped. Samples with labels (the shapes set's) stay apart."""
+    first, kept, lines_of, shown = {}, [], {}, {}  # digest -> place in kept; place -> caption lines; -> samples
     for c, key, offset, size, caption, labels, *digest in samples:  # (chunks staged before digests: none)
         at = first.get(digest[0]) if digest and labels is None else None
         if at is None:
@@ -1101,14 +1108,23 @@ def one_sample_per_picture(samples):
             if at not in lines_of:
                 lines_of[at] = dict.fromkeys(kept[at][4].split("\n"))
             lines_of[at].update(dict.fromkeys(caption.split("\n")))
+            shown[at] = shown.get(at, 1) + 1
+    placeholders = {at for at, n in shown.items() if max_samples and n > max_samples}
     for at, lines in lines_of.items():
         kept[at][4] = "\n".join(lines)
-    merged = len(samples) - len(kept)
+    dropped = sum(shown[at] for at in placeholders)
+    merged = len(samples) - len(kept) - dropped + len(placeholders)
     if merged:
-        most = max(len(lines) for lines in lines_of.values())
+        most = max(len(lines) for at, lines in lines_of.items() if at not in placeholders)
         tqdm.write(f"samples that showed a picture another sample showed too: {merged}. Each picture is one sample "
-                   f"with all their captions ({len(lines_of)} pictures; the most captions one gathered: {most})")
-    return kept, merged
+                   f"with all their captions ({len(lines_of) - len(placeholders)} pictures; the most captions one "
+                   f"gathered: {most})")
+    if placeholders:
+        tqdm.write(f"pictures that over {max_samples} samples showed, each, taken for a web host's placeholder "
+                   f"(\"image not available\") and left out: {len(placeholders)}, with their {dropped} samples "
+                   "(--max_samples_per_picture 0 keeps them)")
+        kept = [sample for at, sample in enumerate(kept) if at not in placeholders]
+    return kept, merged, dropped
 
 
 def main(argv=None):
@@ -1136,6 +1152,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, help="decoding processes (default: the cores this process may use)",
                    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     p.add_argument("--jpeg_quality", type=int, default=95)
+    p.add_argument("--max_samples_per_picture", type=int, default=1000, help="a picture that more samples show is taken for a web host's placeholder (\"image not available\") and left out; 0: no limit")
     args = p.parse_args(argv)
     for name, ok, what in (("val_fraction", 0 <= args.val_fraction <= 1, "a share between 0 and 1"),
                            ("image_size", args.image_size is None or args.image_size >= 1, "at least 1"),
@@ -1143,7 +1160,8 @@ def main(argv=None):
                            ("shard_size", args.shard_size >= 1, "at least 1"),
                            ("chunk_size", args.chunk_size >= 1, "at least 1"),
                            ("workers", args.workers >= 1, "at least 1"),
-                           ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]")):
+                           ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]"),
+                           ("max_samples_per_picture", args.max_samples_per_picture >= 0, "at least 0")):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
     for name, sources in (("split", ("table", "hub")), ("image_root", ("table", "hub")), ("image_column", ("table", "hub")),
@@ -1166,6 +1184,8 @@ def main(argv=None):
         settings.update(caption_column=args.caption_column)
     if args.image_root:  # only when given: a table prepared without it still matches
         settings.update(image_root=args.image_root)
+    if args.max_samples_per_picture != 1000:  # likewise
+        settings.update(max_samples_per_picture=args.max_samples_per_picture)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             done = json.load(f)

@@ -784,6 +784,42 @@ def test_a_row_per_caption_is_one_sample_per_image_and_resumes_whole(tmp_path, m
         (tmp_path / "hub" / "train" / "shard-000000.tar").read_bytes()
 
 
+def test_a_picture_that_many_samples_show_is_dropped_as_a_placeholder(tmp_path, capsys):
+    # scraped sets hold a web host's "image not available" picture many times over, each with the caption of the
+    # image that vanished: past --max_samples_per_picture samples a picture is left out, and counted
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(7):  # one picture, 7 files: the placeholder
+        Image.new("RGB", (40, 30), (200, 200, 200)).save(src / f"gone{i}.png")
+        (src / f"gone{i}.txt").write_text(f"a photo of thing {i}")
+    for i, rgb in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        Image.new("RGB", (40, 30), rgb).save(src / f"real{i}.png")
+        (src / f"real{i}.txt").write_text(f"colour {i}")
+    Image.new("RGB", (40, 30), (0, 0, 200)).save(src / "again.png")  # real2 twice: merged, as before
+    (src / "again.txt").write_text("blue again")
+    flags = ["--source", "folder", "--input", str(src), "--image_size", "16", "--val_fraction", "0", "--workers", "1"]
+    m = prep_dataset.main([*flags, "--out_dir", str(tmp_path / "a"), "--max_samples_per_picture", "5"])
+    assert m["counts"] == {"train": 3, "val": 0, "skipped": 7, "merged": 1, "seen": 11}
+    assert m["skipped"] == {"placeholder_image": 7}
+    out = capsys.readouterr().out
+    assert "taken for a web host's placeholder" in out and ": 1, with their 7 samples" in out
+    captions = sorted(c for _, c in tar_samples(tmp_path / "a" / "train" / "shard-000000.tar").values())
+    assert captions == ["blue again\ncolour 2", "colour 0", "colour 1"]
+    # up to the limit, or with no limit, the picture is one sample with all its captions
+    for limit in ("7", "0", None):  # None: the default, 1000
+        m = prep_dataset.main([*flags, "--out_dir", str(tmp_path / f"keep{limit}"),
+                               *(["--max_samples_per_picture", limit] if limit else [])])
+        assert m["counts"] == {"train": 4, "val": 0, "skipped": 0, "merged": 7, "seen": 11}
+        # the default is not among the settings, so that data prepared before the limit existed is still complete
+        assert ("max_samples_per_picture" in m["settings"]) == (limit is not None)
+    # a set of nothing but the placeholder stops, saying how to keep it
+    for i in range(3):
+        os.remove(src / f"real{i}.png")
+    os.remove(src / "again.png")
+    with pytest.raises(SystemExit, match="--max_samples_per_picture 0 keeps them"):
+        prep_dataset.main([*flags, "--out_dir", str(tmp_path / "none"), "--max_samples_per_picture", "5"])
+
+
 def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
     src = tmp_path / "src"
     os.makedirs(src)
