@@ -574,7 +574,7 @@ def main(argv=None):
                    help="image decoding processes (default: this machine's cores, less one)")
     p.add_argument("--json", default=None, help="write the results here as a JSON object")
     p.add_argument("--images", nargs="+", default=None,
-                   help="image files (or folders of them) to match against --texts")
+                   help="image files (or folders of them, searched through) to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
                    "per line")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else
@@ -602,10 +602,12 @@ def main(argv=None):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
     images = []
-    for path in args.images or []:  # files, or folders of them
+    for path in args.images or []:  # files, or folders of them (and of folders of them)
         if os.path.isdir(path):
-            images += sorted(os.path.join(path, f) for f in os.listdir(path)
-                             if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            for folder, subfolders, files in os.walk(path):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                images += sorted(os.path.join(folder, f) for f in files
+                                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
         elif os.path.isfile(path):
             images.append(path)
         else:

@@ -286,6 +286,10 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     assert list(probs) == [str(root / "blue" / f"{i}.png") for i in range(3)] + [str(root / "red" / "0.png")]
     whole = evaluate.main([ckpt, "--images", str(root / "blue"), str(root / "red" / "0.png"), "--texts", "red", "blue"])
     assert all(probs[k] == pytest.approx(whole["images"][k], abs=1e-6) for k in probs)
+    # a folder of folders: every image under it, folder by folder
+    nested = evaluate.main([ckpt, "--images", str(root), "--texts", "red", "blue"])["images"]
+    assert list(nested) == sorted(str(p) for p in root.rglob("*.png")) and len(nested) > 3
+    assert all(nested[k] == pytest.approx(whole["images"][k], abs=1e-6) for k in whole["images"])
     # in bf16 (as on a CPU with bf16 units): the same figures up to bf16's rounding, not identical
     half = evaluate.main([ckpt, "--images", str(root / "blue"), str(root / "red" / "0.png"), "--texts", "red", "blue",
                           "--precision", "bf16"])["images"]
