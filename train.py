@@ -63,6 +63,7 @@ class TrainConfig:
     batch_size: int = 1024  # global: over all ranks and accumulation micro-batches
     micro_batch_size: int = 0  # samples per rank per forward pass; 0 = the whole per-rank batch
     max_steps: int = 10_000
+    epochs: float = 0.0  # passes over the training data: max_steps becomes this many epochs' steps; 0 = off
     max_lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decay to max_lr * min_lr_ratio
     warmup_frac: float = 0.02  # linear warmup over this fraction of max_steps
@@ -604,6 +605,10 @@ def main(argv=None):
     except SystemExit as e:  # said below, once every rank knows
         start, start_path, changed, failure = None, None, [], str(e.code)
     given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}  # the flags of this command
+    if "max_steps" in given and "epochs" in given and cfg.epochs > 0:
+        sys.exit("--epochs sets --max_steps (the epochs' steps): give one of them")
+    if "max_steps" in given:  # a run of --epochs resumed with a new length in steps: the steps decide
+        cfg.epochs = 0.0
     if start is not None and "loss" not in given:  # a run from a checkpoint trains with its loss unless told another
         cfg.loss = start["model_config"].get("loss", "clip")
     # a checkpoint of train.py's holds its step; one written by hand to start from may hold only the weights
@@ -623,6 +628,7 @@ def main(argv=None):
                             "at least 2 for the contrastive loss (the global batch, over all ranks: "
                             "--micro_batch_size fits it in memory)" if cfg.loss == "clip" else "at least 1"),
                            ("max_steps", cfg.max_steps >= 1, "at least 1"),
+                           ("epochs", cfg.epochs >= 0, "0 (--max_steps decides) or more"),
                            ("max_lr", cfg.max_lr > 0, "positive"), ("warmup_frac", 0 <= cfg.warmup_frac < 1, "in [0, 1)"),
                            ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more"),
                            ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
@@ -771,6 +777,8 @@ def main(argv=None):
                                   val_loader.dataset.num_samples if val_loader else 0)
     same_on_every_rank(ddp, "data", found, found and f"{found[0]} train samples in {found[1]} shards, "
                        f"{found[2]} val samples", failure)
+    if cfg.epochs > 0:  # an epoch: the full batches the training split fills (the loader drops a partial one)
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train_loader)))
 
     # ---- model and optimizer
     raw_model = CLIP(model_cfg).to(device)
@@ -838,7 +846,9 @@ def main(argv=None):
             rows = dict(zip(ds.paths, map(len, ds.shard_rows)))
             samples = " + ".join(str(sum(rows[p] for p in shard_paths(d, "train"))) for d in sets) + f" = {samples}"
         print(f"{n_params / 1e6:.1f}M parameters | {samples} train samples, "
-              f"{len(train_loader)} steps per epoch | chance-level loss ln(batch) = {math.log(cfg.batch_size):.3f}")
+              f"{len(train_loader)} steps per epoch" + (f", {cfg.epochs:g} epochs: {cfg.max_steps} steps" if cfg.epochs
+                                                         else "") +
+              f" | chance-level loss ln(batch) = {math.log(cfg.batch_size):.3f}")
 
     evaluator = None
     if cfg.zeroshot != "none" or cfg.retrieval:
