@@ -10,6 +10,7 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
     python prep_dataset.py --source table --input pairs.csv --out_dir data/mine    # csv/tsv/jsonl/json/parquet
     python prep_dataset.py --source table --input captions_train2017.json --image_root train2017 --out_dir data/coco
     python prep_dataset.py --source hub --input NAME --split train --out_dir data/x # any datasets image+text set
+    python prep_dataset.py --source table --input cc3m.tsv --out_dir data/cc3m        # image URLs: downloaded
 
 It works in two passes, each resumable (rerun the same command after an interrupt):
   1. process: read the source in chunks, decode + resize + centre-crop + re-encode in parallel, and
@@ -35,7 +36,10 @@ import signal
 import sys
 import tarfile
 import time
+import urllib.error
+import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from itertools import chain, islice
 from multiprocessing import Pool
 
@@ -330,7 +334,11 @@ CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences"
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "image_name", "path",
                  "file", "image_url", "url")
 NOT_CAPTIONS = ("_id", "_ids", "_sentid", "_len", "_length", "_count", "_tokens", "_lang", "_language", "_score", "_url")
-URL_HINT = "download the images first (e.g. with img2dataset), then prepare its shards with --source webdataset"
+# images given as URLs (Conceptual Captions, LAION, COYO list only those) are downloaded as each chunk is staged
+DOWNLOAD_THREADS, DOWNLOAD_TIMEOUT, DOWNLOAD_MAX_BYTES = 64, 10, 64 << 20
+DOWNLOAD_HINT = ("for millions of URLs, img2dataset downloads faster (many machines, retries, rate limits): its "
+                 "shards then read with --source webdataset")
+is_url = lambda image: isinstance(image, str) and image.startswith(("http://", "https://"))
 
 
 def caption_text(value):
@@ -579,14 +587,15 @@ def source_table(args):
             yield key, bytes(image), row_caption(row, caption_cols), None
             continue
         image = image_path(str(image or ""))  # spreadsheets keep stray spaces around a cell
-        if image.startswith(("http://", "https://")):
-            in_order.append((key, None, None, {"skip": "image_is_a_url"}))
-            continue
-        image = table_image(os.path.expanduser(image), roots, args.image_root)
-        if image is None:
-            in_order.append((key, None, None, {"skip": "missing_image"}))
-            continue
-        image = os.path.abspath(image)
+        if is_url(image) and not by_file:
+            print(f"the {image_col!r} column of {path} holds URLs ({image[:80]}): the images are downloaded as they "
+                  f"are prepared ({DOWNLOAD_HINT})")
+        if not is_url(image):  # a URL is downloaded as its chunk is staged (stage_chunks)
+            image = table_image(os.path.expanduser(image), roots, args.image_root)
+            if image is None:
+                in_order.append((key, None, None, {"skip": "missing_image"}))
+                continue
+            image = os.path.abspath(image)
         if image not in by_file:  # the sample keeps its first row's key
             by_file[image] = []
             in_order.append((key, image, by_file[image], None))
@@ -719,9 +728,9 @@ def source_hub(args):
             yield f"{i:09d}", None, None, {"skip": "other_split"}
             continue
         image = image_cell((folder_and_file(ex) if karpathy else ex).get(image_col))
-        if first and isinstance(image, str) and image.startswith(("http://", "https://")):
-            # sets like Conceptual Captions list URLs only: say so now, not after millions of failed rows
-            sys.exit(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): {URL_HINT}")
+        if first and is_url(image):  # sets like Conceptual Captions list URLs only
+            print(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): the images are downloaded "
+                  f"as they are prepared ({DOWNLOAD_HINT})")
         first = False
         if isinstance(image, str) and "://" not in image:  # a path: from --image_root, else from a local set's folder
             found = table_image(os.path.expanduser(image), roots, args.image_root) if image else None
@@ -963,6 +972,49 @@ def tar_bytes(samples):
     return buf.getvalue()
 
 
+def fetch(url):
+    """An image URL -> (its bytes, None), or (None, why it failed). One retry, for what may pass (a timeout, a
+    dropped connection, a server's 5xx); a 404 or a 403 is final."""
+    request = urllib.request.Request(url, headers={"User-Agent": "clip-from-scratch/prep_dataset.py (python-urllib)"})
+    for attempt in range(2):
+        try:
+            with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
+                data = response.read(DOWNLOAD_MAX_BYTES + 1)
+            if len(data) > DOWNLOAD_MAX_BYTES:
+                return None, f"over {DOWNLOAD_MAX_BYTES >> 20} MB"
+            return data, None
+        except urllib.error.HTTPError as e:
+            why = f"HTTP {e.code}"
+            if e.code < 500:
+                break
+        except (OSError, ValueError) as e:  # URLError, timeouts, resets; ValueError: a malformed URL
+            why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    return None, why
+
+
+def download(chunk, threads, tried):
+    """The chunk's items with their image URLs replaced by the images' bytes, fetched `threads` at a time; an image
+    that cannot be fetched is skipped as download_failed. tried: counts over the run, to stop at once when not one
+    of the first 100 came (no network) rather than after millions of failures."""
+    at = {threads.submit(fetch, item[1]): i for i, item in enumerate(chunk) if is_url(item[1])}
+    if not at:
+        return chunk
+    chunk = list(chunk)
+    for future in tqdm(as_completed(at), total=len(at), desc="download", unit=" images", leave=False,
+                       dynamic_ncols=True):
+        i = at[future]
+        data, why = future.result()
+        key, url, caption, labels = chunk[i]
+        chunk[i] = (key, data, caption, labels) if data is not None else (key, None, caption, {"skip": "download_failed"})
+        tried["ok" if data is not None else "failed"] += 1
+        if not tried["ok"] and tried["failed"] >= 100:
+            for pending in at:
+                pending.cancel()
+            sys.exit(f"none of the first 100 image URLs could be downloaded ({why}, for {url}): "
+                     f"check the network, then rerun the same command ({DOWNLOAD_HINT})")
+    return chunk
+
+
 def stage_chunks(args, stage_dir, items, done):
     """Pass 1: process the source chunk by chunk; each finished chunk is a .bin of JPEGs plus a .json index.
     `done` chunks were finished by an earlier, interrupted run. A streaming source already starts after
@@ -974,7 +1026,9 @@ def stage_chunks(args, stage_dir, items, done):
         items = islice(items, max(0, args.limit - first * args.chunk_size))
     bar = tqdm(desc="process", unit=" samples", total=args.limit, initial=first * args.chunk_size, dynamic_ncols=True)
     # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
-    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    tried = {"ok": 0, "failed": 0}
+    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool, \
+            ThreadPoolExecutor(DOWNLOAD_THREADS) as threads:
         for c in range(first, sys.maxsize):
             chunk = list(islice(items, args.chunk_size))
             if not chunk:
@@ -987,7 +1041,7 @@ def stage_chunks(args, stage_dir, items, done):
             index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
             if c >= done:
                 blob, index, skipped = bytearray(), [], {}
-                work = [(item, args.image_size, args.jpeg_quality) for item in chunk]
+                work = [(item, args.image_size, args.jpeg_quality) for item in download(chunk, threads, tried)]
                 for result in pool.imap(_process, work, chunksize=8):
                     if result[0] == "skip":
                         skipped[result[1]] = skipped.get(result[1], 0) + 1
@@ -1020,7 +1074,7 @@ def write_shards(args, stage_dir):
         skipped["placeholder_image"] = placeholders
     if not samples:
         shutil.rmtree(stage_dir)  # nothing worth keeping: the corrected command starts afresh
-        hints = {"image_is_a_url": f"The images were URLs: {URL_HINT}",
+        hints = {"download_failed": f"No image URL could be downloaded: check the network ({DOWNLOAD_HINT})",
                  "other_split": "No row is in --split's splits: name the table's (several: --split train,restval)",
                  "placeholder_image": ("Each picture was shown by more than --max_samples_per_picture samples and "
                                        "taken for a placeholder: --max_samples_per_picture 0 keeps them")}
@@ -1238,8 +1292,9 @@ def main(argv=None):
     c = result["counts"]
     print(f"wrote {c['train']} train + {c['val']} val samples to {args.out_dir} in {time.time() - t0:.1f}s; "
           f"skipped {c['skipped']} of {c['seen']}: {result['skipped'] or 'none'}")
-    if "image_is_a_url" in result["skipped"]:
-        print(f"some images were URLs: {URL_HINT}")
+    if "download_failed" in result["skipped"]:  # web images vanish: a few percent a year of a scraped set
+        print(f"images that could not be downloaded: {result['skipped']['download_failed']} (gone, refused or too "
+              "slow to answer); a rerun into a new --out_dir tries them again")
     unlock_dir(args.out_dir)  # done: another may write here now
     return manifest
 

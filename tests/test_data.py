@@ -368,13 +368,13 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere.jpg"
     elsewhere.write_bytes(jpeg((250, 250, 250)))
     # OpenCLIP's CSV layout (filepath, title): relative and absolute paths, a quoted two-line caption,
-    # a missing file, a URL (not downloaded: counted), an empty caption
+    # a missing file, a URL that cannot be downloaded (counted), an empty caption
     with open(src / "pairs.csv", "w", newline="", encoding="utf-8-sig") as f:  # with a byte-order mark, as Excel writes
         f.write('filepath,title\nimgs/r.png,a red card\nimgs/g.png,"a green card\nanother green caption"\n'
-                f"{elsewhere},a white card\nimgs/nope.png,lost\nhttps://example.com/x.jpg,a url\nimgs/b.png,\n")
+                f"{elsewhere},a white card\nimgs/nope.png,lost\nhttp://127.0.0.1:1/x.jpg,a url\nimgs/b.png,\n")
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "csv"),
                            "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
-    assert m["skipped"] == {"missing_image": 1, "image_is_a_url": 1, "empty_caption": 1}
+    assert m["skipped"] == {"missing_image": 1, "download_failed": 1, "empty_caption": 1}
     samples = tar_samples(tmp_path / "csv" / "train" / "shard-000000.tar")
     by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
     assert set(by_caption) == {"a red card", "a green card\nanother green caption", "a white card"}
@@ -480,9 +480,9 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     # no header line: the column of image paths (or URLs) is the image, the other the caption
     (src / "bare.csv").write_text("imgs/r.png,a red card\nimgs/g.png,a green card\n")
     assert sorted(made("bare.csv")) == ["a green card", "a red card"]
-    (src / "cc3m.tsv").write_text("a red card\thttps://example.com/r.jpg\n")  # Conceptual Captions' layout
-    with pytest.raises(SystemExit, match="The images were URLs: download the images first"):
-        made("cc3m.tsv")
+    (src / "cc3m.tsv").write_text("a red card\thttp://127.0.0.1:1/r.jpg\n")  # Conceptual Captions' layout
+    with pytest.raises(SystemExit, match="No image URL could be downloaded: check the network"):
+        made("cc3m.tsv")  # (the URL, taken for the image, was tried: nothing listens there)
     # Flickr8k's and Flickr30k's own token files: no header, a tab, the image with its caption's number, and
     # captions with more commas than the line has tabs; an image's numbered rows are one sample
     (src / "Flickr8k.token.txt").write_text("r.png#0\tA red card, flat, on a table, lit .\nr.png#1\ta red card\n"
@@ -706,14 +706,6 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
                        "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "f8k_out" / "train" / "shard-000000.tar").values()] == [
         "red 0\nred 1\nred 2\nred 3\nred 4"]
-    # a set of URLs and captions (Conceptual Captions' layout) stops at its first row, saying what to do
-    urls = tmp_path / "urls"
-    urls.mkdir()
-    (urls / "train.jsonl").write_text("".join(json.dumps({"caption": f"photo {i}", "image_url": f"https://x.org/{i}.jpg"})
-                                              + "\n" for i in range(3)))
-    with pytest.raises(SystemExit, match="'image_url' column .* holds URLs .*img2dataset"):
-        prep_dataset.main(["--source", "hub", "--input", str(urls), "--out_dir", str(tmp_path / "urls_out"),
-                           "--image_size", "32", "--workers", "1"])
     # the Karpathy split on the hub (yerevann/coco-karpathy): each image by folder and file name apart, beside
     # its URL; with COCO's images on disk, --image_root names where the folders are
     karpathy = tmp_path / "coco-karpathy"
@@ -818,6 +810,89 @@ def test_a_picture_that_many_samples_show_is_dropped_as_a_placeholder(tmp_path, 
     os.remove(src / "again.png")
     with pytest.raises(SystemExit, match="--max_samples_per_picture 0 keeps them"):
         prep_dataset.main([*flags, "--out_dir", str(tmp_path / "none"), "--max_samples_per_picture", "5"])
+
+
+def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monkeypatch, capsys):
+    # sets that list image URLs (Conceptual Captions, LAION): prep downloads them, here from a local server that
+    # answers as the web does: images, a redirect, a 404, a page that is not an image, a server error that passes
+    # on a retry, and one too slow to answer
+    import datasets
+    import http.server
+    import threading
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    asked = []
+
+    class Web(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            asked.append(self.path)
+            if self.path.startswith("/img/"):
+                buf = io.BytesIO()
+                Image.new("RGB", (40, 30), colours[int(self.path[5])]).save(buf, "PNG")
+                body, kind = buf.getvalue(), "image/png"
+            elif self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/img/3")
+                self.end_headers()
+                return
+            elif self.path == "/page":
+                body, kind = b"<html>this photo is no longer available</html>", "text/html"
+            elif self.path == "/flaky" and asked.count("/flaky") == 1:
+                self.send_error(503)
+                return
+            elif self.path == "/flaky":
+                buf = io.BytesIO()
+                Image.new("RGB", (40, 30), (90, 90, 90)).save(buf, "JPEG")
+                body, kind = buf.getvalue(), "image/jpeg"
+            elif self.path == "/slow":
+                time.sleep(1.5)
+                body, kind = b"late", "text/plain"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # the slow answer's client has gone by the time it is written
+
+    server = Server(("127.0.0.1", 0), Web)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(prep_dataset, "DOWNLOAD_TIMEOUT", 0.5)
+    web = f"http://127.0.0.1:{server.server_address[1]}"
+    rows = [("img/0", "red"), ("img/1", "green"), ("img/1", "green again"), ("img/2", "blue"), ("moved", "yellow"),
+            ("gone", "lost"), ("page", "a page"), ("flaky", "grey"), ("slow", "too slow")]
+    try:
+        # a TSV of URLs and captions (a row per caption, as Conceptual Captions' files are), and the same as a set
+        (tmp_path / "cc.tsv").write_text("caption\turl\n" + "".join(f"{c}\t{web}/{p}\n" for p, c in rows))
+        datasets.Dataset.from_dict({"caption": [c for _, c in rows], "image_url": [f"{web}/{p}" for p, _ in rows]}
+                                   ).save_to_disk(str(tmp_path / "cc"))
+        flags = ["--image_size", "16", "--val_fraction", "0", "--workers", "1"]
+        for source, given in (("table", tmp_path / "cc.tsv"), ("hub", tmp_path / "cc")):
+            capsys.readouterr()
+            m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / source), *flags])
+            out = capsys.readouterr().out
+            assert "holds URLs" in out and "downloaded as they are prepared" in out
+            assert "images that could not be downloaded: 2" in out
+            assert m["skipped"] == {"download_failed": 2, "bad_image": 1}  # the 404 and the slow one; the page
+            captions = sorted(c for _, c in tar_samples(tmp_path / source / "train" / "shard-000000.tar").values())
+            assert captions == ["blue", "green\ngreen again", "grey", "red", "yellow"]
+        # the 503 was retried (and answered by the time the set was read); a 404 is final: asked once a run
+        assert asked.count("/flaky") == 3 and asked.count("/gone") == 2
+        # with no network, prep stops once not one of the first 100 came, saying so, instead of trying them all
+        (tmp_path / "offline.tsv").write_text("url\tcaption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg\tc {i}\n"
+                                                                       for i in range(300)))
+        with pytest.raises(SystemExit, match="none of the first 100 image URLs could be downloaded .*check the network"):
+            prep_dataset.main(["--source", "table", "--input", str(tmp_path / "offline.tsv"),
+                               "--out_dir", str(tmp_path / "offline"), *flags])
+    finally:
+        server.shutdown()
 
 
 def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
