@@ -36,7 +36,9 @@ import signal
 import sys
 import tarfile
 import time
+import http.client
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -975,19 +977,24 @@ def tar_bytes(samples):
 def fetch(url):
     """An image URL -> (its bytes, None), or (None, why it failed). One retry, for what may pass (a timeout, a
     dropped connection, a server's 5xx); a 404 or a 403 is final."""
+    # scraped URLs hold spaces and non-ASCII letters, which urllib refuses: escaped, the escapes already there kept
+    url = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
     request = urllib.request.Request(url, headers={"User-Agent": "clip-from-scratch/prep_dataset.py (python-urllib)"})
     for attempt in range(2):
         try:
             with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
                 data = response.read(DOWNLOAD_MAX_BYTES + 1)
+                length = response.headers.get("Content-Length", "")
             if len(data) > DOWNLOAD_MAX_BYTES:
                 return None, f"over {DOWNLOAD_MAX_BYTES >> 20} MB"
+            if length.isdigit() and int(length) != len(data):  # the connection dropped halfway
+                raise http.client.IncompleteRead(data, int(length) - len(data))
             return data, None
         except urllib.error.HTTPError as e:
             why = f"HTTP {e.code}"
             if e.code < 500:
                 break
-        except (OSError, ValueError) as e:  # URLError, timeouts, resets; ValueError: a malformed URL
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets, a cut answer
             why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
     return None, why
 

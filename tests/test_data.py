@@ -846,6 +846,12 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
                 buf = io.BytesIO()
                 Image.new("RGB", (40, 30), (90, 90, 90)).save(buf, "JPEG")
                 body, kind = buf.getvalue(), "image/jpeg"
+            elif self.path == "/cut":  # the connection drops before the promised length
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"\x89PNG")
+                return
             elif self.path == "/slow":
                 time.sleep(1.5)
                 body, kind = b"late", "text/plain"
@@ -867,7 +873,8 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
     monkeypatch.setattr(prep_dataset, "DOWNLOAD_TIMEOUT", 0.5)
     web = f"http://127.0.0.1:{server.server_address[1]}"
     rows = [("img/0", "red"), ("img/1", "green"), ("img/1", "green again"), ("img/2", "blue"), ("moved", "yellow"),
-            ("gone", "lost"), ("page", "a page"), ("flaky", "grey"), ("slow", "too slow")]
+            ("gone", "lost"), ("page", "a page"), ("flaky", "grey"), ("slow", "too slow"), ("cut", "cut short"),
+            ("img/0 café", "red, by a URL with a space and an accent")]
     try:
         # a TSV of URLs and captions (a row per caption, as Conceptual Captions' files are), and the same as a set
         (tmp_path / "cc.tsv").write_text("caption\turl\n" + "".join(f"{c}\t{web}/{p}\n" for p, c in rows))
@@ -879,10 +886,10 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
             m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / source), *flags])
             out = capsys.readouterr().out
             assert "holds URLs" in out and "downloaded as they are prepared" in out
-            assert "images that could not be downloaded: 2" in out
-            assert m["skipped"] == {"download_failed": 2, "bad_image": 1}  # the 404 and the slow one; the page
+            assert "images that could not be downloaded: 3" in out
+            assert m["skipped"] == {"download_failed": 3, "bad_image": 1}  # the 404, the slow one, the cut one; the page
             captions = sorted(c for _, c in tar_samples(tmp_path / source / "train" / "shard-000000.tar").values())
-            assert captions == ["blue", "green\ngreen again", "grey", "red", "yellow"]
+            assert captions == ["blue", "green\ngreen again", "grey", "red\nred, by a URL with a space and an accent", "yellow"]
         # the 503 was retried (and answered by the time the set was read); a 404 is final: asked once a run
         assert asked.count("/flaky") == 3 and asked.count("/gone") == 2
         # with no network, prep stops once not one of the first 100 came, saying so, instead of trying them all
