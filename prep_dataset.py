@@ -41,7 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
 from multiprocessing import Pool
 
@@ -999,27 +999,31 @@ def fetch(url):
     return None, why
 
 
-def download(chunk, threads, tried):
-    """The chunk's items with their image URLs replaced by the images' bytes, fetched `threads` at a time; an image
-    that cannot be fetched is skipped as download_failed. tried: counts over the run, to stop at once when not one
-    of the first 100 came (no network) rather than after millions of failures."""
-    at = {threads.submit(fetch, item[1]): i for i, item in enumerate(chunk) if is_url(item[1])}
-    if not at:
-        return chunk
-    chunk = list(chunk)
-    for future in tqdm(as_completed(at), total=len(at), desc="download", unit=" images", leave=False,
-                       dynamic_ncols=True):
-        i = at[future]
-        data, why = future.result()
-        key, url, caption, labels = chunk[i]
-        chunk[i] = (key, data, caption, labels) if data is not None else (key, None, caption, {"skip": "download_failed"})
-        tried["ok" if data is not None else "failed"] += 1
-        if not tried["ok"] and tried["failed"] >= 100:
-            for pending in at:
-                pending.cancel()
-            sys.exit(f"none of the first 100 image URLs could be downloaded ({why}, for {url}): "
-                     f"check the network, then rerun the same command ({DOWNLOAD_HINT})")
-    return chunk
+def downloaded(chunk, threads, tried):
+    """The chunk's items in order, each image URL replaced by the image's bytes as its download ends. All of them are
+    fetched `threads` at a time from the start, so the workers decode the first images while the rest arrive; one
+    that cannot be fetched is skipped as download_failed. tried: counts over the run. When not one of the first 100
+    came (no network), it stops there and tried["offline"] says why, rather than going through millions of them."""
+    futures = [threads.submit(fetch, item[1]) if is_url(item[1]) else None for item in chunk]
+    urls = sum(f is not None for f in futures)
+    bar = tqdm(total=urls, desc="download", unit=" images", leave=False, dynamic_ncols=True, disable=not urls)
+    try:
+        for (key, url, caption, labels), future in zip(chunk, futures):
+            if future is None:
+                yield key, url, caption, labels
+                continue
+            data, why = future.result()
+            bar.update()
+            tried["ok" if data is not None else "failed"] += 1
+            if not tried["ok"] and tried["failed"] >= 100:
+                tried["offline"] = f"{why}, for {url}"
+                return
+            yield (key, data, caption, labels) if data is not None else (key, None, caption, {"skip": "download_failed"})
+    finally:
+        for future in futures:
+            if future is not None:
+                future.cancel()
+        bar.close()
 
 
 def stage_chunks(args, stage_dir, items, done):
@@ -1048,7 +1052,7 @@ def stage_chunks(args, stage_dir, items, done):
             index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
             if c >= done:
                 blob, index, skipped = bytearray(), [], {}
-                work = [(item, args.image_size, args.jpeg_quality) for item in download(chunk, threads, tried)]
+                work = ((item, args.image_size, args.jpeg_quality) for item in downloaded(chunk, threads, tried))
                 for result in pool.imap(_process, work, chunksize=8):
                     if result[0] == "skip":
                         skipped[result[1]] = skipped.get(result[1], 0) + 1
@@ -1056,6 +1060,9 @@ def stage_chunks(args, stage_dir, items, done):
                     _, key, jpg, caption, labels, digest = result
                     index.append([key, len(blob), len(jpg), caption, labels, digest])
                     blob += jpg
+                if "offline" in tried:
+                    sys.exit(f"none of the first 100 image URLs could be downloaded ({tried['offline']}): check the "
+                             f"network, then rerun the same command ({DOWNLOAD_HINT})")
                 atomic_write(os.path.join(stage_dir, f"chunk-{c:06d}.bin"), bytes(blob))
                 atomic_write(index_path, json.dumps({"samples": index, "skipped": skipped,
                                                      "source_state": position}).encode())

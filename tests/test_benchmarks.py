@@ -108,3 +108,15 @@ def test_lit_benchmark_times_both_second_passes_after_checking_their_gradients_a
     rates = dict(re.findall(r"^(locked tower left out|locked tower run again)\s+([\d.]+) samples/s", out, re.M))
     assert len(rates) == 2 and all(float(v) > 0 for v in rates.values())
     assert re.search(r"^ratio: [\d.]+x$", out, re.M)
+
+
+def test_download_benchmark_times_prep_on_urls_both_ways():
+    import socket
+    with socket.socket() as s:  # a port free now, for the benchmark's local web server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run("bench_download.py", "--images", "40", "--latency", "0.05", "--chunk_size", "20", "--rounds", "1",
+              "--port", str(port))
+    times = dict(re.findall(r"^(overlapped|whole chunk first)\s+([\d.]+) s", out, re.M))
+    assert len(times) == 2 and all(float(v) > 0 for v in times.values())
+    assert out.count("wrote 40 train + 0 val samples") == 2 and "skipped 0 of 40" in out  # every image came
