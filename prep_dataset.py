@@ -13,20 +13,22 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
     python prep_dataset.py --source table --input cc3m.tsv --out_dir data/cc3m        # image URLs: downloaded
 
 It works in two passes, each resumable (rerun the same command after an interrupt):
-  1. process: read the source in chunks, decode + resize + centre-crop + re-encode in parallel, and
-     stage each finished chunk under OUT/.stage/ (written to a temporary name, then renamed); a rerun
-     reuses the finished chunks, and a streamed source (text-to-image-2M, hub) goes on where they end
-     in the stream instead of downloading them again;
+  1. process: read the source in chunks (downloading images given as URLs), decode + resize + centre-crop +
+     re-encode in parallel, and stage each finished chunk under OUT/.stage/ (written to a temporary name,
+     then renamed); a rerun reuses the finished chunks, and a streamed source (text-to-image-2M, hub) goes
+     on where they end in the stream instead of downloading them again;
   2. shuffle: make the samples that show the same picture one sample with all their captions, draw one
      global permutation from the seed and write the final shards OUT/train/*.tar and OUT/val/*.tar by
      reading the staged samples in that order, then OUT/manifest.json.
-Bad input (undecodable image, missing/empty/non-UTF-8 caption) is skipped and counted in the manifest.
+Bad input (an undecodable, missing or undownloadable image, a missing/empty/non-UTF-8 caption) is skipped and
+counted in the manifest.
 """
 import argparse
 import errno
 import glob
 import hashlib
 import html
+import http.client
 import io
 import json
 import os
@@ -36,7 +38,6 @@ import signal
 import sys
 import tarfile
 import time
-import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
