@@ -1000,20 +1000,24 @@ def fetch(url):
     return None, why
 
 
-def downloaded(chunk, threads, tried):
-    """The chunk's items in order, each image URL replaced by the image's bytes as its download ends. All of them are
-    fetched `threads` at a time from the start, so the workers decode the first images while the rest arrive; one
-    that cannot be fetched is skipped as download_failed. tried: counts over the run. When not one of the first 100
-    came (no network), it stops there and tried["offline"] says why, rather than going through millions of them."""
-    futures = [threads.submit(fetch, item[1]) if is_url(item[1]) else None for item in chunk]
-    urls = sum(f is not None for f in futures)
+def queue_downloads(chunk, threads):
+    """A download for each image URL of the chunk, queued on the thread pool (None for the other items)."""
+    return [threads.submit(fetch, item[1]) if is_url(item[1]) else None for item in chunk]
+
+
+def downloaded(chunk, downloads, tried):
+    """The chunk's items in order, each image URL replaced by the image's bytes as its download (queue_downloads)
+    ends, so that the workers decode the first images while the rest arrive; one that cannot be fetched is skipped
+    as download_failed. tried: counts over the run. When not one of the first 100 came (no network), it stops there
+    and tried["offline"] says why, rather than going through millions of them."""
+    urls = sum(d is not None for d in downloads)
     bar = tqdm(total=urls, desc="download", unit=" images", leave=False, dynamic_ncols=True, disable=not urls)
     try:
-        for (key, url, caption, labels), future in zip(chunk, futures):
-            if future is None:
+        for (key, url, caption, labels), download in zip(chunk, downloads):
+            if download is None:
                 yield key, url, caption, labels
                 continue
-            data, why = future.result()
+            data, why = download.result()
             bar.update()
             tried["ok" if data is not None else "failed"] += 1
             if not tried["ok"] and tried["failed"] >= 100:
@@ -1021,9 +1025,6 @@ def downloaded(chunk, threads, tried):
                 return
             yield (key, data, caption, labels) if data is not None else (key, None, caption, {"skip": "download_failed"})
     finally:
-        for future in futures:
-            if future is not None:
-                future.cancel()
         bar.close()
 
 
@@ -1037,37 +1038,50 @@ def stage_chunks(args, stage_dir, items, done):
     if args.limit:
         items = islice(items, max(0, args.limit - first * args.chunk_size))
     bar = tqdm(desc="process", unit=" samples", total=args.limit, initial=first * args.chunk_size, dynamic_ncols=True)
-    # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
+
+    def next_chunk(c):
+        """Chunk c's items, where it ends in a streaming source (read at once, while the source waits right after
+        it), and its downloads, queued (none for a chunk an earlier run finished)."""
+        chunk = list(islice(items, args.chunk_size))
+        try:
+            position = json.loads(json.dumps(args.stream_state())) if args.stream_state else None
+        except Exception:  # a source that cannot say: a rerun reads it again from the start
+            position = None
+        return chunk, position, queue_downloads(chunk, threads) if c >= done else None
+
     tried = {"ok": 0, "failed": 0}
-    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool, \
-            ThreadPoolExecutor(DOWNLOAD_THREADS) as threads:
-        for c in range(first, sys.maxsize):
-            chunk = list(islice(items, args.chunk_size))
-            if not chunk:
-                break
-            # where this chunk ends in a streaming source: read now, while the source waits right after it
-            try:
-                position = json.loads(json.dumps(args.stream_state())) if args.stream_state else None
-            except Exception:  # a source that cannot say: a rerun reads it again from the start
-                position = None
-            index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
-            if c >= done:
-                blob, index, skipped = bytearray(), [], {}
-                work = ((item, args.image_size, args.jpeg_quality) for item in downloaded(chunk, threads, tried))
-                for result in pool.imap(_process, work, chunksize=8):
-                    if result[0] == "skip":
-                        skipped[result[1]] = skipped.get(result[1], 0) + 1
-                        continue
-                    _, key, jpg, caption, labels, digest = result
-                    index.append([key, len(blob), len(jpg), caption, labels, digest])
-                    blob += jpg
-                if "offline" in tried:
-                    sys.exit(f"none of the first 100 image URLs could be downloaded ({tried['offline']}): check the "
-                             f"network, then rerun the same command ({DOWNLOAD_HINT})")
-                atomic_write(os.path.join(stage_dir, f"chunk-{c:06d}.bin"), bytes(blob))
-                atomic_write(index_path, json.dumps({"samples": index, "skipped": skipped,
-                                                     "source_state": position}).encode())
-            bar.update(len(chunk))
+    threads = ThreadPoolExecutor(DOWNLOAD_THREADS)
+    try:
+        # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
+        with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+            chunk, position, downloads = next_chunk(first)
+            for c in range(first, sys.maxsize):
+                if not chunk:
+                    break
+                # the next chunk's downloads queue behind this one's, so that the last of this chunk's (a few slow
+                # servers, up to the timeout) do not leave the threads idle
+                after = next_chunk(c + 1)
+                index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
+                if c >= done:
+                    blob, index, skipped = bytearray(), [], {}
+                    work = ((item, args.image_size, args.jpeg_quality) for item in downloaded(chunk, downloads, tried))
+                    for result in pool.imap(_process, work, chunksize=8):
+                        if result[0] == "skip":
+                            skipped[result[1]] = skipped.get(result[1], 0) + 1
+                            continue
+                        _, key, jpg, caption, labels, digest = result
+                        index.append([key, len(blob), len(jpg), caption, labels, digest])
+                        blob += jpg
+                    if "offline" in tried:
+                        sys.exit(f"none of the first 100 image URLs could be downloaded ({tried['offline']}): check "
+                                 f"the network, then rerun the same command ({DOWNLOAD_HINT})")
+                    atomic_write(os.path.join(stage_dir, f"chunk-{c:06d}.bin"), bytes(blob))
+                    atomic_write(index_path, json.dumps({"samples": index, "skipped": skipped,
+                                                         "source_state": position}).encode())
+                bar.update(len(chunk))
+                chunk, position, downloads = after
+    finally:  # stopped (Ctrl-C, no network) or done: the downloads still queued are dropped, not waited for
+        threads.shutdown(wait=False, cancel_futures=True)
     bar.close()
     if done:
         print(f"resumed: reused {done} finished chunks" + (", going on in the source where they end" if resumed else ""))

@@ -5,6 +5,7 @@ whole chunk first, then decoding it. Both take turns, round after round; each re
 
     python benchmarks/bench_download.py --images 3000 --latency 0.5
     python benchmarks/bench_download.py --images 3000 --latency 0.1 --chunk_size 1000
+    python benchmarks/bench_download.py --images 3000 --latency 0.5 --stalled 0.02    # a few hosts that never answer
 
 The server runs in a process of its own, so that its work does not share a Python interpreter with prep's; on a
 small machine it still shares the cores, so the figures are a lower bound of what a real web (latency elsewhere)
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prep_dataset  # noqa: E402
 
 
-def serve(port, latency):
+def serve(port, latency, stalled_every):
     rng = np.random.default_rng(0)
     bodies = []
     for _ in range(50):
@@ -40,8 +41,10 @@ def serve(port, latency):
             pass
 
         def do_GET(self):
-            time.sleep(latency)
-            body = bodies[int(self.path.strip("/").split(".")[0]) % len(bodies)]
+            i = int(self.path.strip("/").split(".")[0])
+            # a stalled server: no answer within prep's timeout, as a few of a scraped set's hosts do
+            time.sleep(prep_dataset.DOWNLOAD_TIMEOUT + 2 if stalled_every and i % stalled_every == 1 else latency)
+            body = bodies[i % len(bodies)]
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -54,11 +57,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--latency", type=float, default=0.5, help="seconds the server waits before each answer")
+    p.add_argument("--stalled", type=float, default=0.0, help="the share of URLs whose server never answers in time "
+                   "(each costs prep its timeout twice, with the retry); 0.02: one in 50")
     p.add_argument("--chunk_size", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     args = p.parse_args()
-    server = Process(target=serve, args=(args.port, args.latency), daemon=True)
+    stalled_every = round(1 / args.stalled) if args.stalled else 0
+    server = Process(target=serve, args=(args.port, args.latency, stalled_every), daemon=True)
     server.start()
     overlapped = prep_dataset.downloaded
 
@@ -82,7 +88,7 @@ def main():
                 times[side].append(time.perf_counter() - t)
     prep_dataset.downloaded = overlapped
     server.terminate()
-    print(f"{args.images} image URLs, {args.latency} s latency, chunks of {args.chunk_size}, "
+    print(f"{args.images} image URLs, {args.latency} s latency, {args.stalled:.0%} stalled, chunks of {args.chunk_size}, "
           f"{prep_dataset.DOWNLOAD_THREADS} downloads at a time, {os.cpu_count()} cores")
     medians = {side: statistics.median(t) for side, t in times.items()}
     for side, t in medians.items():

@@ -881,17 +881,21 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
         datasets.Dataset.from_dict({"caption": [c for _, c in rows], "image_url": [f"{web}/{p}" for p, _ in rows]}
                                    ).save_to_disk(str(tmp_path / "cc"))
         flags = ["--image_size", "16", "--val_fraction", "0", "--workers", "1"]
-        for source, given in (("table", tmp_path / "cc.tsv"), ("hub", tmp_path / "cc")):
+        # the table once more in chunks of 2: each chunk's downloads queue while the one before is decoded
+        runs = (("table", tmp_path / "cc.tsv", []), ("hub", tmp_path / "cc", []),
+                ("table", tmp_path / "cc.tsv", ["--chunk_size", "2"]))
+        for run, (source, given, chunks) in enumerate(runs):
             capsys.readouterr()
-            m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / source), *flags])
+            m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / f"run{run}"),
+                                   *flags, *chunks])
             out = capsys.readouterr().out
             assert "holds URLs" in out and "downloaded as they are prepared" in out
             assert "images that could not be downloaded: 3" in out
             assert m["skipped"] == {"download_failed": 3, "bad_image": 1}  # the 404, the slow one, the cut one; the page
-            captions = sorted(c for _, c in tar_samples(tmp_path / source / "train" / "shard-000000.tar").values())
+            captions = sorted(c for _, c in tar_samples(tmp_path / f"run{run}" / "train" / "shard-000000.tar").values())
             assert captions == ["blue", "green\ngreen again", "grey", "red\nred, by a URL with a space and an accent", "yellow"]
         # the 503 was retried (and answered by the time the set was read); a 404 is final: asked once a run
-        assert asked.count("/flaky") == 3 and asked.count("/gone") == 2
+        assert asked.count("/flaky") == 4 and asked.count("/gone") == 3
         # with no network, prep stops once not one of the first 100 came, saying so, instead of trying them all
         (tmp_path / "offline.tsv").write_text("url\tcaption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg\tc {i}\n"
                                                                        for i in range(300)))
