@@ -32,17 +32,19 @@ import http.client
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from itertools import chain, islice
 from multiprocessing import Pool
 
@@ -1000,16 +1002,47 @@ def fetch(url):
     return None, why
 
 
-def queue_downloads(chunk, threads):
-    """A download for each image URL of the chunk, queued on the thread pool (None for the other items)."""
-    return [threads.submit(fetch, item[1]) if is_url(item[1]) else None for item in chunk]
+class Downloads:
+    """Image downloads, DOWNLOAD_THREADS at a time, in daemon threads: a stopped prep (Ctrl-C, no network) exits at
+    once, instead of waiting out every server that has not answered yet, as Python does for the threads of a
+    ThreadPoolExecutor."""
+
+    def __init__(self):
+        self.todo, self.stopped, self.threads = queue.Queue(), threading.Event(), 0
+
+    def work(self):
+        for download, url in iter(self.todo.get, None):  # None: the end
+            if download.set_running_or_notify_cancel():
+                download.set_result(fetch(url))
+
+    def queue(self, chunk):
+        """A download for each image URL of the chunk, queued (None for the other items)."""
+        downloads = [Future() if is_url(item[1]) else None for item in chunk]
+        for download, item in zip(downloads, chunk):
+            if download is not None:
+                self.todo.put((download, item[1]))
+        while self.threads < DOWNLOAD_THREADS and any(downloads):  # started for the first URL
+            threading.Thread(target=self.work, daemon=True).start()
+            self.threads += 1
+        return downloads
+
+    def stop(self):
+        """The queued downloads are dropped and each thread ends after its current one (or with the process)."""
+        self.stopped.set()
+        while True:
+            try:
+                self.todo.get_nowait()[0].cancel()
+            except queue.Empty:
+                break
+        for _ in range(self.threads):
+            self.todo.put(None)
 
 
-def downloaded(chunk, downloads, tried):
-    """The chunk's items in order, each image URL replaced by the image's bytes as its download (queue_downloads)
+def downloaded(chunk, downloads, tried, stopped):
+    """The chunk's items in order, each image URL replaced by the image's bytes as its download (Downloads.queue)
     ends, so that the workers decode the first images while the rest arrive; one that cannot be fetched is skipped
     as download_failed. tried: counts over the run. When not one of the first 100 came (no network), it stops there
-    and tried["offline"] says why, rather than going through millions of them."""
+    and tried["offline"] says why, rather than going through millions of them; when `stopped` is set, at once."""
     urls = sum(d is not None for d in downloads)
     bar = tqdm(total=urls, desc="download", unit=" images", leave=False, dynamic_ncols=True, disable=not urls)
     try:
@@ -1017,7 +1050,15 @@ def downloaded(chunk, downloads, tried):
             if download is None:
                 yield key, url, caption, labels
                 continue
-            data, why = download.result()
+            while True:  # waited for a little at a time: a stopped run's pool ends this generator's thread
+                try:
+                    data, why = download.result(timeout=0.2)
+                    break
+                except TimeoutError:
+                    if stopped.is_set():
+                        return
+                except CancelledError:
+                    return
             bar.update()
             tried["ok" if data is not None else "failed"] += 1
             if not tried["ok"] and tried["failed"] >= 100:
@@ -1047,13 +1088,12 @@ def stage_chunks(args, stage_dir, items, done):
             position = json.loads(json.dumps(args.stream_state())) if args.stream_state else None
         except Exception:  # a source that cannot say: a rerun reads it again from the start
             position = None
-        return chunk, position, queue_downloads(chunk, threads) if c >= done else None
+        return chunk, position, web.queue(chunk) if c >= done else None
 
-    tried = {"ok": 0, "failed": 0}
-    threads = ThreadPoolExecutor(DOWNLOAD_THREADS)
-    try:
-        # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
-        with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    tried, web = {"ok": 0, "failed": 0}, Downloads()
+    # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
+    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        try:
             chunk, position, downloads = next_chunk(first)
             for c in range(first, sys.maxsize):
                 if not chunk:
@@ -1064,7 +1104,8 @@ def stage_chunks(args, stage_dir, items, done):
                 index_path = os.path.join(stage_dir, f"chunk-{c:06d}.json")
                 if c >= done:
                     blob, index, skipped = bytearray(), [], {}
-                    work = ((item, args.image_size, args.jpeg_quality) for item in downloaded(chunk, downloads, tried))
+                    work = ((item, args.image_size, args.jpeg_quality)
+                            for item in downloaded(chunk, downloads, tried, web.stopped))
                     for result in pool.imap(_process, work, chunksize=8):
                         if result[0] == "skip":
                             skipped[result[1]] = skipped.get(result[1], 0) + 1
@@ -1080,8 +1121,8 @@ def stage_chunks(args, stage_dir, items, done):
                                                          "source_state": position}).encode())
                 bar.update(len(chunk))
                 chunk, position, downloads = after
-    finally:  # stopped (Ctrl-C, no network) or done: the downloads still queued are dropped, not waited for
-        threads.shutdown(wait=False, cancel_futures=True)
+        finally:  # done, or stopped (Ctrl-C, no network): the downloads still queued are dropped, not waited for
+            web.stop()
     bar.close()
     if done:
         print(f"resumed: reused {done} finished chunks" + (", going on in the source where they end" if resumed else ""))

@@ -852,6 +852,9 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
                 self.end_headers()
                 self.wfile.write(b"\x89PNG")
                 return
+            elif self.path.startswith("/hang"):  # a server that never answers
+                time.sleep(30)
+                return
             elif self.path == "/slow":
                 time.sleep(1.5)
                 body, kind = b"late", "text/plain"
@@ -902,6 +905,19 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
         with pytest.raises(SystemExit, match="none of the first 100 image URLs could be downloaded .*check the network"):
             prep_dataset.main(["--source", "table", "--input", str(tmp_path / "offline.tsv"),
                                "--out_dir", str(tmp_path / "offline"), *flags])
+        # Ctrl-C while every download waits on servers that do not answer: prep stops at once, not after their timeouts
+        (tmp_path / "hang.tsv").write_text("url\tcaption\n" + "".join(f"{web}/hang{i}\tc {i}\n" for i in range(20)))
+        proc = subprocess.Popen([sys.executable, os.path.abspath(prep_dataset.__file__), "--source", "table", "--input",
+                                 str(tmp_path / "hang.tsv"), "--out_dir", str(tmp_path / "hang"), *flags],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 60
+        while sum(p.startswith("/hang") for p in asked) < 20 and time.time() < deadline:
+            time.sleep(0.05)
+        stopped = time.time()
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 130 and "interrupted" in out and time.time() - stopped < 5
     finally:
         server.shutdown()
 
