@@ -593,8 +593,8 @@ def source_table(args):
             continue
         image = image_path(str(image or ""))  # spreadsheets keep stray spaces around a cell
         if is_url(image) and not by_file:
-            print(f"the {image_col!r} column of {path} holds URLs ({image[:80]}): the images are downloaded as they "
-                  f"are prepared ({DOWNLOAD_HINT})")
+            tqdm.write(f"the {image_col!r} column of {path} holds URLs ({image[:80]}): the images are downloaded as "
+                       f"they are prepared ({DOWNLOAD_HINT})")
         if not is_url(image):  # a URL is downloaded as its chunk is staged (stage_chunks)
             image = table_image(os.path.expanduser(image), roots, args.image_root)
             if image is None:
@@ -734,8 +734,8 @@ def source_hub(args):
             continue
         image = image_cell((folder_and_file(ex) if karpathy else ex).get(image_col))
         if first and is_url(image):  # sets like Conceptual Captions list URLs only
-            print(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): the images are downloaded "
-                  f"as they are prepared ({DOWNLOAD_HINT})")
+            tqdm.write(f"the {image_col!r} column of {args.input} holds URLs ({image[:80]}): the images are "
+                       f"downloaded as they are prepared ({DOWNLOAD_HINT})")
         first = False
         if isinstance(image, str) and "://" not in image:  # a path: from --image_root, else from a local set's folder
             found = table_image(os.path.expanduser(image), roots, args.image_root) if image else None
