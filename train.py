@@ -3,6 +3,7 @@ Trains CLIP. One script for every scale:
 
     python train.py --config demo                                   # tiny model on the synthetic shapes set, CPU
     python train.py --data_dir data/text-to-image-2M                # one GPU (or CPU), the base model
+    python train.py --model tiny --data_dir data/mine --epochs 10   # ten passes over your data
     torchrun --standalone --nproc_per_node=8 train.py               # a node of 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST \\
              --master_port=29500 train.py                           # two nodes (run on each, node_rank 0 and 1)
