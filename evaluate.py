@@ -49,6 +49,7 @@ RETRIEVAL_KS = (1, 5, 10)
 # a classification set's class column, by its usual names (CIFAR-100's fine_label before its coarse_label;
 # cls: a webdataset's class-id files, as in clip_benchmark's sets)
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "category", "cls")
+INTEGERS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")  # a `datasets` column of ids
 # what clip_benchmark's webdataset sets (clip-benchmark/wds_cifar10 ...) keep beside their shards: the class names,
 # a line per class id, and the set's own prompt templates, with {c} for the class name
 SET_CLASSNAMES, SET_TEMPLATES = "classnames.txt", "zeroshot_classification_templates.txt"
@@ -350,9 +351,6 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
     classnames = [c.split(",")[0].replace("_", " ").strip() for c in classnames]
     return rows, image_col, label_col, classnames
-
-
-INTEGERS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
 def beside_set(name_or_dir, filename):

@@ -592,10 +592,11 @@ def source_table(args):
             yield key, bytes(image), row_caption(row, caption_cols), None
             continue
         image = image_path(str(image or ""))  # spreadsheets keep stray spaces around a cell
-        if is_url(image) and not by_file:
-            tqdm.write(f"the {image_col!r} column of {path} holds URLs ({image[:80]}): the images are downloaded as "
-                       f"they are prepared ({DOWNLOAD_HINT})")
-        if not is_url(image):  # a URL is downloaded as its chunk is staged (stage_chunks)
+        if is_url(image):  # downloaded as its chunk is staged (stage_chunks)
+            if not by_file:
+                tqdm.write(f"the {image_col!r} column of {path} holds URLs ({image[:80]}): the images are downloaded "
+                           f"as they are prepared ({DOWNLOAD_HINT})")
+        else:
             image = table_image(os.path.expanduser(image), roots, args.image_root)
             if image is None:
                 in_order.append((key, None, None, {"skip": "missing_image"}))
@@ -1021,9 +1022,10 @@ class Downloads:
         for download, item in zip(downloads, chunk):
             if download is not None:
                 self.todo.put((download, item[1]))
-        while self.threads < DOWNLOAD_THREADS and any(downloads):  # started for the first URL
-            threading.Thread(target=self.work, daemon=True).start()
-            self.threads += 1
+        if any(downloads) and not self.threads:  # started for the first URL
+            self.threads = DOWNLOAD_THREADS
+            for _ in range(self.threads):
+                threading.Thread(target=self.work, daemon=True).start()
         return downloads
 
     def stop(self):
@@ -1234,20 +1236,20 @@ def one_sample_per_picture(samples, max_samples=0):
             lines_of[at].update(dict.fromkeys(caption.split("\n")))
             shown[at] = shown.get(at, 1) + 1
     placeholders = {at for at, n in shown.items() if max_samples and n > max_samples}
-    for at, lines in lines_of.items():
-        kept[at][4] = "\n".join(lines)
     dropped = sum(shown[at] for at in placeholders)
-    merged = len(samples) - len(kept) - dropped + len(placeholders)
-    if merged:
-        most = max(len(lines) for at, lines in lines_of.items() if at not in placeholders)
-        tqdm.write(f"samples that showed a picture another sample showed too: {merged}. Each picture is one sample "
-                   f"with all their captions ({len(lines_of) - len(placeholders)} pictures; the most captions one "
-                   f"gathered: {most})")
     if placeholders:
         tqdm.write(f"pictures that over {max_samples} samples showed, each, taken for a web host's placeholder "
                    f"(\"image not available\") and left out: {len(placeholders)}, with their {dropped} samples "
                    "(--max_samples_per_picture 0 keeps them)")
-        kept = [sample for at, sample in enumerate(kept) if at not in placeholders]
+    lines_of = {at: lines for at, lines in lines_of.items() if at not in placeholders}
+    for at, lines in lines_of.items():
+        kept[at][4] = "\n".join(lines)
+    kept = [sample for at, sample in enumerate(kept) if at not in placeholders]
+    merged = len(samples) - dropped - len(kept)
+    if merged:
+        tqdm.write(f"samples that showed a picture another sample showed too: {merged}. Each picture is one sample "
+                   f"with all their captions ({len(lines_of)} pictures; the most captions one gathered: "
+                   f"{max(map(len, lines_of.values()))})")
     return kept, merged, dropped
 
 
@@ -1276,7 +1278,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, help="decoding processes (default: the cores this process may use)",
                    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     p.add_argument("--jpeg_quality", type=int, default=95)
-    p.add_argument("--max_samples_per_picture", type=int, default=1000, help="a picture that more samples show is taken for a web host's placeholder (\"image not available\") and left out; 0: no limit")
+    p.add_argument("--max_samples_per_picture", type=int, default=1000, help="a picture that more samples show is "
+                   "taken for a web host's placeholder (\"image not available\") and left out; 0: no limit")
     args = p.parse_args(argv)
     for name, ok, what in (("val_fraction", 0 <= args.val_fraction <= 1, "a share between 0 and 1"),
                            ("image_size", args.image_size is None or args.image_size >= 1, "at least 1"),
@@ -1308,7 +1311,7 @@ def main(argv=None):
         settings.update(caption_column=args.caption_column)
     if args.image_root:  # only when given: a table prepared without it still matches
         settings.update(image_root=args.image_root)
-    if args.max_samples_per_picture != 1000:  # likewise
+    if args.max_samples_per_picture != p.get_default("max_samples_per_picture"):  # likewise
         settings.update(max_samples_per_picture=args.max_samples_per_picture)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:

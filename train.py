@@ -30,6 +30,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -279,7 +280,7 @@ def forward_backward(model, images, tokens, micro_batch_size, autocast, scaler=N
             loss = clip_loss(*model(images, tokens, keep))
         (loss if scaler is None else scaler.scale(loss)).backward()
         return loss.detach()
-    chunks = list(zip(images.split(m), tokens.split(m), keep.split(m) if keep is not None else [None] * -(-B // m)))
+    chunks = list(zip(images.split(m), tokens.split(m), keep.split(m) if keep is not None else repeat(None)))
     with torch.no_grad(), autocast:  # 1) embeddings of the whole batch, no activations kept
         cached = [model(i, t, p) for i, t, p in chunks]
     leaf = lambda xs: torch.cat(xs).float().requires_grad_()

@@ -416,6 +416,10 @@ def test_a_run_with_patch_dropout_resumes_bit_for_bit(shapes_dir, tmp_path):
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(split)]
+    # and the patches are left out: the first step's loss (before any update) is not that of every patch
+    every = str(tmp_path / "every")
+    train.main(run_args(shapes_dir, every, **{**args, "patch_dropout": 0.0, "max_steps": 1}))
+    assert read_log(every)[0]["loss"] != read_log(straight)[0]["loss"]
 
 
 def test_the_kept_patches_of_a_rank_are_its_rows_of_one_draw_for_the_whole_batch():
@@ -593,7 +597,7 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     assert load_checkpoint(manager.checkpoints()[-1])["step"] == state["step"] + 2
 
 
-def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shapes_dir, tmp_path, capsys):
+def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shapes_dir, tmp_path, capsys, monkeypatch):
     first = str(tmp_path / "first")
     train.main(run_args(shapes_dir, first, max_steps=2, image_size=32, patch_size=8, context_length=16))
     assert "upscaled" not in capsys.readouterr().err
@@ -638,9 +642,14 @@ def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shape
         if "pos_embedding" not in name:
             torch.testing.assert_close(value, state["model"][name], rtol=0, atol=1e-8, msg=name)
     assert load_checkpoint(str(tmp_path / "ft2" / "ckpt-00000001.pt"))["model_config"]["image_size"] == 64
-    # LiT: the image tower (and its projection) kept as the checkpoint has it, the text tower learning
+    # LiT: the image tower (and its projection) kept as the checkpoint has it, the text tower learning, and left
+    # out of feature caching's second pass
+    towers, step_of = [], train.forward_backward
+    monkeypatch.setattr(train, "forward_backward", lambda *a: towers.append(a[7]) or step_of(*a))
     model = train.main(run_args(shapes_dir, str(tmp_path / "lit"), max_steps=2, max_lr=1e-2, micro_batch_size=8) +
                        ["--init_from", ckpt, "--lock_image", "true"])
+    monkeypatch.undo()
+    assert towers == [("text",), ("text",)]
     for name, value in model.state_dict().items():
         if name.startswith("visual."):
             assert torch.equal(value, state["model"][name]), name
