@@ -1094,7 +1094,7 @@ def stage_chunks(args, stage_dir, items, done):
 
     tried, web = {"ok": 0, "failed": 0}, Downloads()
     # the workers leave Ctrl-C to this process, which stops them: one message instead of a traceback each
-    with Pool(args.workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    with Pool(args.num_workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         try:
             chunk, position, downloads = next_chunk(first)
             for c in range(first, sys.maxsize):
@@ -1275,7 +1275,8 @@ def main(argv=None):
     p.add_argument("--shard_size", type=int, default=5000, help="samples per shard")
     p.add_argument("--chunk_size", type=int, default=5000, help="samples per staged chunk (the unit of resume)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, help="decoding processes (default: the cores this process may use)",
+    p.add_argument("--num_workers", "--workers", type=int,
+                   help="decoding processes (default: the cores this process may use)",
                    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     p.add_argument("--jpeg_quality", type=int, default=95)
     p.add_argument("--max_samples_per_picture", type=int, default=1000, help="a picture that more samples show is "
@@ -1286,7 +1287,7 @@ def main(argv=None):
                            ("limit", args.limit is None or args.limit >= 1, "at least 1"),
                            ("shard_size", args.shard_size >= 1, "at least 1"),
                            ("chunk_size", args.chunk_size >= 1, "at least 1"),
-                           ("workers", args.workers >= 1, "at least 1"),
+                           ("num_workers", args.num_workers >= 1, "at least 1"),
                            ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]"),
                            ("max_samples_per_picture", args.max_samples_per_picture >= 0, "at least 0")):
         if not ok:

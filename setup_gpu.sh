@@ -132,7 +132,7 @@ fi
 echo "== 5/5 smoke test: one training step of the tiny model"
 SMOKE="$(mktemp -d)"
 trap 'rm -rf "$SMOKE"' EXIT
-run "$PY" prep_dataset.py --source shapes --out_dir "$SMOKE/shapes" --limit 256 --workers 2
+run "$PY" prep_dataset.py --source shapes --out_dir "$SMOKE/shapes" --limit 256 --num_workers 2
 run "$PY" train.py --model tiny --data_dir "$SMOKE/shapes" --out_dir "$SMOKE/run" --batch_size 32 --max_steps 1 \
     --num_workers 1 --log_interval 1 --eval_interval 1 --eval_batches 1 --checkpoint_interval 1 --compile false
 echo "ready: source $VENV/bin/activate"

@@ -72,7 +72,7 @@ def sample_ids(tokens, tok):
 def test_shapes_prep_manifest_labels_and_independent_readers(tmp_path):
     out = tmp_path / "shapes"
     m = prep_dataset.main(["--source", "shapes", "--out_dir", str(out), "--limit", "400", "--shard_size", "100",
-                           "--val_fraction", "0.1", "--workers", "2"])
+                           "--val_fraction", "0.1", "--num_workers", "2"])
     assert m["counts"] == {"train": 360, "val": 40, "skipped": 0, "merged": 0, "seen": 400}
     assert m["image_size"] == 64 and m["source"] == "shapes" and m["seed"] == 0
     assert m["tasks"]["shape"]["classes"] == prep_dataset.SHAPES
@@ -119,7 +119,7 @@ def test_shapes_are_deterministic_and_captions_match_pixels():
 
 def test_global_shuffle_spreads_the_input_over_all_shards(tmp_path):
     prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path), "--limit", "1000",
-                       "--shard_size", "100", "--val_fraction", "0", "--workers", "2"])
+                       "--shard_size", "100", "--val_fraction", "0", "--num_workers", "2"])
     keys = sorted(int(k) for k in tar_samples(tmp_path / "train" / "shard-000000.tar"))
     assert len(keys) == 100
     assert keys[-1] - keys[0] > 500, "a shard must not be a contiguous run of the input"
@@ -141,7 +141,7 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
         write_tar(src / f"data_{s:06d}.tar", members)
     out = tmp_path / "out"
     m = prep_dataset.main(["--input", str(src / "*.tar"), "--out_dir", str(out), "--image_size", "64",
-                           "--val_fraction", "0.25", "--workers", "2"])
+                           "--val_fraction", "0.25", "--num_workers", "2"])
     assert m["source"] == "text-to-image-2M"
     assert m["skipped"] == {"bad_image": 2, "empty_caption": 2}
     assert m["counts"] == {"train": 12, "val": 4, "skipped": 4, "merged": 0, "seen": 20}
@@ -154,11 +154,11 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     # local copies named by their folder, or by a range, read the same
     for name, given in (("by_folder", src), ("by_range", src / "data_{000000..000001}.tar")):
         again = prep_dataset.main(["--input", str(given), "--out_dir", str(tmp_path / name), "--image_size", "64",
-                                   "--val_fraction", "0.25", "--workers", "2"])
+                                   "--val_fraction", "0.25", "--num_workers", "2"])
         assert again["counts"] == m["counts"]
     # --caption_column: another field of the .json records
     m = prep_dataset.main(["--input", str(src / "*.tar"), "--out_dir", str(tmp_path / "w"), "--image_size", "64",
-                           "--val_fraction", "0", "--workers", "2", "--caption_column", "w"])
+                           "--val_fraction", "0", "--num_workers", "2", "--caption_column", "w"])
     assert m["skipped"] == {"bad_image": 2} and m["settings"]["caption_column"] == "w"
     assert {c for path in glob.glob(str(tmp_path / "w" / "*" / "*.tar")) for _, c in tar_samples(path).values()} == {"512"}
     # a copy in another webdataset layout (KEY.png + KEY.txt) reads as well
@@ -170,7 +170,7 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     write_tar(other / "data_000000.tar", [(f"k{i}.{ext}", data) for i in range(3)
                                           for ext, data in (("png", greens[i].getvalue()), ("txt", f"green {i}".encode()))])
     m = prep_dataset.main(["--input", str(other / "*.tar"), "--out_dir", str(tmp_path / "other_out"), "--image_size", "32",
-                           "--val_fraction", "0", "--workers", "1"])
+                           "--val_fraction", "0", "--num_workers", "1"])
     got = tar_samples(tmp_path / "other_out" / "train" / "shard-000000.tar").values()
     assert sorted(c for _, c in got) == ["green 0", "green 1", "green 2"]
     assert all(np.asarray(img)[..., 1].mean() > 180 for img, _ in got)
@@ -190,7 +190,7 @@ def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_pa
         write_tar(src / f"data_{s:06d}.tar", [m for i in range(n) for m in (
             (f"{s}{i:05d}.jpg", jpeg((60 * s, 20 * i, 90))), (f"{s}{i:05d}.json", json.dumps({"prompt": f"{s}-{i}"}).encode()))])
     args = ["--input", str(src / "*.tar"), "--image_size", "32", "--chunk_size", "5", "--shard_size", "5",
-            "--val_fraction", "0.25", "--workers", "1"]
+            "--val_fraction", "0.25", "--num_workers", "1"]
     prep_dataset.main(args + ["--out_dir", str(tmp_path / "ref")])
     write = prep_dataset.atomic_write
 
@@ -219,7 +219,7 @@ def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_pa
 def folder_captions(src, out, *flags):
     """prep_dataset.py --source folder on src, into one small train shard -> its captions."""
     prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(out), "--image_size", "32",
-                       "--val_fraction", "0", "--workers", "1", *flags])
+                       "--val_fraction", "0", "--num_workers", "1", *flags])
     return [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()]
 
 
@@ -258,7 +258,7 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo, of a type PIL does not read
     (src / "IMG_0001.txt").write_text("a photo")
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1,
                             "unsupported_image_type": 1}
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
@@ -318,7 +318,7 @@ def test_folder_source_pairs_side_by_side_first_then_by_a_unique_stem(tmp_path):
     (src / "linked").symlink_to(tmp_path / "elsewhere")
     (src / "cats" / "loop").symlink_to(src)
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["skipped"] == {"ambiguous_caption": 1} and m["counts"]["train"] == 4
     colour = {c: np.asarray(img, dtype=float).mean(axis=(0, 1)).argmax()
               for img, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
@@ -341,7 +341,7 @@ def test_folder_source_reads_the_caption_of_a_json_record_beside_an_image(tmp_pa
     (src / "bad.json").write_text("{cut short")
     (src / "captions_train.json").write_text(json.dumps({"annotations": []}))  # beside no image: not a caption
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_json": 1}
     captions = {c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
     assert captions == {"a red thing", "one of two\ntwo of two", "the txt caption"}
@@ -373,7 +373,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
         f.write('filepath,title\nimgs/r.png,a red card\nimgs/g.png,"a green card\nanother green caption"\n'
                 f"{elsewhere},a white card\nimgs/nope.png,lost\nhttp://127.0.0.1:1/x.jpg,a url\nimgs/b.png,\n")
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "csv"),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["skipped"] == {"missing_image": 1, "download_failed": 1, "empty_caption": 1}
     samples = tar_samples(tmp_path / "csv" / "train" / "shard-000000.tar")
     by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
@@ -382,12 +382,12 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     # TSV and JSON lines, with other column names, a list of captions, and columns named by flag
     (src / "pairs.tsv").write_text("Image\tCaption\nimgs/b.png\ta blue card\n")  # column names in any case
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.tsv"), "--out_dir", str(tmp_path / "tsv"),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "tsv" / "train" / "shard-000000.tar").values()] == ["a blue card"]
     (src / "pairs.jsonl").write_text(json.dumps({"pic": "imgs/g.png", "alt": ["green", "also green"]}) + "\n")
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "jl"),
                            "--image_column", "pic", "--caption_column", "alt", "--image_size", "32",
-                           "--val_fraction", "0", "--workers", "1"])
+                           "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "jl" / "train" / "shard-000000.tar").values()] == ["green\nalso green"]
     # one row per caption (Flickr8k's captions.txt; Flickr30k's results.csv, bar-separated): an image is one
     # sample with all its rows' captions, wherever they sit in the table, so it never lands in train and val at once
@@ -398,7 +398,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
                             ("results.csv", ["a blue card\nblue paper"])):
         out = tmp_path / table.replace(".", "_")
         m = prep_dataset.main(["--source", "table", "--input", str(src / table), "--image_root", str(src / "imgs"),
-                               "--out_dir", str(out), "--image_size", "32", "--val_fraction", "0.5", "--workers", "1"])
+                               "--out_dir", str(out), "--image_size", "32", "--val_fraction", "0.5", "--num_workers", "1"])
         got = [c for split in ("train", "val") for f in sorted(glob.glob(str(out / split / "*.tar")))
                for _, c in tar_samples(f).values()]
         assert sorted(got) == sorted(captions) and m["skipped"] == {}
@@ -408,7 +408,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     (src / "split.csv").write_text("filepath,title,split\nimgs/r.png,red,train\nimgs/g.png,green,train\n"
                                    "imgs/b.png,blue,test\nimgs/r.png,more red,train\n")
     prep_dataset.main(["--source", "table", "--input", str(src / "split.csv"), "--out_dir", str(tmp_path / "limit"),
-                       "--limit", "2", "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                       "--limit", "2", "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert sorted(c for _, c in tar_samples(tmp_path / "limit" / "train" / "shard-000000.tar").values()) == [
         "green", "red\nmore red"]
     # the columns read, guessed or named, are said as reading starts, with those left unread
@@ -418,7 +418,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     (src / "moved.csv").write_text("filepath,title\n/home/someone/data/imgs/g.png,green from linux\n"
                                    "C:\\Users\\someone\\imgs\\b.png,blue from windows\n/elsewhere/nope.png,lost\n")
     m = prep_dataset.main(["--source", "table", "--input", str(src / "moved.csv"), "--image_root", str(src),
-                           "--out_dir", str(tmp_path / "moved"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--out_dir", str(tmp_path / "moved"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     moved = {c: np.asarray(img, dtype=float).mean(axis=(0, 1)) for img, c in
              tar_samples(tmp_path / "moved" / "train" / "shard-000000.tar").values()}
     assert set(moved) == {"green from linux", "blue from windows"} and m["skipped"] == {"missing_image": 1}
@@ -429,29 +429,29 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     for flags, caption in (([], "first\nlast"), (["--caption_column", "caption_2, Caption 10"], "last")):
         out = tmp_path / f"numbered{len(flags)}"
         prep_dataset.main(["--source", "table", "--input", str(src / "numbered.jsonl"), "--out_dir", str(out),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1", *flags])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1", *flags])
         assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == [caption]
     # a caption-like word joined to another (COCO sets' sentences_raw beside its tokens and ids): the one such column
     # that is no id, length or tokens is read; where several could be, the error names them
     (src / "raw.jsonl").write_text(json.dumps({"filepath": "imgs/g.png", "sentences_tokens": ["a", "green"],
                                                "sentences_raw": ["a green card", "green paper"], "sentences_sentid": [3, 4]}) + "\n")
     prep_dataset.main(["--source", "table", "--input", str(src / "raw.jsonl"), "--out_dir", str(tmp_path / "raw"),
-                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "raw" / "train" / "shard-000000.tar").values()] == ["a green card\ngreen paper"]
     (src / "two_kinds.csv").write_text("filepath,vlm_caption,original_caption\nimgs/g.png,a long one,green\n")
     with pytest.raises(SystemExit, match=r"but several that may be \(vlm_caption, original_caption\): name one with "
                                          "--caption_column, or several"):
         prep_dataset.main(["--source", "table", "--input", str(src / "two_kinds.csv"), "--out_dir", str(tmp_path / "y"),
-                           "--workers", "1"])
+                           "--num_workers", "1"])
     with pytest.raises(SystemExit, match=r"no image column among \[.pic., .alt.\]: name it with --image_column"):
         prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "x"),
-                           "--workers", "1"])
+                           "--num_workers", "1"])
     with pytest.raises(SystemExit, match="--caption_column 'alt_text' is not among the columns"):
         prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "y"),
-                           "--caption_column", "title,alt_text", "--workers", "1"])
+                           "--caption_column", "title,alt_text", "--num_workers", "1"])
     with pytest.raises(SystemExit, match="--caption_column 'alt_text' is not among the columns"):
         prep_dataset.main(["--source", "table", "--input", str(src / "pairs.csv"), "--out_dir", str(tmp_path / "y"),
-                           "--caption_column", "alt_text", "--workers", "1"])
+                           "--caption_column", "alt_text", "--num_workers", "1"])
     assert not (tmp_path / "y").exists()  # nothing was started, so the corrected command runs as new
 
 
@@ -463,7 +463,7 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
 
     def made(name):  # the captions of the shards prepared from src/name
         prep_dataset.main(["--source", "table", "--input", str(src / name), "--out_dir", str(tmp_path / name),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
         return [c for _, c in tar_samples(tmp_path / name / "train" / "shard-000000.tar").values()]
     # a spreadsheet's export: semicolons (commas inside the captions), column names with spaces, any case
     (src / "excel.csv").write_text("Image Path;Caption\nimgs/r.png;red, bright, square\nimgs/g.png;a green card\n")
@@ -489,7 +489,7 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
                                             "g.png#0\tA green card .\n")
     prep_dataset.main(["--source", "table", "--input", str(src / "Flickr8k.token.txt"), "--image_root",
                        str(src / "imgs"), "--out_dir", str(tmp_path / "flickr"), "--image_size", "32",
-                       "--val_fraction", "0", "--workers", "1"])
+                       "--val_fraction", "0", "--num_workers", "1"])
     assert sorted(c for _, c in tar_samples(tmp_path / "flickr" / "train" / "shard-000000.tar").values()) == \
         ["A green card .", "A red card, flat, on a table, lit .\na red card"]
     # a JSON list of records, and JSON lines where a broken line is skipped and counted
@@ -536,7 +536,7 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
 
     def made(table, out, *flags):  # {caption: which channels are bright} of the shards prepared from the table
         m = prep_dataset.main(["--source", "table", "--input", str(table), "--out_dir", str(tmp_path / out),
-                               "--image_size", "32", "--val_fraction", "0", "--workers", "1", *flags])
+                               "--image_size", "32", "--val_fraction", "0", "--num_workers", "1", *flags])
         samples = tar_samples(tmp_path / out / "train" / "shard-000000.tar")
         return {c: tuple(int(v > 128) for v in np.asarray(img, dtype=float).mean((0, 1))) for img, c in samples.values()}, m
     # COCO's caption annotations, pretty-printed: captions join their image by id; an image with none is counted
@@ -568,7 +568,7 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
     assert "split column holds ['restval', 'test', 'train'], none of --split validation" in capsys.readouterr().err
     # the test split as an evaluation set: all of it in val/, for evaluate.py --retrieval
     m = prep_dataset.main(["--source", "table", "--input", str(tmp_path / "dataset_coco.json"), "--image_root", str(coco),
-                           "--split", "test", "--val_fraction", "1", "--out_dir", str(tmp_path / "test"), "--workers", "1"])
+                           "--split", "test", "--val_fraction", "1", "--out_dir", str(tmp_path / "test"), "--num_workers", "1"])
     assert m["counts"]["train"] == 0 and m["counts"]["val"] == 1 and not os.listdir(tmp_path / "test" / "train")
     assert [c for _, c in tar_samples(tmp_path / "test" / "val" / "shard-000000.tar").values()] == ["c 0\nc 1"]
     # Flickr30k's file names the image alone
@@ -601,7 +601,8 @@ def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
 
 def test_prep_settings_out_of_range_stop_before_any_work(tmp_path, capsys):
     for flags, message in ((["--shard_size", "0"], "--shard_size 0: must be at least 1"),  # a division by zero
-                           (["--workers", "0"], "--workers 0: must be at least 1"),
+                           (["--num_workers", "0"], "--num_workers 0: must be at least 1"),
+                           (["--workers", "0"], "--num_workers 0: must be at least 1"),  # the older name of it
                            (["--val_fraction", "1.5"], "--val_fraction 1.5: must be a share between 0 and 1"),
                            (["--jpeg_quality", "101"], r"--jpeg_quality 101: must be in \[1, 100\]")):
         with pytest.raises(SystemExit):
@@ -631,7 +632,7 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
             Image.new("RGB", (60, 45), rgb).save(src / name)
             f.write(json.dumps({"file_name": name, "text": text}) + "\n")
     m = prep_dataset.main(["--source", "hub", "--input", str(src), "--out_dir", str(tmp_path / "out"),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["counts"]["train"] == 2 and m["skipped"] == {"empty_caption": 1}
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
     by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
@@ -650,7 +651,7 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
             sentences = [{"raw": w, "tokens": w.split(), "sentid": i} for i, w in enumerate(words)]
             f.write(json.dumps({"file_name": name, "sentences": sentences}) + "\n")
     prep_dataset.main(["--source", "hub", "--input", str(coco), "--out_dir", str(tmp_path / "coco_out"),
-                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     captions = {c for _, c in tar_samples(tmp_path / "coco_out" / "train" / "shard-000000.tar").values()}
     assert captions == {"a red card\nred paper", "a blue card"}
     # a local set that lists its images as paths in a text column: taken from the set's folder
@@ -659,7 +660,7 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     Image.new("RGB", (40, 40), (0, 0, 220)).save(paths / "pics" / "b.png")
     (paths / "train.jsonl").write_text(json.dumps({"image_path": "pics/b.png", "caption": "blue by path"}) + "\n")
     prep_dataset.main(["--source", "hub", "--input", str(paths), "--out_dir", str(tmp_path / "paths_out"),
-                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "paths_out" / "train" / "shard-000000.tar").values()] == ["blue by path"]
     # what save_to_disk wrote: a DatasetDict, its split chosen by --split (load_dataset refuses such a folder)
     import datasets
@@ -671,7 +672,7 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     datasets.DatasetDict({"train": split.select([0]), "test": split.select([1])}).save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"test": split.select([1])}).save_to_disk(str(tmp_path / "saved_test"))
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "saved"), "--split", "test", "--out_dir",
-                       str(tmp_path / "saved_out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                       str(tmp_path / "saved_out"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "saved_out" / "train" / "shard-000000.tar").values()] == ["red on disk"]
     # Flickr30k's layout on the hub: one "test" split whose "split" column holds Karpathy's train/val/test
     reds = [io.BytesIO() for _ in range(4)]  # four images: rows showing one image one after another are one sample
@@ -686,15 +687,15 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     for wanted, captions in (("train", ["a\nb", "d"]), ("test", ["c"]), ("val, train", ["a\nb", "d", "e"])):
         out = tmp_path / f"flickr_{len(captions)}"
         m = prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "flickr"), "--split", wanted, "--out_dir",
-                               str(out), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                               str(out), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
         assert sorted(c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()) == captions
         assert m["skipped"] == {"other_split": 4 - len(captions)}
     with pytest.raises(SystemExit, match="no split 'train', only \\['test'\\]"):  # and without a split column
         prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "saved_test"), "--out_dir",
-                           str(tmp_path / "nothing"), "--image_size", "32", "--workers", "1"])
+                           str(tmp_path / "nothing"), "--image_size", "32", "--num_workers", "1"])
     split.select([0]).save_to_disk(str(tmp_path / "lone"))  # a lone Dataset: no splits to choose from
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "lone"), "--out_dir", str(tmp_path / "lone_out"),
-                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "lone_out" / "train" / "shard-000000.tar").values()] == ["red in train"]
     # Flickr8k's layout on the hub: five numbered caption columns, each a caption of the image
     datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": None}],
@@ -703,7 +704,7 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
                                                            **{f"caption_{k}": datasets.Value("string") for k in range(5)}}),
                                ).save_to_disk(str(tmp_path / "flickr8k"))
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "flickr8k"), "--out_dir", str(tmp_path / "f8k_out"),
-                       "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "f8k_out" / "train" / "shard-000000.tar").values()] == [
         "red 0\nred 1\nred 2\nred 3\nred 4"]
     # the Karpathy split on the hub (yerevann/coco-karpathy): each image by folder and file name apart, beside
@@ -722,13 +723,13 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), karpathy / "data" / "test-00000-of-00001.parquet")
     m = prep_dataset.main(["--source", "hub", "--input", str(karpathy), "--split", "test", "--image_root",
                            str(tmp_path / "coco"), "--out_dir", str(tmp_path / "karpathy_out"), "--image_size", "32",
-                           "--val_fraction", "0", "--workers", "1"])
+                           "--val_fraction", "0", "--num_workers", "1"])
     got = tar_samples(tmp_path / "karpathy_out" / "train" / "shard-000000.tar").values()
     assert sorted((c, int(np.asarray(img)[..., 2].mean() > 128)) for img, c in got) == [("1 a\n1 b", 0), ("2 a\n2 b", 1)]
     assert m["skipped"] == {"other_split": 1}
     with pytest.raises(SystemExit, match=r"'missing_image': 2.*name the images' folder with --image_root"):
         prep_dataset.main(["--source", "hub", "--input", str(karpathy), "--split", "test", "--out_dir",
-                           str(tmp_path / "karpathy_no_root"), "--image_size", "32", "--workers", "1"])
+                           str(tmp_path / "karpathy_no_root"), "--image_size", "32", "--num_workers", "1"])
 
 
 def test_a_row_per_caption_is_one_sample_per_image_and_resumes_whole(tmp_path, monkeypatch, capsys):
@@ -747,7 +748,7 @@ def test_a_row_per_caption_is_one_sample_per_image_and_resumes_whole(tmp_path, m
                                     features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
     ds.save_to_disk(str(tmp_path / "coco"))
     ds.to_parquet(str(tmp_path / "coco.parquet"))
-    flags = ["--image_size", "32", "--val_fraction", "0", "--workers", "1", "--chunk_size", "1", "--shard_size", "10"]
+    flags = ["--image_size", "32", "--val_fraction", "0", "--num_workers", "1", "--chunk_size", "1", "--shard_size", "10"]
     expected = ["a1\na2\na3\na4", "b1\nb2", "c1"]
     for source, given in (("hub", tmp_path / "coco"), ("table", tmp_path / "coco.parquet")):
         capsys.readouterr()
@@ -789,7 +790,7 @@ def test_a_picture_that_many_samples_show_is_dropped_as_a_placeholder(tmp_path, 
         (src / f"real{i}.txt").write_text(f"colour {i}")
     Image.new("RGB", (40, 30), (0, 0, 200)).save(src / "again.png")  # real2 twice: merged, as before
     (src / "again.txt").write_text("blue again")
-    flags = ["--source", "folder", "--input", str(src), "--image_size", "16", "--val_fraction", "0", "--workers", "1"]
+    flags = ["--source", "folder", "--input", str(src), "--image_size", "16", "--val_fraction", "0", "--num_workers", "1"]
     m = prep_dataset.main([*flags, "--out_dir", str(tmp_path / "a"), "--max_samples_per_picture", "5"])
     assert m["counts"] == {"train": 3, "val": 0, "skipped": 7, "merged": 1, "seen": 11}
     assert m["skipped"] == {"placeholder_image": 7}
@@ -883,7 +884,7 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
         (tmp_path / "cc.tsv").write_text("caption\turl\n" + "".join(f"{c}\t{web}/{p}\n" for p, c in rows))
         datasets.Dataset.from_dict({"caption": [c for _, c in rows], "image_url": [f"{web}/{p}" for p, _ in rows]}
                                    ).save_to_disk(str(tmp_path / "cc"))
-        flags = ["--image_size", "16", "--val_fraction", "0", "--workers", "1"]
+        flags = ["--image_size", "16", "--val_fraction", "0", "--num_workers", "1"]
         # the table once more in chunks of 2: each chunk's downloads queue while the one before is decoded
         runs = (("table", tmp_path / "cc.tsv", []), ("hub", tmp_path / "cc", []),
                 ("table", tmp_path / "cc.tsv", ["--chunk_size", "2"]))
@@ -940,7 +941,7 @@ def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
     Image.fromarray(big).save(src / "big.jpg", quality=95)
     (src / "big.txt").write_text("a big photo")
     prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
-                       "--image_size", "64", "--val_fraction", "0", "--workers", "1"])
+                       "--image_size", "64", "--val_fraction", "0", "--num_workers", "1"])
     by_caption = {c: np.asarray(img, dtype=float) for img, c in
                   tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
     upright = by_caption["a portrait photo"]
@@ -987,7 +988,7 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     write_tar(tmp_path / "c.tar", [("u1.jpg", jpeg((160, 2, 3))), ("u2.jpg", jpeg((180, 2, 3))), ("u3.jpg", jpeg((200, 2, 3))),
                                    ("u2.txt", b"u two"), ("u1.txt", b"u one")])
     m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "*.tar"), "--out_dir",
-                           str(tmp_path / "out"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           str(tmp_path / "out"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     captions = sorted(c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values())
     assert captions == ["first", "fourth", "second", "seventh", "sixth", "third", "u one", "u two"]
     assert m["counts"]["train"] == 8 and m["skipped"] == {"missing_caption": 1}
@@ -996,7 +997,7 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     write_tar(tmp_path / "per_caption.tar", [("p1.jpg", same), ("p1.txt", b"one view\n"), ("p2.jpg", same),
                                               ("p2.txt", "another view \u00e9".encode())])
     m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "per_caption.tar"), "--out_dir",
-                           str(tmp_path / "per_caption"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           str(tmp_path / "per_caption"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "per_caption" / "train" / "shard-000000.tar").values()] == [
         "one view\nanother view \u00e9"]
     assert m["counts"]["seen"] == 1  # gathered before processing: the image was decoded once
@@ -1008,7 +1009,7 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     for column, caption in (("long_caption", "a long one"), ("txt", "alt text"), (None, "alt text")):
         out = tmp_path / f"two_{column}"
         prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(out),
-                           "--image_size", "32", "--val_fraction", "0", "--workers", "1"]
+                           "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"]
                           + (["--caption_column", column] if column else []))
         assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == [caption]
     with pytest.raises(SystemExit, match=r"--caption_column recaption: sample d1 has no file d1.recaption and no field "
@@ -1032,7 +1033,7 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     (tmp_path / "ranged" / "shard-003.tar.gz").write_bytes(gzip.compress((tmp_path / "ranged" / "shard-000.tar").read_bytes()))
     assert len(prep_dataset.tar_paths(str(tmp_path / "ranged"))) == 4  # .tar.gz too
     m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "ranged" / "*.tar.gz"), "--out_dir",
-                           str(tmp_path / "gz"), "--image_size", "32", "--val_fraction", "0", "--workers", "1"])
+                           str(tmp_path / "gz"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "gz" / "train" / "shard-000000.tar").values()] == ["r 0"]
     assert [os.path.basename(p) for p in prep_dataset.tar_paths(str(tmp_path / "ranged" / "shard-{001..002}.tar"))] == \
         ["shard-001.tar", "shard-002.tar"]
@@ -1050,7 +1051,7 @@ def test_one_prep_at_a_time_writes_into_a_folder(tmp_path):
     # a second run into the same --out_dir (a rerun while the first still runs in another terminal) would process
     # the source twice, and crash when the first removes the staged samples: it stops at once, saying why
     out = str(tmp_path / "out")
-    args = ["--source", "shapes", "--out_dir", out, "--limit", "100000", "--workers", "1", "--chunk_size", "100"]
+    args = ["--source", "shapes", "--out_dir", out, "--limit", "100000", "--num_workers", "1", "--chunk_size", "100"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prep_dataset.py"), *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -1070,7 +1071,7 @@ def test_one_prep_at_a_time_writes_into_a_folder(tmp_path):
 
 
 def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
-    args = ["--source", "shapes", "--limit", "3000", "--chunk_size", "300", "--shard_size", "500", "--workers", "1"]
+    args = ["--source", "shapes", "--limit", "3000", "--chunk_size", "300", "--shard_size", "500", "--num_workers", "1"]
     ref = tmp_path / "ref"
     prep_dataset.main(args + ["--out_dir", str(ref)])
     out = tmp_path / "out"
@@ -1094,12 +1095,12 @@ def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
     # a rerun of a finished prep is a no-op; other settings are refused
     prep_dataset.main(args + ["--out_dir", str(out)])
     with pytest.raises(SystemExit):
-        prep_dataset.main(args[:-2] + ["--workers", "1", "--seed", "5", "--out_dir", str(out)])
+        prep_dataset.main(args[:-2] + ["--num_workers", "1", "--seed", "5", "--out_dir", str(out)])
 
 
 def test_a_full_disk_stops_prep_with_what_to_do_and_the_rerun_goes_on(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    args = ["--source", "shapes", "--limit", "600", "--chunk_size", "200", "--shard_size", "300", "--workers", "1",
+    args = ["--source", "shapes", "--limit", "600", "--chunk_size", "200", "--shard_size", "300", "--num_workers", "1",
             "--out_dir", str(out)]
     sync = os.fsync
 

@@ -200,7 +200,7 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     assert both["folder"]["samples"] == 9 and both["other"]["classes"] == 2  # named as in the training log
     # retrieval on shards
     prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "shapes"), "--limit", "60",
-                       "--val_fraction", "0.5", "--workers", "1"])
+                       "--val_fraction", "0.5", "--num_workers", "1"])
     earlier = out.read_text()
     with monkeypatch.context() as m:  # a full disk as the results are written: the earlier file stays whole
         def disk_full(fd):
@@ -221,7 +221,7 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
         Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(tmp_path / "pairs" / f"{i}.png")
         (tmp_path / "pairs" / f"{i}.txt").write_text(f"picture {i}")
     prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "pairs"), "--out_dir", str(tmp_path / "plain"),
-                       "--val_fraction", "0.5", "--workers", "1"])
+                       "--val_fraction", "0.5", "--num_workers", "1"])
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--zeroshot", str(tmp_path / "plain")])
     assert "no zero-shot tasks" in capsys.readouterr().err
@@ -243,7 +243,7 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
         assert f"python prep_dataset.py --source {source} --val_fraction 1 --out_dir data/{name}-eval" in err, err
         assert f"python evaluate.py CHECKPOINT --retrieval data/{name}-eval" in err
     prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "no_val"), "--limit", "10", "--val_fraction", "0",
-                       "--workers", "1"])
+                       "--num_workers", "1"])
     with pytest.raises(SystemExit):  # a set with no held-out split: said so, with the ways to go on
         evaluate.main([ckpt, "--retrieval", str(tmp_path / "no_val")])
     assert "has no val/ shards (prepared with --val_fraction 0)" in capsys.readouterr().err
@@ -498,7 +498,7 @@ def test_evaluation_sees_odd_images_as_prep_made_the_training_images(tmp_path):
     for f in files:
         f.with_suffix(".txt").write_text(f.stem)
     prep_dataset.main(["--source", "folder", "--input", str(tmp_path), "--out_dir", str(tmp_path / "out"),
-                       "--image_size", str(size), "--val_fraction", "0", "--workers", "1", "--jpeg_quality", "100"])
+                       "--image_size", str(size), "--val_fraction", "0", "--num_workers", "1", "--jpeg_quality", "100"])
     with tarfile.open(tmp_path / "out" / "train" / "shard-000000.tar") as tf:
         names = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
     prepared = {names[k[:-4] + ".txt"].decode(): np.asarray(Image.open(io.BytesIO(v))) for k, v in names.items()

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shapes"
     prep_dataset.main(["--source", "shapes", "--out_dir", str(out), "--limit", "240", "--shard_size", "60",
-                       "--val_fraction", "0.2", "--workers", "2"])
+                       "--val_fraction", "0.2", "--num_workers", "2"])
     return str(out)
 
 
@@ -535,7 +535,7 @@ def test_ctrl_c_says_how_to_go_on_instead_of_a_traceback(shapes_dir, tmp_path):
     assert "interrupted. Go on from the last checkpoint with the same command and --resume" in err
     data = str(tmp_path / "data")
     err = interrupt(["prep_dataset.py", "--source", "shapes", "--out_dir", data, "--limit", "100000",
-                     "--chunk_size", "500", "--workers", "2"], os.path.join(data, ".stage", "chunk-000000.json"))
+                     "--chunk_size", "500", "--num_workers", "2"], os.path.join(data, ".stage", "chunk-000000.json"))
     assert "interrupted. Rerun the same command to go on" in err
 
 
@@ -807,7 +807,7 @@ def test_mfu_counts_the_caption_positions_each_batch_runs(tmp_path, monkeypatch)
         (src / f"{i}.txt").write_text("a red circle")
     data = str(tmp_path / "data")
     prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", data, "--image_size", "64",
-                       "--val_fraction", "0.25", "--workers", "1"])
+                       "--val_fraction", "0.25", "--num_workers", "1"])
     peak = 1e12
     monkeypatch.setattr(train, "peak_flops", lambda device: peak)
     out = str(tmp_path / "run")
