@@ -980,7 +980,7 @@ def tar_bytes(samples):
 
 def fetch(url):
     """An image URL -> (its bytes, None), or (None, why it failed). One retry, for what may pass (a timeout, a
-    dropped connection, a server's 5xx); a 404 or a 403 is final."""
+    dropped connection, a server's 5xx, a 429); a 404 or a 403 is final."""
     # scraped URLs hold spaces and non-ASCII letters, which urllib refuses: escaped, the escapes already there kept
     url = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
     request = urllib.request.Request(url, headers={"User-Agent": "clip-from-scratch/prep_dataset.py (python-urllib)"})
@@ -996,8 +996,15 @@ def fetch(url):
             return data, None
         except urllib.error.HTTPError as e:
             why = f"HTTP {e.code}"
-            if e.code < 500:
+            if (e.code < 500 and e.code != 429) or attempt == 1:
                 break
+            # a busy host (429 Too Many Requests, 503) may say in how many seconds to come back: waited for, up to
+            # half a minute (a later time is not this run's)
+            after = (e.headers.get("Retry-After") or "").strip()
+            wait = int(after) if after.isdigit() else 1 if e.code == 429 else 0
+            if wait > 30:
+                break
+            time.sleep(wait)
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets, a cut answer
             why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
     return None, why

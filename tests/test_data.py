@@ -816,12 +816,12 @@ def test_a_picture_that_many_samples_show_is_dropped_as_a_placeholder(tmp_path, 
 def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monkeypatch, capsys):
     # sets that list image URLs (Conceptual Captions, LAION): prep downloads them, here from a local server that
     # answers as the web does: images, a redirect, a 404, a page that is not an image, a server error that passes
-    # on a retry, and one too slow to answer
+    # on a retry, a host that asks to come back later, and one too slow to answer
     import datasets
     import http.server
     import threading
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
-    asked = []
+    asked, busy = [], []
 
     class Web(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -843,9 +843,17 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
             elif self.path == "/flaky" and asked.count("/flaky") == 1:
                 self.send_error(503)
                 return
-            elif self.path == "/flaky":
+            elif self.path == "/busy" and asked.count("/busy") % 2:  # too many requests: come back in a second
+                busy.append(time.time())
+                self.send_response(429)
+                self.send_header("Retry-After", "1")
+                self.end_headers()
+                return
+            elif self.path in ("/flaky", "/busy"):
+                if self.path == "/busy":
+                    busy.append(time.time())
                 buf = io.BytesIO()
-                Image.new("RGB", (40, 30), (90, 90, 90)).save(buf, "JPEG")
+                Image.new("RGB", (40, 30), (90, 90, 90) if self.path == "/flaky" else (200, 100, 0)).save(buf, "JPEG")
                 body, kind = buf.getvalue(), "image/jpeg"
             elif self.path == "/cut":  # the connection drops before the promised length
                 self.send_response(200)
@@ -878,6 +886,7 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
     web = f"http://127.0.0.1:{server.server_address[1]}"
     rows = [("img/0", "red"), ("img/1", "green"), ("img/1", "green again"), ("img/2", "blue"), ("moved", "yellow"),
             ("gone", "lost"), ("page", "a page"), ("flaky", "grey"), ("slow", "too slow"), ("cut", "cut short"),
+            ("busy", "busy"),
             ("img/0 café", "red, by a URL with a space and an accent")]
     try:
         # a TSV of URLs and captions (a row per caption, as Conceptual Captions' files are), and the same as a set
@@ -897,9 +906,12 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
             assert "images that could not be downloaded: 3" in out
             assert m["skipped"] == {"download_failed": 3, "bad_image": 1}  # the 404, the slow one, the cut one; the page
             captions = sorted(c for _, c in tar_samples(tmp_path / f"run{run}" / "train" / "shard-000000.tar").values())
-            assert captions == ["blue", "green\ngreen again", "grey", "red\nred, by a URL with a space and an accent", "yellow"]
+            assert captions == ["blue", "busy", "green\ngreen again", "grey",
+                                "red\nred, by a URL with a space and an accent", "yellow"]
         # the 503 was retried (and answered by the time the set was read); a 404 is final: asked once a run
         assert asked.count("/flaky") == 4 and asked.count("/gone") == 3
+        # the 429 was asked again, after the second its Retry-After named
+        assert asked.count("/busy") == 6 and all(b - a >= 0.9 for a, b in zip(busy[::2], busy[1::2]))
         # with no network, prep stops once not one of the first 100 came, saying so, instead of trying them all
         (tmp_path / "offline.tsv").write_text("url\tcaption\n" + "".join(f"http://127.0.0.1:1/{i}.jpg\tc {i}\n"
                                                                        for i in range(300)))
