@@ -24,6 +24,8 @@ Bad input (an undecodable, missing or undownloadable image, a missing/empty/non-
 counted in the manifest.
 """
 import argparse
+import base64
+import binascii
 import errno
 import glob
 import hashlib
@@ -337,7 +339,10 @@ CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences"
                    "comment", "txt", "json",  # these two: a webdataset turned into a table, a caption or a record
                    "conversations")  # a chat about the image, LLaVA's layout: its answers (caption_text)
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "image_name", "path",
-                 "file", "image_url", "url")
+                 "file", "image_url", "url", "image_base64", "base64")
+# an image written into a text cell as base64 (the TSVs of OFA and VLMEvalKit, a data: URI): it starts with a JPEG's,
+# PNG's, GIF's or WebP's first bytes as base64 spells them
+BASE64_IMAGE = re.compile(r"(data:image/[\w.+-]+;base64,)?(/9j/|iVBORw0KGgo|R0lGOD|UklGR)")
 NOT_CAPTIONS = ("_id", "_ids", "_sentid", "_len", "_length", "_count", "_tokens", "_lang", "_language", "_score", "_url")
 # images given as URLs (Conceptual Captions, LAION, COYO list only those) are downloaded as each chunk is staged
 DOWNLOAD_THREADS, DOWNLOAD_TIMEOUT, DOWNLOAD_MAX_BYTES = 64, 10, 64 << 20
@@ -368,9 +373,16 @@ def caption_text(value):
 
 
 def image_cell(value):
-    """An image as a table or a `datasets` set holds it: bytes or a path, or the hub's {"bytes", "path"}
-    record of either."""
-    return value.get("bytes") or value.get("path") if isinstance(value, dict) else value
+    """An image as a table or a `datasets` set holds it: bytes, a path or a URL, the hub's {"bytes", "path"}
+    record of either, or the image's bytes in base64 (-> the bytes)."""
+    value = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
+    start = BASE64_IMAGE.match(value) if isinstance(value, str) and len(value) > 64 else None
+    if start:
+        try:
+            return base64.b64decode(value[start.end(1) if start.group(1) else 0:])
+        except binascii.Error:  # cut short: bytes that then do not decode as an image, and are counted so
+            return value.encode()
+    return value
 
 
 def plain_name(name):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 import warnings
 from types import SimpleNamespace
@@ -933,6 +934,34 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
         assert proc.returncode == 130 and "interrupted" in out and time.time() - stopped < 5
     finally:
         server.shutdown()
+
+
+def test_images_written_as_base64_text_are_decoded(tmp_path):
+    # OFA's and VLMEvalKit's TSVs, and some sets, keep each image in a text cell as base64 (or a data: URI)
+    import base64
+    import datasets
+
+    def encoded(colour, kind):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, kind)
+        return base64.b64encode(buf.getvalue()).decode()
+    cells = [("red", encoded((220, 20, 20), "JPEG")),
+             ("green, a data URI", "data:image/png;base64," + encoded((20, 220, 20), "PNG")),
+             ("blue, with line breaks", "\n".join(textwrap.wrap(encoded((20, 20, 220), "PNG"), 76))),
+             ("cut short", encoded((220, 220, 20), "PNG")[:-41])]
+    (tmp_path / "b64.jsonl").write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for c, i in cells))
+    datasets.Dataset.from_dict({"image_base64": [i for _, i in cells], "text": [c for c, _ in cells]}
+                               ).save_to_disk(str(tmp_path / "b64"))
+    expected = {"red": (220, 20, 20), "green, a data URI": (20, 220, 20), "blue, with line breaks": (20, 20, 220)}
+    for run, (source, given) in enumerate((("table", tmp_path / "b64.jsonl"), ("hub", tmp_path / "b64"))):
+        m = prep_dataset.main(["--source", source, "--input", str(given), "--out_dir", str(tmp_path / f"out{run}"),
+                               "--image_size", "16", "--val_fraction", "0", "--num_workers", "1"])
+        assert m["skipped"] == {"bad_image": 1}
+        got = {c: np.asarray(img).reshape(-1, 3).mean(0) for img, c in
+               tar_samples(tmp_path / f"out{run}" / "train" / "shard-000000.tar").values()}
+        assert sorted(got) == sorted(expected)
+        for caption, colour in expected.items():
+            assert np.abs(got[caption] - colour).max() < 8, caption
 
 
 def test_prep_stands_photos_upright_and_shrinks_big_jpegs_faithfully(tmp_path):
