@@ -851,6 +851,10 @@ def main(argv=None):
               f"{len(train_loader)} steps per epoch" + (f", {cfg.epochs:g} epochs: {cfg.max_steps} steps" if cfg.epochs
                                                          else "") +
               f" | chance-level loss ln(batch) = {math.log(cfg.batch_size):.3f}")
+        val_batch = val_loader.dataset.global_batch if val_loader else cfg.batch_size
+        if val_batch < cfg.batch_size:  # a contrastive loss grows with its batch: the two are not on one scale
+            print(f"the val split holds fewer samples than --batch_size: val loss over batches of {val_batch}, "
+                  f"whose chance level is ln({val_batch}) = {math.log(val_batch):.3f}, below the train loss's")
 
     evaluator = None
     if cfg.zeroshot != "none" or cfg.retrieval:

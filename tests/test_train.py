@@ -166,6 +166,17 @@ def test_epochs_set_the_steps_and_a_new_length_in_steps_replaces_them(shapes_dir
         train.main([*args, "--out_dir", str(tmp_path / "negative"), "--epochs", "-1"])
 
 
+def test_a_val_split_smaller_than_a_batch_is_said_to_put_the_val_loss_on_another_scale(shapes_dir, tmp_path, capsys):
+    # 48 val samples: in batches of 16 the val loss compares with the train loss; with --batch_size 64 it is
+    # taken over batches of 48, a lower chance level, which the run says
+    train.main(run_args(shapes_dir, str(tmp_path / "small"), max_steps=1, vision_layers=1, text_layers=1))
+    assert "val split holds fewer" not in capsys.readouterr().out
+    out = str(tmp_path / "large")
+    train.main(run_args(shapes_dir, out, batch_size=64, max_steps=1, vision_layers=1, text_layers=1, eval_batches=0))
+    assert "val loss over batches of 48, whose chance level is ln(48) = 3.871" in capsys.readouterr().out
+    assert abs(read_log(out, "eval")[0]["val_loss"] - math.log(48)) < 0.2  # untrained: near that chance level
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
                     reason="Linux with glibc only")
 def test_cpu_training_keeps_freed_memory_for_the_next_step():
