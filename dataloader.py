@@ -366,7 +366,9 @@ class ShardLoader:
                  train=True, seed=0, rank=0, world_size=1, num_workers=2, augment=False, crop_scale=(0.8, 1.0),
                  shuffle_buffer=10_000, drop_last=True, with_labels=False, trim_tokens=False, all_captions=False,
                  device=None):
-        assert drop_last or world_size == 1, "a partial last batch would differ across ranks"
+        # in training a partial last batch would give the ranks unequal shares (evaluation gathers them: see
+        # evaluate.embed_shards)
+        assert drop_last or world_size == 1 or not train, "a partial last batch would differ across ranks"
         self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
                                     encoding, train, seed, rank, world_size, augment, crop_scale,
                                     shuffle_buffer, drop_last, with_labels, trim_tokens, all_captions)

@@ -31,6 +31,7 @@ from functools import lru_cache, partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -58,11 +59,16 @@ SET_CLASSNAMES, SET_TEMPLATES = "classnames.txt", "zeroshot_classification_templ
 # metrics (on embeddings; the tests check them against naive loops)
 
 
-def topk_accuracy(logits, targets, ks=(1, 5)):
-    """Fraction of rows whose target is among the k highest logits, for each k (k capped at #classes)."""
+def topk_hits(logits, targets, ks=(1, 5)):
+    """How many rows have their target among the k highest logits, for each k (k capped at #classes): (len(ks),)."""
     ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, k)
     hits = ranked == targets[:, None]
-    return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+
+
+def topk_accuracy(logits, targets, ks=(1, 5)):
+    """Fraction of rows whose target is among the k highest logits, for each k."""
+    return {f"top{k}": hits / len(targets) for k, hits in zip(ks, topk_hits(logits, targets, ks).tolist())}
 
 
 def recall_at_k(image_emb, text_emb, text_image=None, ks=RETRIEVAL_KS, block=4096):
@@ -143,27 +149,57 @@ def shard_split(paths):
 
 
 @torch.no_grad()
-def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None, batch_size=256, num_workers=2):
+def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None, batch_size=256, num_workers=2,
+                 rank=0, world=1):
     """One ordered pass over shards -> image embeddings (N, E), the embeddings of every caption (T, E),
-    the samples' labels, and for each caption the index of its image (T,)."""
-    loader = ShardLoader(data_dir, split, batch_size, cfg.image_size, cfg.context_length, cfg.encoding,
+    the samples' labels, and for each caption the index of its image (T,). world > 1 (training under DDP):
+    each rank embeds its share of every batch, and every rank gets the whole result, in the same order."""
+    local = -(-batch_size // world)  # a rank's share of a batch
+    loader = ShardLoader(data_dir, split, local * world, cfg.image_size, cfg.context_length, cfg.encoding,
                          train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True,
-                         all_captions=True, device=device)
-    images, texts, labels, text_image = [], [], [], []
-    total = min(len(loader), -(-max_samples // batch_size)) if max_samples else len(loader)
-    for b, (img, tok, lab, counts) in enumerate(tqdm(loader, total=total, desc="embed", leave=False, disable=total < 5)):
+                         all_captions=True, device=device, rank=rank, world_size=world)
+    n = min(max_samples or loader.dataset.num_samples, loader.dataset.num_samples)
+    total = -(-n // (local * world))
+    images, texts, places, text_places, labels = [], [], [], [], []  # place: a sample's position in the split
+    for b, (img, tok, lab, counts) in enumerate(tqdm(loader, total=total, desc="embed", leave=False,
+                                                     disable=total < 5 or rank != 0)):
         if b == total:
             break
+        if not lab:  # this rank's share of the last batch is empty
+            continue
         with autocast:
             images.append(model.encode_image(img).float())  # on the device already: the loader copies ahead
             texts.append(model.encode_text(tok).float())
-        text_image += [len(labels) + i for i, c in enumerate(counts) for _ in range(c)]
+        place = b * local * world + rank * local + torch.arange(len(lab), device=images[-1].device)
+        places.append(place)
+        text_places.append(place.repeat_interleave(torch.tensor(counts, device=place.device)))
         labels += lab
-    images, texts = torch.cat(images), torch.cat(texts)
-    n = max_samples or len(images)
-    text_image = torch.tensor(text_image, device=texts.device)
-    keep = text_image < n
-    return images[:n], texts[keep], labels[:n], text_image[keep]
+    if not places:  # a rank with no share of a split smaller than the ranks' first batch
+        images = texts = [torch.zeros(0, cfg.embed_dim, device=device)]
+        places = text_places = [torch.zeros(0, dtype=torch.long, device=device)]
+    images, texts, places, text_places = (gathered(torch.cat(x), world) for x in (images, texts, places, text_places))
+    if world > 1:  # the ranks' rows, put back in the split's order: the one-process result
+        every = [None] * world
+        dist.all_gather_object(every, labels)
+        labels = [label for _, label in sorted(zip(places.tolist(), sum(every, [])), key=lambda pair: pair[0])]
+        images = images[places.argsort()]
+        order = text_places.argsort(stable=True)  # an image's captions keep their order
+        texts, text_places = texts[order], text_places[order]
+    keep = text_places < n
+    return images[:n], texts[keep], labels[:n], text_places[keep]
+
+
+def gathered(x, world):
+    """x (rows, ...) of every rank, rank after rank, on every rank; the ranks may hold different numbers of rows."""
+    if world == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    padded = x.new_zeros((int(max(sizes)), *x.shape[1:]))  # all_gather takes tensors of one shape
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(size)] for part, size in zip(parts, sizes)])
 
 
 def image_batch(images, size):
@@ -394,9 +430,22 @@ def id_classnames(ds, name_or_dir, label_col, names_file, notes):
 
 @torch.no_grad()
 def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
-                            num_workers=2, classnames_file=None, max_samples=None, label_column=None, notes=True):
-    ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file, label_column,
-                                                               notes)
+                            num_workers=2, classnames_file=None, max_samples=None, label_column=None, notes=True,
+                            rank=0, world=1):
+    """Top-1 and top-5 accuracy on a classification set. world > 1 (training under DDP): each rank scores every
+    world-th image, and every rank gets the totals."""
+    try:
+        ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file, label_column,
+                                                                   notes)
+        failed = None
+    except (Exception, SystemExit) as e:
+        failed = e
+    if world > 1:  # a set that one rank cannot read (a node without it) is dropped by all, or they would wait
+        anywhere = torch.tensor([failed is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+        failed = failed or (RuntimeError("another rank could not read it") if anywhere.item() else None)
+    if failed is not None:
+        raise failed
     if max_samples and len(ds) > max_samples:
         # a quick look: a random subset, the same each run (a folder's images come class by class)
         keep = sorted(np.random.default_rng(0).choice(len(ds), max_samples, replace=False).tolist())
@@ -412,22 +461,29 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     # decoding and cropping the images is most of the work (ImageNet's val set: 50k photos): worker processes,
     # where a file that does not decode is left out instead of ending the run
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    mine = ds if world == 1 else ds.select(range(rank, len(ds), world)) if hasattr(ds, "select") else ds[rank::world]
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                                          pin_memory=torch.device(device).type == "cuda",
                                          worker_init_fn=ignore_sigterm)  # a SIGTERM is train.py's to handle
-    logits, targets, unreadable = [], [], 0
+    # (top-1 hits, top-5 hits, images scored, images that did not decode)
+    counts = torch.zeros(4, dtype=torch.long, device=device)
     # images and labels arrive on the device, the next batch copied while this one is embedded
-    batches = tqdm(prefetch(loader, device), total=len(loader), desc=f"zero-shot {set_name(name_or_dir)}")
+    batches = tqdm(prefetch(loader, device), total=len(loader), desc=f"zero-shot {set_name(name_or_dir)}",
+                   disable=rank != 0)
     for images, labels, bad in batches:
-        with autocast:
-            logits.append(model.encode_image(images).float() @ weights.T)
-        targets.append(labels)
-        unreadable += bad
-    if unreadable:
+        if len(labels):
+            with autocast:
+                logits = model.encode_image(images).float() @ weights.T
+            counts[:2] += topk_hits(logits, labels)
+        counts[2:] += torch.tensor([len(labels), bad], device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    top1, top5, scored, unreadable = counts.tolist()
+    if unreadable and rank == 0:
         print(f"warning: {unreadable} of {len(ds)} images in {name_or_dir} did not decode; scored without them",
               file=sys.stderr)
-    return {**topk_accuracy(torch.cat(logits), torch.cat(targets)), "classes": len(classnames),
-            "samples": len(ds) - unreadable, "unreadable": unreadable}
+    return {"top1": top1 / max(scored, 1), "top5": top5 / max(scored, 1), "classes": len(classnames),
+            "samples": scored, "unreadable": unreadable}
 
 
 def zeroshot_tasks(image_emb, labels, tasks, model, cfg, device, autocast):
@@ -463,12 +519,13 @@ def match_images_to_texts(model, cfg, paths, texts, device, autocast, batch_size
 
 
 class TrainingEvaluator:
-    """What train.py runs at every evaluation, on rank 0: the data's own zero-shot tasks (the shapes set)
+    """What train.py runs at every evaluation, on every rank: the data's own zero-shot tasks (the shapes set)
     and retrieval on the val split, plus any zero-shot datasets named in --zeroshot."""
 
     def __init__(self, zeroshot, retrieval, data_dir, tasks, cfg, device, autocast, num_workers=2,
-                 max_samples=5000, classnames_file=None):
+                 max_samples=5000, classnames_file=None, batch_size=256):
         self.data_dir, self.cfg, self.device, self.autocast = data_dir, cfg, device, autocast
+        self.batch_size = batch_size  # images per rank per forward pass
         self.classnames_file = classnames_file
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
         self.tasks = tasks if zeroshot != "none" else {}
@@ -477,10 +534,13 @@ class TrainingEvaluator:
         self.evaluated = set()  # the sets whose notes (unlabelled rows, several class columns) have been shown
 
     def __call__(self, model):
+        """Under DDP every rank calls it: each embeds its share of the images, and every rank gets the figures."""
         out = {}
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if self.has_val and (self.tasks or self.retrieval):
             img, txt, labels, text_image = embed_shards(model, self.data_dir, "val", self.cfg, self.device,
-                                                        self.autocast, self.max_samples, num_workers=self.num_workers)
+                                                        self.autocast, self.max_samples, self.batch_size * world,
+                                                        self.num_workers, rank, world)
             for task, acc in zeroshot_tasks(img, labels, self.tasks, model, self.cfg, self.device, self.autocast).items():
                 out.update({f"zeroshot/{task}/{k}": v for k, v in acc.items()})
             if self.retrieval:
@@ -488,10 +548,12 @@ class TrainingEvaluator:
         for name in list(self.datasets):
             try:
                 acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast,
-                                              num_workers=self.num_workers, classnames_file=self.classnames_file,
-                                              notes=name not in self.evaluated)
+                                              batch_size=self.batch_size, num_workers=self.num_workers,
+                                              classnames_file=self.classnames_file,
+                                              notes=name not in self.evaluated and rank == 0, rank=rank, world=world)
             except (Exception, SystemExit) as e:  # a dataset out of reach must not end hours of training
-                print(f"warning: zero-shot on {name} failed and is dropped for this run: {e}", file=sys.stderr)
+                if rank == 0:
+                    print(f"warning: zero-shot on {name} failed and is dropped for this run: {e}", file=sys.stderr)
                 self.datasets.remove(name)
                 continue
             self.evaluated.add(name)

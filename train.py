@@ -478,8 +478,8 @@ def val_loss(model, loader, max_batches, device, autocast):
     return total.item() / max(n, 1)
 
 
-# rank 0 evaluates zero-shot and retrieval alone while the other ranks wait in their next collective; a
-# large zero-shot set can take longer than NCCL's default 10 minutes, which would kill a healthy run
+# how long a rank waits in a collective for the others: rank 0 writes the checkpoints alone, and at an evaluation the
+# ranks' shares of a large zero-shot set may end far apart; NCCL's default 10 minutes could kill a healthy run
 DDP_TIMEOUT = timedelta(minutes=60)
 
 
@@ -859,15 +859,17 @@ def main(argv=None):
     evaluator = None
     if cfg.zeroshot != "none" or cfg.retrieval:
         import evaluate  # downstream of training data, upstream of nothing: the eval hooks
+        # a training forward pass's images at a time: what fits beside its backward fits without one
         evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, ",".join(val_dirs), tasks, model_cfg,
                                                device, autocast, num_workers=num_workers,
-                                               classnames_file=cfg.zeroshot_classnames or None)
+                                               classnames_file=cfg.zeroshot_classnames or None,
+                                               batch_size=cfg.micro_batch_size or cfg.batch_size // world)
 
     def run_eval():
         record = {"kind": "eval", "step": step}
         if val_loader is not None:
             record["val_loss"] = val_loss(eval_model, val_loader, cfg.eval_batches, device, autocast)
-        if evaluator is not None and master:
+        if evaluator is not None:  # every rank embeds its share; rank 0 logs the figures
             record.update(evaluator(raw_model))
         logger.log(record)
         return record.get("val_loss")

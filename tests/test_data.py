@@ -866,7 +866,7 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
                 time.sleep(30)
                 return
             elif self.path == "/slow":
-                time.sleep(1.5)
+                time.sleep(2.5)
                 body, kind = b"late", "text/plain"
             else:
                 self.send_error(404)
@@ -883,7 +883,7 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
 
     server = Server(("127.0.0.1", 0), Web)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(prep_dataset, "DOWNLOAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(prep_dataset, "DOWNLOAD_TIMEOUT", 1.0)  # ample for a loopback answer on a busy machine
     web = f"http://127.0.0.1:{server.server_address[1]}"
     rows = [("img/0", "red"), ("img/1", "green"), ("img/1", "green again"), ("img/2", "blue"), ("moved", "yellow"),
             ("gone", "lost"), ("page", "a page"), ("flaky", "grey"), ("slow", "too slow"), ("cut", "cut short"),

@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
@@ -15,6 +16,7 @@ import prep_dataset
 import train
 from checkpoint_manager import CheckpointManager
 from clip import CLIP, Tokenizer, get_config
+from test_clip import free_port
 
 
 def naive_topk(logits, targets, k):
@@ -95,6 +97,36 @@ def test_retrieval_embeds_every_caption_of_every_image(tmp_path):
     img, txt, _, text_image = evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, max_samples=4,
                                                     batch_size=3, num_workers=0)
     assert img.shape[0] == 4 and text_image.tolist() == [0, 1, 1, 2, 2, 2, 3] and txt.shape[0] == 7
+    # 3 ranks (training under DDP), each embedding its share of every batch: shares of 1 sample, of 2, and of a
+    # last batch that leaves a rank none; every rank ends with what one process gets
+    mp.spawn(_embed_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
+    for batch_size, max_samples in EMBED_RUNS:
+        one = evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, max_samples, batch_size, 0)
+        for rank in range(3):
+            got = torch.load(tmp_path / f"embedded-{batch_size}-{max_samples}-{rank}.pt")
+            for a, b in zip(got, one):
+                if isinstance(b, torch.Tensor):
+                    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+                else:
+                    assert a == b
+
+
+EMBED_RUNS = ((3, None), (6, None), (16, None), (6, 4))
+
+
+def _embed_worker(rank, world, port, data_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    model = CLIP(cfg).eval()
+    for batch_size, max_samples in EMBED_RUNS:
+        out = evaluate.embed_shards(model, data_dir, "val", cfg, "cpu", torch.autocast("cpu", enabled=False),
+                                    max_samples, batch_size, 0, rank, world)
+        torch.save(out, os.path.join(data_dir, f"embedded-{batch_size}-{max_samples}-{rank}.pt"))
+    dist.destroy_process_group()
 
 
 def test_tied_candidates_are_ranked_at_random_not_in_the_true_matchs_favour():

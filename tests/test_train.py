@@ -1120,9 +1120,22 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch, capsys):
 WRAPPER = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-import train
+import clip, evaluate, train
+# the images this rank embeds for the evaluations (the val split's and the zero-shot sets'), counted
+embedded, evaluating = [0], [False]
+def counted_call(self, model, _call=evaluate.TrainingEvaluator.__call__):
+    evaluating[0] = True
+    try:
+        return _call(self, model)
+    finally:
+        evaluating[0] = False
+def counted_encode(self, images, *args, _encode=clip.CLIP.encode_image, **kwargs):
+    embedded[0] += len(images) if evaluating[0] else 0
+    return _encode(self, images, *args, **kwargs)
+evaluate.TrainingEvaluator.__call__, clip.CLIP.encode_image = counted_call, counted_encode
 model = train.main(sys.argv[1:])
-torch.save(model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+torch.save({{**model.state_dict(), "evaluated_images": torch.tensor(embedded[0])}},
+           os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
 """
 
 
@@ -1184,18 +1197,25 @@ def test_a_compiled_run_trains_like_the_eager_one(shapes_dir, tmp_path, monkeypa
     assert all(torch.equal(v, model_comp.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
-DDP_RUN = dict(max_steps=4, augment=False, checkpoint_interval=2, eval_interval=2)
+DDP_RUN = dict(max_steps=4, augment=False, checkpoint_interval=2, eval_interval=2, retrieval=True)
 
 
 @pytest.fixture(scope="module")
 def one_process_run(shapes_dir, tmp_path_factory):
-    """The one-process runs that the DDP runs below must equal, by patch dropout: (its folder, its model)."""
-    runs = {}
+    """The one-process runs that the DDP runs below must equal, by patch dropout: (its folder, its model, its
+    flags). They evaluate as they go: retrieval and the shapes set's tasks on its val split, and zero-shot on
+    a folder of 25 images in class folders."""
+    runs, folders = {}, tmp_path_factory.mktemp("zeroshot")
+    for i in range(25):
+        _, labels = prep_dataset.shapes_sample(seed=7, index=i)
+        (folders / labels["shape"]).mkdir(exist_ok=True)
+        prep_dataset.render_shape(7, i, 64).save(folders / labels["shape"] / f"{i}.png")
 
     def run(patch_dropout):
         if patch_dropout not in runs:
             out = str(tmp_path_factory.mktemp("single"))
-            runs[patch_dropout] = out, train.main(run_args(shapes_dir, out, **DDP_RUN, patch_dropout=patch_dropout))
+            flags = dict(DDP_RUN, zeroshot=str(folders), patch_dropout=patch_dropout)
+            runs[patch_dropout] = out, train.main(run_args(shapes_dir, out, **flags)), flags
         return runs[patch_dropout]
     return run
 
@@ -1203,9 +1223,10 @@ def one_process_run(shapes_dir, tmp_path_factory):
 @pytest.mark.parametrize("micro_batch_size, patch_dropout", [(0, 0.0), (4, 0.5)])
 def test_ddp_two_processes_match_one_process(shapes_dir, one_process_run, tmp_path, micro_batch_size, patch_dropout):
     """2 ranks x 8 (or x 2 micro-batches of 4, with feature caching, and half of each image's patches left out)
-    against one process with 16; then the 2-rank run resumed in one process."""
-    (single, model), multi = one_process_run(patch_dropout), str(tmp_path / "ddp")
-    args = dict(DDP_RUN, micro_batch_size=micro_batch_size, patch_dropout=patch_dropout)
+    against one process with 16, evaluations included (the ranks share the images); then the 2-rank run resumed
+    in one process."""
+    (single, model, flags), multi = one_process_run(patch_dropout), str(tmp_path / "ddp")
+    args = dict(flags, micro_batch_size=micro_batch_size)
     os.makedirs(multi)
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(root=ROOT, out=multi))
@@ -1214,14 +1235,22 @@ def test_ddp_two_processes_match_one_process(shapes_dir, one_process_run, tmp_pa
                     str(wrapper), *run_args(shapes_dir, multi, **args)], check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL, timeout=300)
     r0, r1 = (torch.load(os.path.join(multi, f"rank{r}.pt")) for r in (0, 1))
+    # each rank embedded its share of the 48 val images and the 25 zero-shot ones, at each of the 2 evaluations
+    shares = r0.pop("evaluated_images").item(), r1.pop("evaluated_images").item()
+    assert sum(shares) == 2 * (48 + 25) and min(shares) >= 2 * (24 + 12), shares
     for name in r0:
         assert torch.equal(r0[name], r1[name]), f"ranks disagree on {name}"
         torch.testing.assert_close(r0[name], model.state_dict()[name], rtol=1e-4, atol=1e-5, msg=name)
     losses_single = [r["loss"] for r in read_log(single)]
     losses_ddp = [r["loss"] for r in read_log(multi)]
     assert losses_ddp == pytest.approx(losses_single, abs=1e-5)
-    assert [r["val_loss"] for r in read_log(multi, "eval")] == pytest.approx(
-        [r["val_loss"] for r in read_log(single, "eval")], abs=1e-5)
+    evals_single, evals_ddp = read_log(single, "eval"), read_log(multi, "eval")
+    assert [r["step"] for r in evals_ddp] == [r["step"] for r in evals_single] == [2, 4]
+    for one, two in zip(evals_single, evals_ddp):
+        assert sorted(two) == sorted(one) and any(k.startswith("retrieval/") for k in one)
+        assert sum(k.startswith("zeroshot/") for k in one) == 6  # shape, colour and the folders, top-1 and top-5
+        for key in one:
+            assert two[key] == pytest.approx(one[key], abs=1e-5), key
     # the two ranks' run goes on in one process from their step-2 checkpoint (as on a node with fewer GPUs): the
     # same global batches, so the same run
     resumed = train.main(["--resume", os.path.join(multi, "ckpt-00000002.pt")])
@@ -1279,6 +1308,17 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
         assert code != 0
         assert re.search(r"step 3: could not write .*ckpt-00000003.pt \(No space left on device\)", err), err
     assert "rank 0 could not save: step 3" in err
+    # a zero-shot set that one node lacks: the ranks evaluate their shares of the others, and all leave it out
+    for i in range(6):
+        _, labels = prep_dataset.shapes_sample(seed=7, index=i)
+        (nodes[0] / "zs" / labels["shape"]).mkdir(parents=True, exist_ok=True)
+        prep_dataset.render_shape(7, i, 64).save(nodes[0] / "zs" / labels["shape"] / f"{i}.png")
+    (code0, err0), (code1, _) = run_nodes("--zeroshot", "./zs", "--retrieval", "true", out="partial")
+    assert code0 == code1 == 0, err0
+    assert "zero-shot on ./zs failed and is dropped for this run: another rank could not read it" in err0
+    evals = read_log(str(nodes[0] / "partial"), "eval")
+    assert evals[0]["zeroshot/shape/top1"] >= 0 and "retrieval/text_to_image_R@1" in evals[0]
+    assert not any(k.startswith("zeroshot/zs/") for k in evals[0])
 
 
 FULL_DISK = """
