@@ -120,3 +120,18 @@ def test_download_benchmark_times_prep_on_urls_both_ways():
     times = dict(re.findall(r"^(overlapped|whole chunk first)\s+([\d.]+) s", out, re.M))
     assert len(times) == 2 and all(float(v) > 0 for v in times.values())
     assert out.count("wrote 40 train + 0 val samples") == 2 and "skipped 0 of 40" in out  # every image came
+
+
+def test_evaluation_benchmark_checks_both_ways_agree_then_times_them(tmp_path):
+    # under torchrun, as training runs: 2 gloo ranks (the script stops if the two ways' figures differ)
+    import prep_dataset
+    prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "shapes"), "--limit", "200",
+                       "--val_fraction", "0.3", "--num_workers", "1"])
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "benchmarks", "bench_eval.py"), "--data_dir", str(tmp_path / "shapes"),
+                          "--rounds", "1", "--batch_size", "16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "2 ranks" in out.stdout and "retrieval/image_to_text_R@1" in out.stdout
+    seconds = dict(re.findall(r"^(every rank its part|rank 0 alone)\s+([\d.]+) s per evaluation", out.stdout, re.M))
+    assert len(seconds) == 2 and all(float(v) > 0 for v in seconds.values())
+    assert re.search(r"^ratio: [\d.]+x$", out.stdout, re.M)
