@@ -148,17 +148,30 @@ def shard_split(paths):
     return ",".join(d for d, _ in found), found[0][1] if found else "val"
 
 
-@torch.no_grad()
 def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None, batch_size=256, num_workers=2,
                  rank=0, world=1):
     """One ordered pass over shards -> image embeddings (N, E), the embeddings of every caption (T, E),
     the samples' labels, and for each caption the index of its image (T,). world > 1 (training under DDP):
     each rank embeds its share of every batch, and every rank gets the whole result, in the same order."""
+    loader = shards_to_embed(data_dir, split, cfg, device, batch_size, num_workers, rank, world)
+    return embed_loader(model, loader, cfg, device, autocast, max_samples)
+
+
+def shards_to_embed(data_dir, split, cfg, device, batch_size=256, num_workers=2, rank=0, world=1):
+    """The loader embed_loader reads: a batch (batch_size, rounded up to a multiple of world) at a time, each
+    sample with all its captions and its labels."""
     local = -(-batch_size // world)  # a rank's share of a batch
-    loader = ShardLoader(data_dir, split, local * world, cfg.image_size, cfg.context_length, cfg.encoding,
-                         train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True,
-                         all_captions=True, device=device, rank=rank, world_size=world)
-    n = min(max_samples or loader.dataset.num_samples, loader.dataset.num_samples)
+    return ShardLoader(data_dir, split, local * world, cfg.image_size, cfg.context_length, cfg.encoding,
+                       train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True,
+                       all_captions=True, device=device, rank=rank, world_size=world)
+
+
+@torch.no_grad()
+def embed_loader(model, loader, cfg, device, autocast, max_samples=None):
+    """embed_shards, from a loader that shards_to_embed made (training keeps one for all its evaluations)."""
+    ds = loader.dataset
+    rank, local, world = ds.rank, ds.local_batch, ds.global_batch // ds.local_batch
+    n = min(max_samples or ds.num_samples, ds.num_samples)
     total = -(-n // (local * world))
     images, texts, places, text_places, labels = [], [], [], [], []  # place: a sample's position in the split
     for b, (img, tok, lab, counts) in enumerate(tqdm(loader, total=total, desc="embed", leave=False,
@@ -532,15 +545,18 @@ class TrainingEvaluator:
         self.datasets = [] if zeroshot in ("auto", "none") else data_dirs(zeroshot)
         self.has_val = bool(data_dir and shard_paths(data_dir, "val"))
         self.evaluated = set()  # the sets whose notes (unlabelled rows, several class columns) have been shown
+        self.val_loader = None  # made at the first evaluation, and kept: indexing 100k val samples takes a second
 
     def __call__(self, model):
         """Under DDP every rank calls it: each embeds its share of the images, and every rank gets the figures."""
         out = {}
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if self.has_val and (self.tasks or self.retrieval):
-            img, txt, labels, text_image = embed_shards(model, self.data_dir, "val", self.cfg, self.device,
-                                                        self.autocast, self.max_samples, self.batch_size * world,
-                                                        self.num_workers, rank, world)
+            if self.val_loader is None:
+                self.val_loader = shards_to_embed(self.data_dir, "val", self.cfg, self.device, self.batch_size * world,
+                                                  self.num_workers, rank, world)
+            img, txt, labels, text_image = embed_loader(model, self.val_loader, self.cfg, self.device, self.autocast,
+                                                        self.max_samples)
             for task, acc in zeroshot_tasks(img, labels, self.tasks, model, self.cfg, self.device, self.autocast).items():
                 out.update({f"zeroshot/{task}/{k}": v for k, v in acc.items()})
             if self.retrieval:

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
+import dataloader
 import evaluate
 import prep_dataset
 import train
@@ -65,7 +66,7 @@ def test_metrics_equal_naive_references():
     assert evaluate.recall_at_k(img, txt, owner, block=7) == got
 
 
-def test_retrieval_embeds_every_caption_of_every_image(tmp_path):
+def test_retrieval_embeds_every_caption_of_every_image(tmp_path, monkeypatch):
     # shards where sample i has 1 to 3 captions (prep_dataset writes them as lines of KEY.txt)
     (tmp_path / "val").mkdir()
     captions = [[f"sample {i} caption {c}" for c in range(1 + i % 3)] for i in range(7)]
@@ -97,6 +98,17 @@ def test_retrieval_embeds_every_caption_of_every_image(tmp_path):
     img, txt, _, text_image = evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, max_samples=4,
                                                     batch_size=3, num_workers=0)
     assert img.shape[0] == 4 and text_image.tolist() == [0, 1, 1, 2, 2, 2, 3] and txt.shape[0] == 7
+    # during training, the evaluator indexes the shards once, at its first evaluation, and keeps the loader
+    indexed = []
+    monkeypatch.setattr(dataloader, "index_shard", lambda path, _index=dataloader.index_shard: indexed.append(path)
+                        or _index(path))
+    evaluator = evaluate.TrainingEvaluator("none", True, str(tmp_path), {}, cfg, "cpu", off, num_workers=0,
+                                           batch_size=3)
+    img, txt, _, text_image = evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, batch_size=3,
+                                                    num_workers=0)
+    expected = {f"retrieval/{k}": v for k, v in evaluate.recall_at_k(img, txt, text_image).items()}
+    indexed.clear()
+    assert evaluator(model) == evaluator(model) == expected and len(indexed) == 2  # the 2 shards, once
     # 3 ranks (training under DDP), each embedding its share of every batch: shares of 1 sample, of 2, and of a
     # last batch that leaves a rank none; every rank ends with what one process gets
     mp.spawn(_embed_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
