@@ -10,6 +10,7 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
     python evaluate.py runs/demo --retrieval data/coco-test                   # a run's best.pt; COCO's 5k test images
     python evaluate.py CKPT --images a.jpg b.png --texts "a red circle" "a blue square"   # your own images
+    torchrun --standalone --nproc_per_node=8 evaluate.py CKPT --zeroshot imagenet/val --classnames LOC_synset_mapping.txt
 
 Zero-shot: each class name is put into every prompt template, the text embeddings are averaged and
 normalised (the CLIP paper's prompt ensembling), and an image's class is the nearest such embedding.
@@ -697,6 +698,13 @@ def main(argv=None):
         p.error(f"--classnames {args.classnames}: no such file")
     if args.texts and len(args.texts) == 1 and os.path.isfile(args.texts[0]):
         args.texts = read_lines(args.texts[0], "--texts")
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: each process scores its share of the images
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.device(args.device).type == "cuda":
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+            torch.cuda.set_device(torch.device(args.device))
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)  # a device torch cannot use fails here, with torch's reason
@@ -726,7 +734,8 @@ def main(argv=None):
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
         if tasks:
             img, _, labels, _ = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
-                                               batch_size=args.batch_size, num_workers=args.num_workers)
+                                               batch_size=args.batch_size * world, num_workers=args.num_workers,
+                                               rank=rank, world=world)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
             results["zeroshot"] = per_task
             for k in ("top1", "top5"):  # the headline figure: the mean over the tasks
@@ -736,12 +745,12 @@ def main(argv=None):
             for name in names:
                 acc = zeroshot_classification(model, name, cfg, device, autocast, templates, args.split,
                                               args.batch_size, args.num_workers, args.classnames, args.max_samples,
-                                              args.label_column)
+                                              args.label_column, notes=rank == 0, rank=rank, world=world)
                 if len(names) == 1:
                     results.update(acc)
                 else:
                     results.setdefault("zeroshot", {})[set_name(name)] = acc
-    if args.images:
+    if args.images and rank == 0:  # a few files, scored by one process
         try:
             probs = match_images_to_texts(model, cfg, images, args.texts, device, autocast, args.batch_size)
         except (OSError, Image.DecompressionBombError) as e:  # PIL cannot (or will not) read one of them
@@ -760,9 +769,13 @@ def main(argv=None):
             p.error(f"no shards in {', '.join(os.path.join(d, split) for d in data_dirs(data_dir))}"
                     f"{unprepared_hint(args.retrieval)}")
         img, txt, _, text_image = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples,
-                                                 args.batch_size, args.num_workers)
+                                                 args.batch_size * world, args.num_workers, rank, world)
         results.update(recall_at_k(img, txt, text_image))
         results["retrieval_samples"], results["retrieval_captions"] = len(img), len(txt)
+    if world > 1:
+        dist.destroy_process_group()
+        if rank != 0:  # every process has the figures; one shows them
+            return results
     table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above
     if table:
         print_table(table)

@@ -2,6 +2,8 @@ import errno
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -259,6 +261,16 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     assert saved["retrieval_samples"] == 30
     # the run directory stands for its checkpoint (this run kept no best.pt: its newest)
     assert evaluate.main([str(tmp_path / "run"), "--retrieval", str(tmp_path / "shapes" / "val")]) == results
+    # under torchrun each process scores its share of the images: one process's figures, shown and written once
+    both_ways = [ckpt, "--zeroshot", str(root), "--retrieval", str(tmp_path / "shapes" / "val"), "--batch_size", "4",
+                 "--num_workers", "0", "--json"]
+    alone = evaluate.main([*both_ways, str(tmp_path / "alone.json")])
+    shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             evaluate.__file__, *both_ways, str(tmp_path / "shared.json")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert shared.returncode == 0, shared.stderr
+    assert json.loads((tmp_path / "shared.json").read_text()) == pytest.approx(alone)
+    assert shared.stdout.count("retrieval_samples") == 1 and alone["samples"] == 9 and alone["retrieval_samples"] == 30
     # a prepared dataset without zero-shot tasks is refused for --zeroshot: its split folders are not classes
     (tmp_path / "pairs").mkdir()
     for i in range(4):
