@@ -52,18 +52,20 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     with open(os.path.join(args.data_dir, "manifest.json")) as f:
         tasks = json.load(f).get("tasks", {})
-    evaluator = evaluate.TrainingEvaluator(args.zeroshot, True, args.data_dir, tasks, cfg, device, autocast,
-                                           num_workers=default_num_workers(world, cpu_step=not cuda),
-                                           classnames_file=args.classnames, batch_size=args.batch_size)
+    # one evaluator for each way: each keeps the val loader of its first call (the ranks' shares, or all of it)
+    shared_evaluator, alone_evaluator = (
+        evaluate.TrainingEvaluator(args.zeroshot, True, args.data_dir, tasks, cfg, device, autocast,
+                                   num_workers=default_num_workers(world, cpu_step=not cuda),
+                                   classnames_file=args.classnames, batch_size=args.batch_size) for _ in range(2))
 
     def shared():
-        return evaluator(model)
+        return shared_evaluator(model)
 
     def alone():
         out = None
         if rank == 0:
             with mock.patch.object(evaluate.dist, "is_initialized", return_value=False):  # as if one process
-                out = evaluator(model)
+                out = alone_evaluator(model)
         dist.barrier()
         return out
 
