@@ -88,7 +88,7 @@ class TrainConfig:
     eval_batches: int = 50  # val-loss batches per evaluation (0 = the whole val split)
     zeroshot: str = "auto"  # auto: the tasks in the data's manifest (shapes); none; or datasets, comma-separated
     zeroshot_classnames: str = ""  # names for --zeroshot folders named by id, as evaluate.py --classnames takes them
-    retrieval: bool = True  # image<->text recall@k on the val split at every evaluation
+    retrieval: bool = True  # image<->text recall@k on the val split (up to 5,000 samples) at every evaluation
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 3  # the newest K (0 = all), plus best.pt
     resume: str = ""  # "latest" (bare --resume): the newest in out_dir; or a checkpoint, or a run directory (its newest)
