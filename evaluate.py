@@ -698,13 +698,15 @@ def main(argv=None):
         p.error(f"--classnames {args.classnames}: no such file")
     if args.texts and len(args.texts) == 1 and os.path.isfile(args.texts[0]):
         args.texts = read_lines(args.texts[0], "--texts")
-    rank, world = 0, 1
+    rank, world, own_group = 0, 1, False
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: each process scores its share of the images
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if torch.device(args.device).type == "cuda":
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
             torch.cuda.set_device(torch.device(args.device))
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if not dist.is_initialized():  # else: called from a program that has its process group already
+            dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+            own_group = True
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)  # a device torch cannot use fails here, with torch's reason
@@ -772,10 +774,10 @@ def main(argv=None):
                                                  args.batch_size * world, args.num_workers, rank, world)
         results.update(recall_at_k(img, txt, text_image))
         results["retrieval_samples"], results["retrieval_captions"] = len(img), len(txt)
-    if world > 1:
+    if own_group:
         dist.destroy_process_group()
-        if rank != 0:  # every process has the figures; one shows them
-            return results
+    if rank != 0:  # every process has the figures; one shows them
+        return results
     table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above
     if table:
         print_table(table)
