@@ -7,6 +7,7 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
     python prep_dataset.py --out_dir data/t2i-100k --limit 100000                  # a subset
     python prep_dataset.py --source folder --input ~/pics --out_dir data/pics      # x.jpg + x.txt pairs
     python prep_dataset.py --source webdataset --input 'shards/*.tar' --out_dir data/mine
+    python prep_dataset.py --source webdataset --input 'pipe:aws s3 cp s3://bucket/{000..099}.tar -' --out_dir data/s3
     python prep_dataset.py --source table --input pairs.csv --out_dir data/mine    # csv/tsv/jsonl/json/parquet
     python prep_dataset.py --source table --input captions_train2017.json --image_root train2017 --out_dir data/coco
     python prep_dataset.py --source hub --input NAME --split train --out_dir data/x # any datasets image+text set
@@ -38,6 +39,7 @@ import queue
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
 import threading
@@ -280,17 +282,18 @@ def caption_record(path, column):
 def tar_paths(pattern):
     """The tar files a webdataset --input names: a glob ('shards/*.tar'), webdataset's brace range
     ('shards/{00000..00099}.tar', the form its docs and img2dataset use), or a folder of them (.tar, or
-    compressed: .tar.gz, .tgz)."""
-    pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
-        return sorted(p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(pattern, e)))
-
+    compressed: .tar.gz, .tgz); or URLs, or webdataset's pipe:COMMAND, with or without a range."""
     def ranges(p):  # {003..005} -> 003, 004, 005: the first range, then the rest of the pattern's
         m = re.search(r"\{(\d+)\.\.(\d+)\}", p)
         if m is None:
             return [p]
         numbers = (str(n).zfill(len(m[1])) for n in range(int(m[1]), int(m[2]) + 1))
         return [q for n in numbers for q in ranges(p[:m.start()] + n + p[m.end():])]
+    if pattern.startswith(("http://", "https://", "pipe:")):  # shards elsewhere, read as they stream in
+        return ranges(pattern)
+    pattern = os.path.expanduser(pattern)
+    if os.path.isdir(pattern):
+        return sorted(p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(pattern, e)))
     return sorted({path for p in ranges(pattern) for path in glob.glob(p) if os.path.isfile(path)})
 
 
@@ -299,8 +302,8 @@ def source_webdataset(args):
     of .json) of each key."""
     paths = tar_paths(args.input or "")
     if not paths:
-        sys.exit(f"--source webdataset needs --input naming tar files: a glob, a {{000..099}} range or a folder "
-                 f"(got {args.input!r})")
+        sys.exit(f"--source webdataset needs --input naming tar files: a glob, a {{000..099}} range, a folder, URLs "
+                 f"or pipe:COMMAND (got {args.input!r})")
     first = True
     for path in paths:
         for key, files in read_tar_samples(path):
@@ -346,6 +349,7 @@ BASE64_IMAGE = re.compile(r"(data:image/[\w.+-]+;base64,)?(/9j/|iVBORw0KGgo|R0lG
 NOT_CAPTIONS = ("_id", "_ids", "_sentid", "_len", "_length", "_count", "_tokens", "_lang", "_language", "_score", "_url")
 # images given as URLs (Conceptual Captions, LAION, COYO list only those) are downloaded as each chunk is staged
 DOWNLOAD_THREADS, DOWNLOAD_TIMEOUT, DOWNLOAD_MAX_BYTES = 64, 10, 64 << 20
+USER_AGENT = "clip-from-scratch/prep_dataset.py (python-urllib)"
 DOWNLOAD_HINT = ("for millions of URLs, img2dataset downloads faster (many machines, retries, rate limits): its "
                  "shards then read with --source webdataset")
 is_url = lambda image: isinstance(image, str) and image.startswith(("http://", "https://"))
@@ -758,14 +762,25 @@ def source_hub(args):
 
 
 def read_tar_samples(path):
-    """(key, {extension: bytes}) for each sample of a tar. A key's files usually sit together (webdataset's
-    layout): a sample goes out when the next key starts. One still missing its image or caption waits
-    for them further on (a tar made with plain `tar` follows the directory's order, .jpg and .txt apart)
+    """(key, {extension: bytes}) for each sample of a tar: a file, a URL, or webdataset's pipe:COMMAND (the tar
+    the command writes out: pipe:aws s3 cp s3://bucket/shard.tar -). A key's files usually sit together
+    (webdataset's layout): a sample goes out when the next key starts. One still missing its image or caption
+    waits for them further on (a tar made with plain `tar` follows the directory's order, .jpg and .txt apart)
     and goes out at the end as it is. A truncated tar ends early, without the sample it was reading."""
-    pending, key = {}, None
+    pending, key, command = {}, None, None
     complete = lambda files: any("." + e in IMAGE_EXTENSIONS for e in files) and ("txt" in files or "json" in files)
     try:
-        with tarfile.open(path, "r|*") as tf:  # streaming mode: one pass, no seeks; gzip and others undone
+        if path.startswith("pipe:"):
+            # its own process group: stopping it stops what the shell started too (aws, curl)
+            command = subprocess.Popen(path[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+            stream = command.stdout
+        elif is_url(path):
+            stream = urllib.request.urlopen(urllib.request.Request(path, headers={"User-Agent": USER_AGENT}),
+                                            timeout=60)
+        else:
+            stream = open(path, "rb")
+        # streaming mode: one pass, no seeks; gzip and others undone
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -777,9 +792,21 @@ def read_tar_samples(path):
                     yield key, pending.pop(key)
                 key = k
                 pending.setdefault(k, {})[ext.lower()] = tf.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        print(f"warning: {path} is damaged ({e}); reading stopped there", file=sys.stderr)
+            while command is not None and stream.read(1 << 16):  # the padding after the archive's end, so
+                pass  # that the command is not cut off writing it (curl would then exit with a write error)
+        if command is not None and command.wait():
+            raise OSError(f"the command exited with status {command.returncode}")
+    except (tarfile.TarError, EOFError, OSError, http.client.HTTPException) as e:
+        try:  # where the command failed (not found, access refused), that is what went wrong, not the tar
+            if command is not None and command.wait(timeout=1):
+                e = f"the command exited with status {command.returncode}"
+        except subprocess.TimeoutExpired:  # still running: stopped below
+            pass
+        print(f"warning: {path} could not be read to its end ({e}); reading stopped there", file=sys.stderr)
         pending.pop(key, None)  # the sample being read may be incomplete
+    finally:
+        if command is not None and command.poll() is None:  # left before its end (--limit, a cut tar): stopped
+            os.killpg(command.pid, signal.SIGKILL) if hasattr(os, "killpg") else command.kill()
     yield from pending.items()
 
 
@@ -995,7 +1022,7 @@ def fetch(url):
     dropped connection, a server's 5xx, a 429); a 404 or a 403 is final."""
     # scraped URLs hold spaces and non-ASCII letters, which urllib refuses: escaped, the escapes already there kept
     url = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
-    request = urllib.request.Request(url, headers={"User-Agent": "clip-from-scratch/prep_dataset.py (python-urllib)"})
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     for attempt in range(2):
         try:
             with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:

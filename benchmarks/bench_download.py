@@ -50,7 +50,12 @@ def serve(port, latency, stalled_every):
             self.end_headers()
             self.wfile.write(body)
 
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), Web).serve_forever()
+    class Server(http.server.ThreadingHTTPServer):
+        # a web server's backlog: socketserver's 5 would drop connections past the first few (TCP tries them
+        # again a second later), a delay that has nothing to do with prep
+        request_queue_size = 256
+
+    Server(("127.0.0.1", port), Web).serve_forever()
 
 
 def main():

@@ -878,6 +878,10 @@ def test_image_urls_are_downloaded_and_what_cannot_be_is_counted(tmp_path, monke
             self.wfile.write(body)
 
     class Server(http.server.ThreadingHTTPServer):
+        # as a web server's: socketserver's 5 would drop the connections of prep's 64 downloads past the first
+        # few while the server is busy, and a dropped one is tried again by TCP only after a second
+        request_queue_size = 256
+
         def handle_error(self, request, client_address):
             pass  # the slow answer's client has gone by the time it is written
 
@@ -1078,6 +1082,35 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     assert [c for _, c in tar_samples(tmp_path / "gz" / "train" / "shard-000000.tar").values()] == ["r 0"]
     assert [os.path.basename(p) for p in prep_dataset.tar_paths(str(tmp_path / "ranged" / "shard-{001..002}.tar"))] == \
         ["shard-001.tar", "shard-002.tar"]
+    # shards elsewhere: URLs (a web server, the hub), and webdataset's pipe:COMMAND (pipe:aws s3 cp s3://... -);
+    # one that cannot be read (a 404, a command that fails) is said and passed by, the others kept
+    import functools
+    import http.server
+    import threading
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
+        type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None}),
+        directory=str(tmp_path / "ranged")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000..003}}.tar"  # 003 is not there (a .tar.gz)
+        said = {web.replace("{000..003}", "003"): "HTTP Error 404: File not found",
+                "pipe:false": "the command exited with status 1"}
+        for run, given in enumerate((web, f"pipe:cat {tmp_path / 'ranged'}/shard-{{000..002}}.tar", "pipe:false")):
+            capsys.readouterr()
+            out = tmp_path / f"remote{run}"
+            if run < 2:
+                prep_dataset.main(["--source", "webdataset", "--input", given, "--out_dir", str(out), "--image_size", "32",
+                                   "--val_fraction", "0", "--num_workers", "1"])
+                # (the three shards' images are one picture: one sample with their captions)
+                assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == ["r 0\nr 1\nr 2"]
+            else:
+                with pytest.raises(SystemExit, match="no usable samples"):
+                    prep_dataset.main(["--source", "webdataset", "--input", given, "--out_dir", str(out)])
+            warnings_said = [line for line in capsys.readouterr().err.splitlines() if "could not be read" in line]
+            assert warnings_said == [f"warning: {path} could not be read to its end ({why}); reading stopped there"
+                                     for path, why in said.items() if path.startswith(given[:12])], warnings_said
+    finally:
+        server.shutdown()
     # the loader reads such shards directly, by the same convention
     os.makedirs(tmp_path / "direct" / "train")
     windows = [("z/k8.jpg", jpeg((1, 2, 3))), ("z/k8.txt", "\ufeffeighth\r\n".encode())]  # a BOM, CRLF
