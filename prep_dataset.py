@@ -16,8 +16,8 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
 It works in two passes, each resumable (rerun the same command after an interrupt):
   1. process: read the source in chunks (downloading images given as URLs), decode + resize + centre-crop +
      re-encode in parallel, and stage each finished chunk under OUT/.stage/ (written to a temporary name,
-     then renamed); a rerun reuses the finished chunks, and a streamed source (text-to-image-2M, hub) goes
-     on where they end in the stream instead of downloading them again;
+     then renamed); a rerun reuses the finished chunks, and a streamed source (text-to-image-2M, hub,
+     webdataset) goes on where they end in the stream instead of downloading them again;
   2. shuffle: make the samples that show the same picture one sample with all their captions, draw one
      global permutation from the seed and write the final shards OUT/train/*.tar and OUT/val/*.tar by
      reading the staged samples in that order, then OUT/manifest.json.
@@ -299,14 +299,22 @@ def tar_paths(pattern):
 
 def source_webdataset(args):
     """Existing webdataset / img2dataset shards: the image and the caption (.txt, or a caption-like field
-    of .json) of each key."""
+    of .json) of each key. Streamed: a rerun after an interrupt starts at the shard and sample where the
+    finished chunks end (args.resume_state), without reading again, or downloading, the shards before."""
     paths = tar_paths(args.input or "")
     if not paths:
         sys.exit(f"--source webdataset needs --input naming tar files: a glob, a {{000..099}} range, a folder, URLs "
                  f"or pipe:COMMAND (got {args.input!r})")
+    start = args.resume_state or {"shard": 0, "samples": 0}
+    where = dict(start)  # past the sample handed out last
+    args.stream_state = lambda: dict(where)
     first = True
-    for path in paths:
-        for key, files in read_tar_samples(path):
+    for s in range(start["shard"], len(paths)):
+        where.update(shard=s, samples=0)
+        for n, (key, files) in enumerate(read_tar_samples(paths[s])):
+            if s == start["shard"] and n < start["samples"]:
+                continue  # held by the finished chunks
+            where["samples"] = n + 1
             image = next((files[e] for e in files if "." + e in IMAGE_EXTENSIONS), None)
             record = None
             if "json" in files:

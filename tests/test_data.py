@@ -182,16 +182,17 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
 
 
 
-def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_path, monkeypatch):
-    # the full set streams ~420 GB: a rerun after an interrupt goes on where the finished chunks end in the
-    # stream, and does not download again what they hold
+@pytest.mark.parametrize("source", ["text-to-image-2M", "webdataset"])
+def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_path, monkeypatch, source):
+    # the full set streams ~420 GB, and shards given as URLs are downloaded: a rerun after an interrupt goes on
+    # where the finished chunks end in the stream, and does not read again what they hold
     src = tmp_path / "src"
     src.mkdir()
     for s, n in ((0, 8), (1, 4), (2, 4)):
         write_tar(src / f"data_{s:06d}.tar", [m for i in range(n) for m in (
             (f"{s}{i:05d}.jpg", jpeg((60 * s, 20 * i, 90))), (f"{s}{i:05d}.json", json.dumps({"prompt": f"{s}-{i}"}).encode()))])
-    args = ["--input", str(src / "*.tar"), "--image_size", "32", "--chunk_size", "5", "--shard_size", "5",
-            "--val_fraction", "0.25", "--num_workers", "1"]
+    args = ["--source", source, "--input", str(src / "*.tar"), "--image_size", "32", "--chunk_size", "5",
+            "--shard_size", "5", "--val_fraction", "0.25", "--num_workers", "1"]
     prep_dataset.main(args + ["--out_dir", str(tmp_path / "ref")])
     write = prep_dataset.atomic_write
 
