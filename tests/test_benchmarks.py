@@ -48,8 +48,8 @@ def test_training_step_benchmark_reports_throughput_and_mfu():
 def test_token_table_benchmark_reports_every_part():
     out = run("bench_embedding.py", "--width", "16", "--tokens", "64", "--rounds", "1", "--reps", "1")
     parts = dict(re.findall(r"^(.+?)\s+([\d.]+) ms a step", out, flags=re.M))
-    assert set(parts) == {"gradient, default allocator", "gradient, freed memory kept", "AdamW fused",
-                          "AdamW foreach", "AdamW per-tensor loop"}
+    assert set(parts) == {"gradient, default allocator", "gradient, freed memory kept", "gradient, sparse into kept",
+                          "AdamW fused", "AdamW foreach", "AdamW per-tensor loop"}
     assert all(float(v) > 0 for v in parts.values())
 
 
