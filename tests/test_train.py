@@ -1272,14 +1272,19 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
     os.remove(sorted(glob.glob(str(nodes[1] / "data" / "train" / "*.tar")))[-1])  # one shard fewer there
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
-    def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run"):
+    def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run", torchrun=False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        # what torchrun --nnodes 2 --node_rank r --nproc_per_node 1 gives each node's one process
-        procs = [subprocess.Popen([sys.executable, script, *run_args("data", out, max_steps=3), *extra], cwd=node,
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        # what torchrun --nnodes 2 --node_rank r --nproc_per_node 1 gives each node's one process; or torchrun
+        # itself, as the README's multi-node command runs it
+        launch = lambda r: ([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                             "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"] if torchrun else
+                            [sys.executable])
+        procs = [subprocess.Popen([*launch(r), script, *run_args("data", out, max_steps=3), *extra], cwd=node,
+                                  env=env if torchrun else {**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                                            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                                                            "MASTER_PORT": str(port)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r, node in enumerate(nodes)]
         return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
@@ -1313,7 +1318,7 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
         _, labels = prep_dataset.shapes_sample(seed=7, index=i)
         (nodes[0] / "zs" / labels["shape"]).mkdir(parents=True, exist_ok=True)
         prep_dataset.render_shape(7, i, 64).save(nodes[0] / "zs" / labels["shape"] / f"{i}.png")
-    (code0, err0), (code1, _) = run_nodes("--zeroshot", "./zs", "--retrieval", "true", out="partial")
+    (code0, err0), (code1, _) = run_nodes("--zeroshot", "./zs", "--retrieval", "true", out="partial", torchrun=True)
     assert code0 == code1 == 0, err0
     assert "zero-shot on ./zs failed and is dropped for this run: another rank could not read it" in err0
     evals = read_log(str(nodes[0] / "partial"), "eval")
