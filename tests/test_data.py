@@ -196,11 +196,13 @@ def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_pa
     prep_dataset.main(args + ["--out_dir", str(tmp_path / "ref")])
     write = prep_dataset.atomic_write
 
-    def interrupted_at_the_third_chunk(path, data):
-        if path.endswith("chunk-000002.json"):
-            raise KeyboardInterrupt
-        write(path, data)
-    monkeypatch.setattr(prep_dataset, "atomic_write", interrupted_at_the_third_chunk)
+    def interrupted_at(chunk_file):
+        def atomic_write(path, data):
+            if path.endswith(chunk_file):
+                raise KeyboardInterrupt
+            write(path, data)
+        return atomic_write
+    monkeypatch.setattr(prep_dataset, "atomic_write", interrupted_at("chunk-000002.json"))  # at the third chunk
     with pytest.raises(KeyboardInterrupt):
         prep_dataset.main(args + ["--out_dir", str(tmp_path / "out")])
     monkeypatch.undo()
@@ -211,11 +213,21 @@ def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_pa
     with open(src / "data_000000.tar", "r+b") as f:
         f.seek(cut)
         f.write(b"\xff" * 2048)
+    if source == "webdataset":  # the first shard, which the finished chunks hold, gone: found by its name, the
+        os.remove(src / "data_000000.tar")  # shard where the run stopped is still the second of the three
     prep_dataset.main(args + ["--out_dir", str(tmp_path / "out")])
     ref = sorted(glob.glob(str(tmp_path / "ref" / "*" / "*.tar")))
     assert len(ref) == 4
     for path in ref:
         assert (tmp_path / "out" / os.path.relpath(path, tmp_path / "ref")).read_bytes() == open(path, "rb").read()
+    if source == "webdataset":  # the shard where a run stopped gone: said, rather than guessed
+        monkeypatch.setattr(prep_dataset, "atomic_write", interrupted_at("chunk-000001.json"))
+        with pytest.raises(KeyboardInterrupt):  # its first chunk ends inside the now second shard
+            prep_dataset.main(args + ["--out_dir", str(tmp_path / "again")])
+        monkeypatch.undo()
+        os.remove(src / "data_000002.tar")
+        with pytest.raises(SystemExit, match="data_000002.tar, where the interrupted run stopped, is no longer among"):
+            prep_dataset.main(args + ["--out_dir", str(tmp_path / "again")])
 
 
 def folder_captions(src, out, *flags):
