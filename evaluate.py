@@ -152,17 +152,17 @@ def shard_split(paths):
 def embed_shards(model, data_dir, split, cfg, device, autocast, max_samples=None, batch_size=256, num_workers=2,
                  rank=0, world=1):
     """One ordered pass over shards -> image embeddings (N, E), the embeddings of every caption (T, E),
-    the samples' labels, and for each caption the index of its image (T,). world > 1 (training under DDP):
-    each rank embeds its share of every batch, and every rank gets the whole result, in the same order."""
+    the samples' labels, and for each caption the index of its image (T,), batch_size samples per process at a
+    time. world > 1 (under DDP): each rank embeds its share of every batch, and every rank gets the whole
+    result, in the same order."""
     loader = shards_to_embed(data_dir, split, cfg, device, batch_size, num_workers, rank, world)
     return embed_loader(model, loader, cfg, device, autocast, max_samples)
 
 
 def shards_to_embed(data_dir, split, cfg, device, batch_size=256, num_workers=2, rank=0, world=1):
-    """The loader embed_loader reads: a batch (batch_size, rounded up to a multiple of world) at a time, each
+    """The loader embed_loader reads: batches of batch_size samples for each of the world's processes, each
     sample with all its captions and its labels."""
-    local = -(-batch_size // world)  # a rank's share of a batch
-    return ShardLoader(data_dir, split, local * world, cfg.image_size, cfg.context_length, cfg.encoding,
+    return ShardLoader(data_dir, split, batch_size * world, cfg.image_size, cfg.context_length, cfg.encoding,
                        train=False, drop_last=False, with_labels=True, num_workers=num_workers, trim_tokens=True,
                        all_captions=True, device=device, rank=rank, world_size=world)
 
@@ -195,8 +195,9 @@ def embed_loader(model, loader, cfg, device, autocast, max_samples=None):
     if world > 1:  # the ranks' rows, put back in the split's order: the one-process result
         every = [None] * world
         dist.all_gather_object(every, labels)
-        labels = [label for _, label in sorted(zip(places.tolist(), sum(every, [])), key=lambda pair: pair[0])]
-        images = images[places.argsort()]
+        order = places.argsort()
+        images, labels = images[order], [label for labels in every for label in labels]
+        labels = [labels[i] for i in order.tolist()]
         order = text_places.argsort(stable=True)  # an image's captions keep their order
         texts, text_places = texts[order], text_places[order]
     keep = text_places < n
@@ -479,8 +480,7 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                                          pin_memory=torch.device(device).type == "cuda",
                                          worker_init_fn=ignore_sigterm)  # a SIGTERM is train.py's to handle
-    # (top-1 hits, top-5 hits, images scored, images that did not decode)
-    counts = torch.zeros(4, dtype=torch.long, device=device)
+    hits, scored, unreadable = torch.zeros(2, dtype=torch.long, device=device), 0, 0  # hits: top-1, top-5
     # images and labels arrive on the device, the next batch copied while this one is embedded
     batches = tqdm(prefetch(loader, device), total=len(loader), desc=f"zero-shot {set_name(name_or_dir)}",
                    disable=rank != 0)
@@ -488,8 +488,9 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
         if len(labels):
             with autocast:
                 logits = model.encode_image(images).float() @ weights.T
-            counts[:2] += topk_hits(logits, labels)
-        counts[2:] += torch.tensor([len(labels), bad], device=device)
+            hits += topk_hits(logits, labels)  # on the device: no wait for it per batch
+        scored, unreadable = scored + len(labels), unreadable + bad
+    counts = torch.cat([hits, torch.tensor([scored, unreadable], device=device)])
     if world > 1:
         dist.all_reduce(counts)
     top1, top5, scored, unreadable = counts.tolist()
@@ -554,7 +555,7 @@ class TrainingEvaluator:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if self.has_val and (self.tasks or self.retrieval):
             if self.val_loader is None:
-                self.val_loader = shards_to_embed(self.data_dir, "val", self.cfg, self.device, self.batch_size * world,
+                self.val_loader = shards_to_embed(self.data_dir, "val", self.cfg, self.device, self.batch_size,
                                                   self.num_workers, rank, world)
             img, txt, labels, text_image = embed_loader(model, self.val_loader, self.cfg, self.device, self.autocast,
                                                         self.max_samples)
@@ -736,7 +737,7 @@ def main(argv=None):
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
         if tasks:
             img, _, labels, _ = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
-                                               batch_size=args.batch_size * world, num_workers=args.num_workers,
+                                               batch_size=args.batch_size, num_workers=args.num_workers,
                                                rank=rank, world=world)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
             results["zeroshot"] = per_task
@@ -771,7 +772,7 @@ def main(argv=None):
             p.error(f"no shards in {', '.join(os.path.join(d, split) for d in data_dirs(data_dir))}"
                     f"{unprepared_hint(args.retrieval)}")
         img, txt, _, text_image = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples,
-                                                 args.batch_size * world, args.num_workers, rank, world)
+                                                 args.batch_size, args.num_workers, rank, world)
         results.update(recall_at_k(img, txt, text_image))
         results["retrieval_samples"], results["retrieval_captions"] = len(img), len(txt)
     if own_group:

@@ -305,19 +305,18 @@ def source_webdataset(args):
     if not paths:
         sys.exit(f"--source webdataset needs --input naming tar files: a glob, a {{000..099}} range, a folder, URLs "
                  f"or pipe:COMMAND (got {args.input!r})")
-    start = args.resume_state or {"shard": 0, "samples": 0}
-    if "path" in start:  # found by its name: a glob may match more files now than when the run was interrupted
-        if start["path"] not in paths:
-            sys.exit(f"{start['path']}, where the interrupted run stopped, is no longer among the shards --input "
-                     f"names: rerun with the same shards, or delete {args.out_dir} to start over")
-        start["shard"] = paths.index(start["path"])
+    start = args.resume_state or {"path": paths[0], "samples": 0}
+    # the shard is found by its name: a glob may match more files now than when the run was interrupted
+    if start["path"] not in paths:
+        sys.exit(f"{start['path']}, where the interrupted run stopped, is no longer among the shards --input "
+                 f"names: rerun with the same shards, or delete {args.out_dir} to start over")
     where = dict(start)  # past the sample handed out last
     args.stream_state = lambda: dict(where)
     first = True
-    for s in range(start["shard"], len(paths)):
-        where.update(shard=s, path=paths[s], samples=0)
-        for n, (key, files) in enumerate(read_tar_samples(paths[s])):
-            if s == start["shard"] and n < start["samples"]:
+    for path in paths[paths.index(start["path"]):]:
+        where.update(path=path, samples=0)
+        for n, (key, files) in enumerate(read_tar_samples(path)):
+            if path == start["path"] and n < start["samples"]:
                 continue  # held by the finished chunks
             where["samples"] = n + 1
             image = next((files[e] for e in files if "." + e in IMAGE_EXTENSIONS), None)

@@ -125,7 +125,23 @@ def test_retrieval_embeds_every_caption_of_every_image(tmp_path, monkeypatch):
                     assert a == b
 
 
-EMBED_RUNS = ((3, None), (6, None), (16, None), (6, 4))
+# evaluate.py under torchrun, counting the images each process embeds
+COUNTED = """
+import os, sys
+sys.path.insert(0, {root!r})
+import clip, evaluate
+embedded = [0]
+def counted(self, images, *args, _encode=clip.CLIP.encode_image, **kwargs):
+    embedded[0] += len(images)
+    return _encode(self, images, *args, **kwargs)
+clip.CLIP.encode_image = counted
+evaluate.main(sys.argv[1:])
+with open(os.path.join({out!r}, "embedded" + os.environ["RANK"]), "w") as f:
+    f.write(str(embedded[0]))
+"""
+
+
+EMBED_RUNS = ((1, None), (2, None), (6, None), (2, 4))  # samples per rank per batch, and a cap
 
 
 def _embed_worker(rank, world, port, data_dir):
@@ -265,12 +281,17 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     both_ways = [ckpt, "--zeroshot", str(root), "--retrieval", str(tmp_path / "shapes" / "val"), "--batch_size", "4",
                  "--num_workers", "0", "--json"]
     alone = evaluate.main([*both_ways, str(tmp_path / "alone.json")])
+    (tmp_path / "counted.py").write_text(COUNTED.format(root=os.path.dirname(evaluate.__file__), out=str(tmp_path)))
     shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             evaluate.__file__, *both_ways, str(tmp_path / "shared.json")], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             str(tmp_path / "counted.py"), *both_ways, str(tmp_path / "shared.json")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert shared.returncode == 0, shared.stderr
     assert json.loads((tmp_path / "shared.json").read_text()) == pytest.approx(alone)
     assert shared.stdout.count("retrieval_samples") == 1 and alone["samples"] == 9 and alone["retrieval_samples"] == 30
+    # the 9 zero-shot images and the 30 retrieval samples, shared: each process embedded about half (4 or 5 of the 9;
+    # of the 30, in batches of 4 for each process, 16 and 14)
+    shares = [int((tmp_path / f"embedded{r}").read_text()) for r in (0, 1)]
+    assert sorted(shares) == [4 + 14, 5 + 16], shares
     # a prepared dataset without zero-shot tasks is refused for --zeroshot: its split folders are not classes
     (tmp_path / "pairs").mkdir()
     for i in range(4):
