@@ -120,6 +120,9 @@ def plot_runs(run_dirs, out_path):
         if any(series(records, "train", key)[0] for records in runs.values()):
             panels.append((title, [("train", key)]))
     panels += eval_panels([r for records in runs.values() for r in records])
+    # every panel on the runs' whole span of steps: an evaluation's few points line up with the training curves
+    # above them, instead of each panel zooming in on its own (a lone point at step 600 drawn from 570 to 630)
+    steps = [r["step"] for records in runs.values() for r in records if isinstance(r.get("step"), (int, float))]
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
@@ -136,6 +139,9 @@ def plot_runs(run_dirs, out_path):
                     ax.plot(x, y, marker="o" if kind == "eval" else None, markersize=3, label=label, **style)
         ax.set_title(title)
         ax.set_xlabel("step")
+        if steps:
+            pad = max(1, 0.03 * (max(steps) - min(steps)))
+            ax.set_xlim(min(steps) - pad, max(steps) + pad)
         ax.grid(alpha=0.3)
         if title == "loss" and any(series(r, "train", "loss")[1] for r in runs.values()):
             ax.set_yscale("log")

@@ -584,15 +584,19 @@ def test_evaluation_sees_odd_images_as_prep_made_the_training_images(tmp_path):
         assert np.abs(prepared[f.stem].astype(int) - got[i].permute(1, 2, 0).numpy()).mean() < 4, f.stem
 
 
-def test_the_demo_learns_shapes_and_colours(tmp_path):
+def test_the_demo_learns_shapes_and_colours(tmp_path, capsys):
     """The tiny model trained on the shapes set on CPU must beat chance (1/5 shapes, 1/6 colours) by far."""
     data, out = str(tmp_path / "shapes"), str(tmp_path / "run")
     train.main(["--config", "demo", "--data_dir", data, "--out_dir", out,
                 "--eval_interval", "600", "--checkpoint_interval", "600"])
     results = evaluate.main([os.path.join(out, "best.pt"), "--zeroshot", data, "--json", str(tmp_path / "r.json")])
-    print(results)
     assert results["zeroshot"]["color"]["top1"] >= 0.90
     assert results["zeroshot"]["shape"]["top1"] >= 0.80
+    # the table names each task's figures, and the headline as their mean
+    table = capsys.readouterr().out
+    (mean,) = [line for line in table.splitlines() if line.startswith("mean of the tasks/top1 ")]
+    assert "zeroshot/shape/top1" in table and float(mean.split()[-1].rstrip("%")) == pytest.approx(100 * results["top1"], abs=0.01)
+    assert results["top1"] == pytest.approx((results["zeroshot"]["color"]["top1"] + results["zeroshot"]["shape"]["top1"]) / 2)
     # the trained model matches new images, given as files, to their own captions among the others
     texts, paths = [], []
     for i in range(8):

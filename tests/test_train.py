@@ -1107,7 +1107,16 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch, capsys):
     # what only some runs log gets a panel where one of them has it: an fp16 run's loss scale
     titles, set_title = [], matplotlib.axes.Axes.set_title
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **kw: titles.append(t) or set_title(ax, t, *a, **kw))
+    figures, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
     logger.plot_runs([out], str(tmp_path / "one.png"))
+    # every panel spans the run's steps, the evaluations' (a point or two) as the training curves
+    steps = [r["step"] for r in logger.read_log(os.path.join(out, "log.jsonl"))]
+    drawn = [ax for ax in figures[-1].axes if ax.lines]
+    assert len(drawn) >= 9
+    for ax in drawn:
+        lo, hi = ax.get_xlim()
+        assert lo <= min(steps) and hi >= max(steps) and hi - lo <= 1.2 * (max(steps) - min(steps)) + 2, ax.get_title()
     assert "fp16 loss scale" not in titles and "MFU" not in titles and "SigLIP bias" not in titles
     with open(os.path.join(tmp_path / "a" / "run", "log.jsonl"), "a") as f:
         f.write(json.dumps({"kind": "train", "step": 7, "loss": 2.0, "loss_scale": 32768.0, "logit_bias": -9.5}) + "\n")
