@@ -160,7 +160,7 @@ def source_text_to_image_2m(args):
         if os.path.isfile(data_files) and data_files.lower().endswith(tuple(TABLE_EXTENSIONS)):
             sys.exit(f"--input {data_files} is a table, not text-to-image-2M's shards (the default --source): "
                      "add --source table")
-        data_files = tar_paths(data_files) or data_files
+        data_files = tar_paths(data_files, leave_out=args.out_dir) or data_files
         if isinstance(data_files, str) and os.path.isdir(data_files):
             sys.exit(f"--input {data_files} holds no .tar shards of text-to-image-2M (the default --source): for a "
                      "folder of images and captions add --source folder, for a `datasets` folder --source hub")
@@ -279,10 +279,11 @@ def caption_record(path, column):
     return (record.get(column) if column and column.lstrip(".").lower() != "json" else record), None
 
 
-def tar_paths(pattern):
+def tar_paths(pattern, leave_out=None):
     """The tar files a webdataset --input names: a glob ('shards/*.tar'), webdataset's brace range
     ('shards/{00000..00099}.tar', the form its docs and img2dataset use), or a folder of them (.tar, or
-    compressed: .tar.gz, .tgz); or URLs, or webdataset's pipe:COMMAND, with or without a range."""
+    compressed: .tar.gz, .tgz) at any depth; or URLs, or webdataset's pipe:COMMAND, with or without a range.
+    leave_out: a folder whose files are never input (the --out_dir, which may lie inside the input's folder)."""
     def ranges(p):  # {003..005} -> 003, 004, 005: the first range, then the rest of the pattern's
         m = re.search(r"\{(\d+)\.\.(\d+)\}", p)
         if m is None:
@@ -292,16 +293,21 @@ def tar_paths(pattern):
     if pattern.startswith(("http://", "https://", "pipe:")):  # shards elsewhere, read as they stream in
         return ranges(pattern)
     pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
-        return sorted(p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(pattern, e)))
-    return sorted({path for p in ranges(pattern) for path in glob.glob(p) if os.path.isfile(path)})
+    if os.path.isdir(pattern):  # subfolders too: a hub download keeps its shards in data_512_2M/, an export in
+        # buckets/*/ (hidden folders, such as a download's .cache, are passed over, as glob does)
+        found = {p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(pattern, "**", e), recursive=True)}
+    else:
+        found = {path for p in ranges(pattern) for path in glob.glob(p) if os.path.isfile(path)}
+    if leave_out:
+        found = {p for p in found if not os.path.abspath(p).startswith(os.path.join(os.path.abspath(leave_out), ""))}
+    return sorted(found)
 
 
 def source_webdataset(args):
     """Existing webdataset / img2dataset shards: the image and the caption (.txt, or a caption-like field
     of .json) of each key. Streamed: a rerun after an interrupt starts at the shard and sample where the
     finished chunks end (args.resume_state), without reading again, or downloading, the shards before."""
-    paths = tar_paths(args.input or "")
+    paths = tar_paths(args.input or "", leave_out=args.out_dir)
     if not paths:
         sys.exit(f"--source webdataset needs --input naming tar files: a glob, a {{000..099}} range, a folder, URLs "
                  f"or pipe:COMMAND (got {args.input!r})")

@@ -1095,6 +1095,19 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     assert [c for _, c in tar_samples(tmp_path / "gz" / "train" / "shard-000000.tar").values()] == ["r 0"]
     assert [os.path.basename(p) for p in prep_dataset.tar_paths(str(tmp_path / "ranged" / "shard-{001..002}.tar"))] == \
         ["shard-001.tar", "shard-002.tar"]
+    # a folder's shards at any depth (a hub download's data_512_2M/, an export's buckets/*/), a hidden folder's
+    # passed over; the shards of an --out_dir inside it are never read back as input
+    nested = tmp_path / "download"
+    for i, sub in enumerate(("", "buckets/256", "buckets/512", ".cache")):
+        (nested / sub).mkdir(parents=True, exist_ok=True)
+        write_tar(nested / sub / f"shard-{i}.tar", [(f"n{i}.jpg", jpeg((30 * i, 2, 3))), (f"n{i}.txt", f"n {i}".encode())])
+    prep_dataset.main(["--source", "webdataset", "--input", str(nested), "--out_dir", str(nested / "prepared"),
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+    assert sorted(c for _, c in tar_samples(nested / "prepared" / "train" / "shard-000000.tar").values()) == \
+        ["n 0", "n 1", "n 2"]
+    found = [os.path.relpath(p, nested) for p in prep_dataset.tar_paths(str(nested), leave_out=str(nested / "prepared"))]
+    assert found == ["buckets/256/shard-1.tar", "buckets/512/shard-2.tar", "shard-0.tar"]
+    assert len(prep_dataset.tar_paths(str(nested))) == 4  # with the prepared set's own shard
     # shards elsewhere: URLs (a web server, the hub), and webdataset's pipe:COMMAND (pipe:aws s3 cp s3://... -);
     # one that cannot be read (a 404, a command that fails) is said and passed by, the others kept
     import functools
