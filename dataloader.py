@@ -171,8 +171,9 @@ def prepare_image(image, size, rng=None, crop_scale=(0.8, 1.0)):
     if img.format == "JPEG" and min(cw, ch) >= 2 * size:
         # JPEG can decode at 1/2, 1/4, 1/8 scale almost for free: the cheapest way to shrink big images
         img.draft("RGB", (max(size, round(w * size / cw)), max(size, round(h * size / ch))))
-        s = img.size[0] / w
-        left, top, cw, ch, w, h = left * s, top * s, cw * s, ch * s, *img.size
+        # each side is rounded up on its own (501 x 375 at 1/4: 126 x 94), so each keeps its own scale
+        sx, sy = img.size[0] / w, img.size[1] / h
+        left, top, cw, ch, w, h = left * sx, top * sy, cw * sx, ch * sy, *img.size
     img = img.convert("RGB")
     if (cw, ch) == (size, size) and left == int(left) and top == int(top):
         img = img.crop((left, top, left + size, top + size)) if (w, h) != (size, size) else img

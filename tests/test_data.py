@@ -1536,3 +1536,25 @@ def test_eval_crop_is_the_centre_crop_or_a_resized_square():
     halves[:, 200:] = 255
     out = prepare_image(Image.fromarray(halves), 100)
     assert out.shape == (100, 100, 3) and out[:, :45].max() < 10 and out[:, 55:].min() > 245
+
+
+def test_jpegs_decoded_at_a_reduced_scale_give_the_crop_of_the_full_decode():
+    """Where the target is at most half the crop, the loader has the JPEG decoder shrink the image as it decodes.
+    Each side is then rounded up on its own (501 x 375 at 1/4: 126 x 94), so the crop box must be scaled per side:
+    with one scale for both, about a tenth of odd-sized photos failed ("box can't exceed original image size")
+    and were skipped as bad samples, in training and in zero-shot folders alike."""
+    from dataloader import prepare_image
+    for w, h, size in ((301, 200, 64), (501, 375, 64), (375, 501, 64), (1023, 700, 224), (997, 1403, 224)):
+        y, x = np.mgrid[:h, :w]
+        pixels = np.stack([255 * x / w, 255 * y / h, 128 + 0 * x], -1).astype(np.uint8)  # a smooth ramp
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+        full = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")  # decoded at full size: no draft
+        moved = Image.fromarray(np.roll(np.asarray(full), 4, axis=1))  # the picture 4 pixels to the right
+        for seed in (None, 0, 1):
+            rng = lambda: None if seed is None else np.random.default_rng(seed)  # the same crop both ways
+            reduced, reference, off = (prepare_image(image, size, rng()).astype(int)
+                                       for image in (buf.getvalue(), full, moved))
+            assert reduced.shape == (size, size, 3)
+            # the same region: closer to the full decode's crop than that crop is to the one 4 pixels off
+            assert np.abs(reduced - reference).mean() < np.abs(off - reference).mean(), (w, h, size, seed)
