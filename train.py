@@ -855,6 +855,9 @@ def main(argv=None):
         if val_batch < cfg.batch_size:  # a contrastive loss grows with its batch: the two are not on one scale
             print(f"the val split holds fewer samples than --batch_size: val loss over batches of {val_batch}, "
                   f"whose chance level is ln({val_batch}) = {math.log(val_batch):.3f}, below the train loss's")
+        if val_loader is None:  # said, so that the missing figures and best.pt come as no surprise
+            print(f"no val split to evaluate on in {cfg.data_dir}: no val loss, no retrieval and no best.pt, only "
+                  "the newest checkpoints (prep_dataset.py holds out --val_fraction of the samples, 5% by default)")
 
     evaluator = None
     if cfg.zeroshot != "none" or cfg.retrieval:
@@ -871,7 +874,8 @@ def main(argv=None):
             record["val_loss"] = val_loss(eval_model, val_loader, cfg.eval_batches, device, autocast)
         if evaluator is not None:  # every rank embeds its share; rank 0 logs the figures
             record.update(evaluator(raw_model))
-        logger.log(record)
+        if len(record) > 2:  # not a line of its step alone (no val split, no zero-shot set)
+            logger.log(record)
         return record.get("val_loss")
 
     def save(val):
