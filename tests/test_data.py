@@ -1542,7 +1542,7 @@ def test_jpegs_decoded_at_a_reduced_scale_give_the_crop_of_the_full_decode():
     """Where the target is at most half the crop, the loader has the JPEG decoder shrink the image as it decodes.
     Each side is then rounded up on its own (501 x 375 at 1/4: 126 x 94), so the crop box must be scaled per side:
     with one scale for both, about a tenth of odd-sized photos failed ("box can't exceed original image size")
-    and were skipped as bad samples, in training and in zero-shot folders alike."""
+    and were skipped as bad samples (in other tools' shards of photos; prepared shards are square)."""
     from dataloader import prepare_image
     for w, h, size in ((301, 200, 64), (501, 375, 64), (375, 501, 64), (1023, 700, 224), (997, 1403, 224)):
         y, x = np.mgrid[:h, :w]
