@@ -40,7 +40,7 @@ from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
                         shard_paths)
-from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set, upright_rgb
+from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -219,8 +219,9 @@ def gathered(x, world):
 
 def image_batch(images, size):
     """PIL images -> (B, 3, size, size) uint8: upright, transparency on white, as prep_dataset.py made the
-    training images, then through the evaluation crop."""
-    arrays = [prepare_image(upright_rgb(img), size) for img in images]
+    training images, then through the evaluation crop. Given as opened, not yet decoded, a JPEG much larger than
+    the crop is decoded at a reduced scale, as the loader does it (prepare_image)."""
+    arrays = [prepare_image(img, size) for img in images]
     arrays = np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)  # a batch of bad files
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 

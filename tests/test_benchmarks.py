@@ -95,9 +95,11 @@ def test_step_profile_checks_the_fast_paths_and_splits_the_time():
 
 
 def test_zeroshot_benchmark_reports_each_worker_count():
-    out = run("bench_zeroshot.py", "--images", "8", "--workers", "0", "1", "--rounds", "1", "--batch_size", "4")
-    rates = dict(re.findall(r"tiny, 64 px: (\d) workers\s+([\d.]+) img/s \| [\d.]+x 0 workers", out))
-    assert set(rates) == {"0", "1"} and all(float(v) > 0 for v in rates.values())
+    out = run("bench_zeroshot.py", "--images", "8", "--workers", "0", "1", "--rounds", "1", "--batch_size", "4",
+              "--decode", "reduced,full")
+    rates = re.findall(r"tiny, 64 px: (\d) workers, (\w+) decode\s+([\d.]+) img/s \| [\d.]+x 0 workers, reduced", out)
+    assert {(w, d) for w, d, _ in rates} == {("0", "reduced"), ("0", "full"), ("1", "reduced"), ("1", "full")}
+    assert all(float(v) > 0 for _, _, v in rates)
 
 
 def test_lit_benchmark_times_both_second_passes_after_checking_their_gradients_agree():
