@@ -389,8 +389,9 @@ def caption_text(value):
         return "\n".join(" ".join(str(a).replace("<image>", " ").split()) for a in answers if a) or None
     if isinstance(value, (list, tuple)):
         return "\n".join(filter(None, map(caption_text, value)))
-    if isinstance(value, bytes):  # a caption file's bytes; -sig: drop the byte-order mark some editors start files with
-        return value.decode("utf-8-sig")
+    if isinstance(value, bytes):  # a caption file's bytes: UTF-8 (-sig: without the byte-order mark some editors
+        # start files with), or UTF-16 where its byte-order mark says so (Windows Notepad's "Unicode")
+        return value.decode("utf-16" if value[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     return None if value is None else str(value)
 
 
@@ -1430,6 +1431,9 @@ def main(argv=None):
     c = result["counts"]
     print(f"wrote {c['train']} train + {c['val']} val samples to {args.out_dir} in {time.time() - t0:.1f}s; "
           f"skipped {c['skipped']} of {c['seen']}: {result['skipped'] or 'none'}")
+    if "caption_not_utf8" in result["skipped"]:
+        print(f"captions in another encoding than UTF-8: {result['skipped']['caption_not_utf8']} (Windows' cp1252, "
+              "say); convert them (iconv -f cp1252 -t utf-8 x.txt > y.txt) to prepare those samples into a new --out_dir")
     if "download_failed" in result["skipped"]:  # web images vanish: a few percent a year of a scraped set
         print(f"images that could not be downloaded: {result['skipped']['download_failed']} (gone, refused or too "
               "slow to answer); a rerun into a new --out_dir tries them again")

@@ -237,7 +237,7 @@ def folder_captions(src, out, *flags):
     return [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()]
 
 
-def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
+def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path, capsys):
     src = tmp_path / "src"
     (src / "a" / "b").mkdir(parents=True)
     (src / "c").mkdir()
@@ -249,7 +249,9 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
     (src / "c" / "t.jpg").write_bytes(jpeg((0, 0, 255))[:200])  # truncated
     (src / "t.txt").write_text("truncated")
     (src / "u.jpg").write_bytes(jpeg((9, 9, 9)))
-    (src / "u.txt").write_bytes(b"\xff\xfe bad bytes \xc3")  # not UTF-8
+    (src / "u.txt").write_bytes(b"caf\xe9 au lait")  # not UTF-8: Windows' cp1252
+    Image.new("RGB", (40, 40), (0, 0, 250)).save(src / "n.png")
+    (src / "n.txt").write_text("a blue thing \u00e9", encoding="utf-16")  # Notepad's "Unicode": a byte-order mark says so
     (src / "e.jpg").write_bytes(jpeg((9, 9, 9)))
     (src / "e.txt").write_text("   \n")
     Image.fromarray(np.full((40, 40), 100 * 256, dtype=np.uint16)).save(src / "g.png")  # 16-bit greyscale
@@ -275,11 +277,12 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path):
                            "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1,
                             "unsupported_image_type": 1}
+    assert "captions in another encoding than UTF-8: 1 (Windows' cp1252, say); convert them" in capsys.readouterr().out
     samples = tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
     by_caption = {c: img for img, c in samples.values()}
     assert set(by_caption) == {"a red thing\nsomething else red", "a green thing", "a grey thing", "a red logo",
                                "a white thing\nanother white", "a green avif", "a kohya caption", "the txt caption",
-                               "Tom & Jerry's cat\nfrom the\nweb"}
+                               "Tom & Jerry's cat\nfrom the\nweb", "a blue thing \u00e9"}
     assert np.asarray(by_caption["a green avif"], dtype=float)[..., 1].mean() > 200
     logo = np.asarray(by_caption["a red logo"], dtype=float)
     assert logo[:4, :4].min() > 240 and logo[14:18, 14:18, 0].mean() > 240 and logo[14:18, 14:18, 1].mean() < 20
