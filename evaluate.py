@@ -40,7 +40,7 @@ from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
                         shard_paths)
-from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set
+from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set, not_data
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -254,6 +254,16 @@ def set_name(name_or_dir):
     return parts[-2] if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDERS else parts[-1]
 
 
+def image_files(folder):
+    """The image files in a folder and its subfolders, in order; hidden ones and a Mac's __MACOSX left out."""
+    found = []
+    for d, subfolders, names in os.walk(folder):
+        subfolders[:] = [s for s in subfolders if not not_data(s)]
+        found += [os.path.join(d, f) for f in names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                  and not not_data(f)]
+    return sorted(found)
+
+
 def class_folders(root, split=None, notes=True):
     """A folder in torchvision's ImageFolder layout, ROOT/CLASS/**/image, or that layout one level down by
     split (ROOT/val/CLASS/...) -> (rows, class names), or None when it holds no such images. A folder whose
@@ -261,7 +271,7 @@ def class_folders(root, split=None, notes=True):
     an ImageNet-style train/ + val/ evaluates on val. Otherwise its subfolders are the classes, whatever
     their names (CIFAR-100 has a class "train"). The files are listed here, not through `datasets`'
     imagefolder, which would take such class folders for splits and leaves a lone class unlabelled."""
-    folders = lambda d: sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    folders = lambda d: sorted(e.name for e in os.scandir(d) if e.is_dir() and not not_data(e.name))
     subdirs = folders(root)
     by_split = bool(subdirs) and all(d.lower() in SPLIT_FOLDERS for d in subdirs)
     if split is not None:
@@ -278,8 +288,7 @@ def class_folders(root, split=None, notes=True):
         root = os.path.join(root, chosen)
     rows, classes = [], []
     for name in folders(root):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(os.path.join(root, name)) for f in names
-                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        files = image_files(os.path.join(root, name))
         rows += [{"image": {"bytes": None, "path": path}, "label": len(classes)} for path in files]
         classes += [name] if files else []
     return (rows, classes) if rows else None
@@ -683,10 +692,7 @@ def main(argv=None):
     images = []
     for path in args.images or []:  # files, or folders of them (and of folders of them)
         if os.path.isdir(path):
-            for folder, subfolders, files in os.walk(path):
-                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-                images += sorted(os.path.join(folder, f) for f in files
-                                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            images += image_files(path)
         elif os.path.isfile(path):
             images.append(path)
         else:

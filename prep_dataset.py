@@ -186,6 +186,12 @@ def source_text_to_image_2m(args):
         yield ex["__key__"], image, caption, None
 
 
+def not_data(name):
+    """Files and folders that hold no samples: hidden ones (.DS_Store, .cache, the ._x.jpg resource forks that
+    macOS writes beside files on other disks) and the __MACOSX folder of a zip made on a Mac."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def source_folder(args):
     """Same-stem pairs under --input: x.jpg goes with the x.txt beside it (so class folders that each hold
     0001.jpg + 0001.txt pair up folder by folder), else with the one x.txt anywhere under --input
@@ -207,7 +213,8 @@ def source_folder(args):
             folders[:] = []
             continue
         visited.add(real)
-        for name in sorted(files):
+        folders[:] = [d for d in folders if not not_data(d)]
+        for name in sorted(f for f in files if not not_data(f)):
             stem, ext = os.path.splitext(name)
             ext = ext.lower()
             if ext in caption_exts:  # .caption: kohya-ss's name for captions; x.txt wins over x.caption

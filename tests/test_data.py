@@ -273,6 +273,10 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path, capsys):
     (src / "web.txt").write_text("Tom &amp;amp; Jerry&#39;s\tcat  \n  from\u00a0 the&#10;web ")
     (src / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo, of a type PIL does not read
     (src / "IMG_0001.txt").write_text("a photo")
+    # no data: a zip made on a Mac holds __MACOSX/ and ._x resource forks beside each file; hidden files
+    for junk in ("__MACOSX/._y.png", "__MACOSX/._y.txt", "._w.png", "._w.txt", ".thumbs/w.png", ".thumbs/w.txt"):
+        (src / junk).parent.mkdir(exist_ok=True)
+        (src / junk).write_bytes(b"\x00\x05\x16\x07" + bytes(200))
     m = prep_dataset.main(["--source", "folder", "--input", str(src), "--out_dir", str(tmp_path / "out"),
                            "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_image": 1, "caption_not_utf8": 1, "empty_caption": 1,
