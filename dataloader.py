@@ -143,7 +143,9 @@ def index_shard(path):
                 # webdataset's convention: the key is the path up to the first dot of the file name
                 folder, _, base = name.decode("utf-8", "replace").rpartition("/")
                 stem, _, ext = base.partition(".")
-                samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = (data, length)
+                # hidden files are no samples: a tar made on a Mac holds a ._x.jpg resource fork beside each x.jpg
+                if stem and "__MACOSX" not in folder.split("/"):
+                    samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = (data, length)
             offset = data + (length + 511) // 512 * 512
     return samples, truncated
 

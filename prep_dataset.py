@@ -812,6 +812,8 @@ def read_tar_samples(path):
                     continue
                 # webdataset's convention: the key is the path up to the first dot of the file name
                 folder, _, name = member.name.rpartition("/")
+                if not_data(name) or "__MACOSX" in folder.split("/"):  # a Mac's tar adds ._x.jpg beside x.jpg
+                    continue
                 stem, _, ext = name.partition(".")
                 k = f"{folder}/{stem}" if folder else stem
                 if k != key and key in pending and complete(pending[key]):

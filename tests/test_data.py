@@ -1565,3 +1565,20 @@ def test_jpegs_decoded_at_a_reduced_scale_give_the_crop_of_the_full_decode():
             assert reduced.shape == (size, size, 3)
             # the same region: closer to the full decode's crop than that crop is to the one 4 pixels off
             assert np.abs(reduced - reference).mean() < np.abs(off - reference).mean(), (w, h, size, seed)
+
+
+def test_a_tar_made_on_a_mac_holds_no_samples_in_its_resource_forks(tmp_path):
+    """macOS's tar stores a ._x.jpg (the file's resource fork, not an image) beside each x.jpg, and zips made there
+    a __MACOSX/ folder of them: no samples, neither for prep nor for the loader, and not counted as bad ones."""
+    from dataloader import index_shard
+    fork = b"\x00\x05\x16\x07" + bytes(200)
+    members = []
+    for i in range(3):
+        members += [(f"._{i}.jpg", fork), (f"{i}.jpg", jpeg((60 * i, 2, 3))), (f"._{i}.txt", fork),
+                    (f"{i}.txt", f"caption {i}".encode()), (f"__MACOSX/._{i}.jpg", fork)]
+    write_tar(tmp_path / "mac.tar", members)
+    samples, truncated = index_shard(str(tmp_path / "mac.tar"))
+    assert sorted(samples) == ["0", "1", "2"] and truncated == 0
+    m = prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "mac.tar"), "--out_dir",
+                           str(tmp_path / "out"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+    assert m["counts"]["train"] == 3 and m["skipped"] == {}
