@@ -286,11 +286,14 @@ def class_folders(root, split=None, notes=True):
             print(f"{root} holds the splits {subdirs}: evaluating on {chosen} (evaluate.py --split picks another)",
                   file=sys.stderr)
         root = os.path.join(root, chosen)
-    rows, classes = [], []
+    rows, classes, empty = [], [], []
     for name in folders(root):
         files = image_files(os.path.join(root, name))
         rows += [{"image": {"bytes": None, "path": path}, "label": len(classes)} for path in files]
-        classes += [name] if files else []
+        (classes if files else empty).append(name)
+    if rows and empty and notes:  # no prompt of theirs competes: said, as it makes the task easier
+        print(f"{root}: {len(empty)} subfolder(s) without images left out of the classes: {', '.join(empty[:5])}"
+              f"{', ...' if len(empty) > 5 else ''}", file=sys.stderr)
     return (rows, classes) if rows else None
 
 

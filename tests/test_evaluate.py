@@ -243,8 +243,11 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     (root / "__MACOSX" / "red").mkdir(parents=True)
     for junk in (root / "__MACOSX" / "red" / "._0.png", root / "red" / "._0.png", root / "red" / ".hidden.png"):
         junk.write_bytes(b"\x00\x05\x16\x07" + bytes(200))
+    (root / "annotations").mkdir()  # a subfolder without images is no class, and that is said
+    capsys.readouterr()
     ds, image_col, label_col, classnames = evaluate.load_classification(str(root))
     assert sorted(classnames) == sorted(colors) and len(ds) == 9
+    assert "1 subfolder(s) without images left out of the classes: annotations" in capsys.readouterr().err
     assert image_col == "image" and label_col == "label"
     # a checkpoint from a random tiny model: the numbers are chance, the plumbing is real
     cfg = get_config("tiny", vision_layers=1, text_layers=1)
