@@ -7,6 +7,8 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
     python evaluate.py CKPT --zeroshot clip-benchmark/wds_cifar10               # clip_benchmark's sets, names and prompts
     python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
     python evaluate.py CKPT --zeroshot imagenet --classnames LOC_synset_mapping.txt   # folders named n01440764...
+    python evaluate.py CKPT --zeroshot ILSVRC/Data/CLS-LOC/val --labels LOC_val_solution.csv \
+        --classnames LOC_synset_mapping.txt                                     # Kaggle's ImageNet: one folder
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
     python evaluate.py runs/demo --retrieval data/coco-test                   # a run's best.pt; COCO's 5k test images
     python evaluate.py CKPT --images a.jpg b.png --texts "a red circle" "a blue square"   # your own images
@@ -23,6 +25,7 @@ when its image ranks in the top k, an image when its best-ranked caption does. t
 code periodically.
 """
 import argparse
+import csv
 import io
 import json
 import os
@@ -297,6 +300,32 @@ def class_folders(root, split=None, notes=True):
     return (rows, classes) if rows else None
 
 
+def listed_classes(root, labels_file, notes=True):
+    """A folder of images whose classes a table lists, a row per image: its file (or its name without the
+    extension), then its class, the first word of the second field (Kaggle's ImageNet keeps its val images in one
+    folder, and their classes in LOC_val_solution.csv: ImageId,PredictionString rows, the string starting with the
+    class) -> (rows, class names)."""
+    try:
+        with open(labels_file, newline="", encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--labels {labels_file}: cannot read it ({e})")
+    stem = lambda path: os.path.splitext(os.path.basename(path.strip()))[0]
+    listed = {stem(row[0]): row[1].split()[0] for row in csv.reader(lines, delimiter="\t" if lines and "\t" in lines[0]
+                                                                      else ",") if len(row) > 1 and row[1].split()}
+    files = [(path, listed.get(stem(path))) for path in image_files(root)]
+    classes = sorted({label for _, label in files if label is not None})
+    if not classes:
+        raise SystemExit(f"--labels {labels_file} lists none of the {len(files)} images in {root} (by file name, with "
+                         f"or without its extension): give the table of that folder's images")
+    unlisted = sum(label is None for _, label in files)
+    if unlisted and notes:
+        print(f"warning: {unlisted} of {len(files)} images in {root} are not in {labels_file} and are left out",
+              file=sys.stderr)
+    index = {c: i for i, c in enumerate(classes)}
+    return [{"image": {"bytes": None, "path": path}, "label": index[label]} for path, label in files if label], classes
+
+
 def read_lines(path, flag):
     """The non-blank lines of a UTF-8 text file given with a flag, or an error that says what is wrong."""
     try:
@@ -342,7 +371,8 @@ def read_classnames(path, classes):
     return lines
 
 
-def load_classification(name_or_dir, split=None, classnames_file=None, label_column=None, notes=True):
+def load_classification(name_or_dir, split=None, classnames_file=None, label_column=None, notes=True,
+                        labels_file=None):
     """An image-classification set: a local folder of class folders (class = folder name), or a `datasets`
     set (a hub name, or a local copy of one) with an image and a class-label column (`label_column`, else the
     one named like a label, else the first; a set may have several: FGVC-Aircraft's family, manufacturer and
@@ -350,9 +380,18 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
     label column, class names). The images come as their files' bytes or paths, decoded by the caller
     (labelled_batch), which can then leave a bad one out. Rows with no label (a test split whose labels
     are hidden, marked -1) are left out and counted. notes=False: no notes about the set on stderr (training
-    evaluates the same sets again and again)."""
+    evaluates the same sets again and again). labels_file: a folder of images whose classes that table lists
+    (listed_classes)."""
     import datasets
-    found = class_folders(name_or_dir, split, notes) if os.path.isdir(name_or_dir) else None
+    if labels_file and not os.path.isdir(name_or_dir):
+        raise SystemExit(f"--labels gives the classes of a folder of images, and {name_or_dir} is no folder")
+    if labels_file:
+        if split is not None:  # said, not ignored
+            raise SystemExit("--split picks a split folder or a `datasets` split: with --labels, give the folder "
+                             "of images itself")
+        found = listed_classes(name_or_dir, labels_file, notes)
+    else:
+        found = class_folders(name_or_dir, split, notes) if os.path.isdir(name_or_dir) else None
     if found is not None:
         if label_column is not None:  # said, not ignored: the folders name the classes
             raise SystemExit(f"--label_column is for `datasets` sets: the classes of {name_or_dir} are its folders")
@@ -459,12 +498,12 @@ def id_classnames(ds, name_or_dir, label_col, names_file, notes):
 @torch.no_grad()
 def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates=None, split=None, batch_size=256,
                             num_workers=2, classnames_file=None, max_samples=None, label_column=None, notes=True,
-                            rank=0, world=1):
+                            rank=0, world=1, labels_file=None):
     """Top-1 and top-5 accuracy on a classification set. world > 1 (training under DDP): each rank scores every
     world-th image, and every rank gets the totals."""
     try:
         ds, image_col, label_col, classnames = load_classification(name_or_dir, split, classnames_file, label_column,
-                                                                   notes)
+                                                                   notes, labels_file)
         failed = None
     except (Exception, SystemExit) as e:
         failed = e
@@ -653,6 +692,8 @@ def main(argv=None):
                    "(Keras' imagenet_class_index.json)")
     p.add_argument("--label_column", default=None, help="the class column of a `datasets` set that has several "
                    "(default: the one named label, else the first)")
+    p.add_argument("--labels", default=None, help="for a --zeroshot folder of images without class folders: a CSV "
+                   "or TSV of (image file or name, class) rows, such as Kaggle's ImageNet LOC_val_solution.csv")
     p.add_argument("--templates", nargs="+", default=None,
                    help="prompt templates with {} (or {c}) for the class name, or a file with one per line "
                    "(default: the set's own zeroshot_classification_templates.txt, else a few of the CLIP paper's)")
@@ -679,7 +720,7 @@ def main(argv=None):
         p.error("nothing to do: give --zeroshot DIR_OR_NAME, --retrieval SHARDS_DIR, or --images FILES --texts TEXTS")
     if bool(args.images) != bool(args.texts):
         p.error("--images and --texts go together: the images are scored against the texts")
-    for name in ("split", "classnames", "label_column", "templates"):  # said, not ignored
+    for name in ("split", "classnames", "label_column", "labels", "templates"):  # said, not ignored
         if getattr(args, name) is not None and not args.zeroshot:
             p.error(f"--{name} is for --zeroshot: give the classification set with --zeroshot")
     if args.json:  # results/zeroshot.json: its folder is made now, so the results are not lost at the end
@@ -745,6 +786,8 @@ def main(argv=None):
             if not tasks:  # its train/ and val/ folders are not classes
                 p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
+        if tasks and args.labels:
+            p.error(f"--labels is for a folder of images: {args.zeroshot} holds its own tasks and their labels")
         if tasks:
             img, _, labels, _ = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
                                                batch_size=args.batch_size, num_workers=args.num_workers,
@@ -758,7 +801,8 @@ def main(argv=None):
             for name in names:
                 acc = zeroshot_classification(model, name, cfg, device, autocast, templates, args.split,
                                               args.batch_size, args.num_workers, args.classnames, args.max_samples,
-                                              args.label_column, notes=rank == 0, rank=rank, world=world)
+                                              args.label_column, notes=rank == 0, rank=rank, world=world,
+                                              labels_file=args.labels)
                 if len(names) == 1:
                     results.update(acc)
                 else:

@@ -756,3 +756,35 @@ def test_evaluation_decodes_a_big_jpeg_at_a_reduced_scale_to_the_same_picture(mo
     upright = evaluate.image_batch([Image.open(io.BytesIO(tagged.getvalue()))], 64)
     expected = evaluate.image_batch([prep_dataset.upright_rgb(Image.open(io.BytesIO(tagged.getvalue())))], 64)
     assert (upright.float() - expected.float()).abs().mean() < 1.5
+
+
+def test_a_folder_of_images_takes_its_classes_from_a_table(tmp_path, capsys):
+    """Kaggle's ImageNet keeps its val images in one folder (ILSVRC/Data/CLS-LOC/val/*.JPEG) and their classes in
+    LOC_val_solution.csv, "ImageId,PredictionString" rows whose string starts with the class, and the classes'
+    names in LOC_synset_mapping.txt: --labels reads such a folder as it is."""
+    val = tmp_path / "val"
+    val.mkdir()
+    colours = {"n00000002": (230, 20, 20), "n00000001": (20, 200, 40)}  # ids not in the names' order
+    rows = ["ImageId,PredictionString"]
+    for i in range(6):
+        synset = sorted(colours)[i % 2]
+        Image.new("RGB", (40, 30), colours[synset]).save(val / f"ILSVRC2012_val_{i:08d}.JPEG", "JPEG")
+        rows.append(f"ILSVRC2012_val_{i:08d},{synset} 1 2 30 40 {synset} 3 4 20 20")
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(val / "unlisted.JPEG", "JPEG")
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n00000001 green, verdant\nn00000002 red\n")
+    ds, _, _, classnames = evaluate.load_classification(str(val), classnames_file=str(tmp_path / "LOC_synset_mapping.txt"),
+                                                        labels_file=str(tmp_path / "LOC_val_solution.csv"))
+    assert classnames == ["green", "red"]
+    for row in ds:  # each image with its own class, by its file name
+        i = int(os.path.basename(row["image"]["path"])[15:23])
+        assert classnames[row["label"]] == ("red" if sorted(colours)[i % 2] == "n00000002" else "green")
+    assert len(ds) == 6 and "1 of 7 images in" in capsys.readouterr().err  # the unlisted one, left out and said
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    ckpt = CheckpointManager(str(tmp_path / "run")).save(0, {"model": CLIP(cfg).state_dict(), "model_config": cfg.__dict__})
+    results = evaluate.main([ckpt, "--zeroshot", str(val), "--labels", str(tmp_path / "LOC_val_solution.csv"),
+                             "--classnames", str(tmp_path / "LOC_synset_mapping.txt")])
+    assert results["samples"] == 6 and results["classes"] == 2
+    (tmp_path / "other.csv").write_text("a.jpg,cat\n")  # a table of other images: said, not an empty evaluation
+    with pytest.raises(SystemExit, match="lists none of the 7 images"):
+        evaluate.load_classification(str(val), labels_file=str(tmp_path / "other.csv"))
