@@ -590,10 +590,10 @@ class TrainingEvaluator:
     and retrieval on the val split, plus any zero-shot datasets named in --zeroshot."""
 
     def __init__(self, zeroshot, retrieval, data_dir, tasks, cfg, device, autocast, num_workers=2,
-                 max_samples=5000, classnames_file=None, batch_size=256):
+                 max_samples=5000, classnames_file=None, batch_size=256, labels_file=None):
         self.data_dir, self.cfg, self.device, self.autocast = data_dir, cfg, device, autocast
         self.batch_size = batch_size  # images per rank per forward pass
-        self.classnames_file = classnames_file
+        self.classnames_file, self.labels_file = classnames_file, labels_file
         self.retrieval, self.max_samples, self.num_workers = retrieval, max_samples, num_workers
         self.tasks = tasks if zeroshot != "none" else {}
         self.datasets = [] if zeroshot in ("auto", "none") else data_dirs(zeroshot)
@@ -619,7 +619,7 @@ class TrainingEvaluator:
             try:
                 acc = zeroshot_classification(model, name, self.cfg, self.device, self.autocast,
                                               batch_size=self.batch_size, num_workers=self.num_workers,
-                                              classnames_file=self.classnames_file,
+                                              classnames_file=self.classnames_file, labels_file=self.labels_file,
                                               notes=name not in self.evaluated and rank == 0, rank=rank, world=world)
             except (Exception, SystemExit) as e:  # a dataset out of reach must not end hours of training
                 if rank == 0:

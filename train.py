@@ -88,6 +88,7 @@ class TrainConfig:
     eval_batches: int = 50  # val-loss batches per evaluation (0 = the whole val split)
     zeroshot: str = "auto"  # auto: the tasks in the data's manifest (shapes); none; or datasets, comma-separated
     zeroshot_classnames: str = ""  # names for --zeroshot folders named by id, as evaluate.py --classnames takes them
+    zeroshot_labels: str = ""  # the classes of a --zeroshot folder of images in a table, as evaluate.py --labels
     retrieval: bool = True  # image<->text recall@k on the val split (up to 5,000 samples) at every evaluation
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 3  # the newest K (0 = all), plus best.pt
@@ -651,10 +652,11 @@ def main(argv=None):
     if (cfg.lock_image or cfg.lock_text) and start is None:
         sys.exit(f"--lock_{'image' if cfg.lock_image else 'text'} keeps a tower as it starts, and a fresh run's "
                  "starts random: give the weights to keep with --init_from CHECKPOINT")
-    if cfg.zeroshot_classnames and cfg.zeroshot in ("auto", "none"):  # said, not ignored
-        sys.exit("--zeroshot_classnames names the classes of the sets given with --zeroshot: give them")
-    if cfg.zeroshot_classnames and not os.path.isfile(cfg.zeroshot_classnames):
-        sys.exit(f"--zeroshot_classnames {cfg.zeroshot_classnames}: no such file")
+    for name in ("zeroshot_classnames", "zeroshot_labels"):
+        if getattr(cfg, name) and cfg.zeroshot in ("auto", "none"):  # said, not ignored
+            sys.exit(f"--{name} is about the sets given with --zeroshot: give them")
+        if getattr(cfg, name) and not os.path.isfile(getattr(cfg, name)):
+            sys.exit(f"--{name} {getattr(cfg, name)}: no such file")
     try:  # a run directory that cannot be made stops the run now, not after the data is read
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
@@ -866,6 +868,7 @@ def main(argv=None):
         evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, ",".join(val_dirs), tasks, model_cfg,
                                                device, autocast, num_workers=num_workers,
                                                classnames_file=cfg.zeroshot_classnames or None,
+                                               labels_file=cfg.zeroshot_labels or None,
                                                batch_size=cfg.micro_batch_size or cfg.batch_size // world)
 
     def run_eval():

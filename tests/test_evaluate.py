@@ -785,6 +785,13 @@ def test_a_folder_of_images_takes_its_classes_from_a_table(tmp_path, capsys):
     results = evaluate.main([ckpt, "--zeroshot", str(val), "--labels", str(tmp_path / "LOC_val_solution.csv"),
                              "--classnames", str(tmp_path / "LOC_synset_mapping.txt")])
     assert results["samples"] == 6 and results["classes"] == 2
+    # during training too (train.py --zeroshot FOLDER --zeroshot_labels TABLE): the same figures
+    evaluator = evaluate.TrainingEvaluator(str(val), False, "", {}, cfg, "cpu", torch.autocast("cpu", enabled=False),
+                                           classnames_file=str(tmp_path / "LOC_synset_mapping.txt"),
+                                           labels_file=str(tmp_path / "LOC_val_solution.csv"))
+    model, _ = evaluate.load_model(ckpt, "cpu")
+    name = evaluate.set_name(str(val))  # the folder above a split folder's name: imagenet for imagenet/val
+    assert evaluator(model) == {f"zeroshot/{name}/top1": results["top1"], f"zeroshot/{name}/top5": results["top5"]}
     (tmp_path / "other.csv").write_text("a.jpg,cat\n")  # a table of other images: said, not an empty evaluation
     with pytest.raises(SystemExit, match="lists none of the 7 images"):
         evaluate.load_classification(str(val), labels_file=str(tmp_path / "other.csv"))
