@@ -12,6 +12,7 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
     python prep_dataset.py --source table --input captions_train2017.json --image_root train2017 --out_dir data/coco
     python prep_dataset.py --source hub --input NAME --split train --out_dir data/x # any datasets image+text set
     python prep_dataset.py --source table --input cc3m.tsv --out_dir data/cc3m        # image URLs: downloaded
+    python prep_dataset.py --source table --input 'laion/*.parquet' --out_dir data/laion   # a table in parts
 
 It works in two passes, each resumable (rerun the same command after an interrupt):
   1. process: read the source in chunks (downloading images given as URLs), decode + resize + centre-crop +
@@ -597,6 +598,21 @@ def table_image(image, roots, image_root):
     return found
 
 
+def table_files(pattern):
+    """The table files --input names, in order: a file, a glob ('laion/part-*.parquet'), or a folder of them, as
+    LAION's, DataComp's and the hub's Parquet parts come (a folder's .parquet files, else its .csv, .tsv and .jsonl
+    ones: a .json beside them is more often a record of stats than a table)."""
+    pattern = os.path.expanduser(pattern)
+    if os.path.isfile(pattern):
+        return [pattern]
+    is_table = lambda p: os.path.isfile(p) and os.path.splitext(p)[1].lower() in TABLE_EXTENSIONS
+    if os.path.isdir(pattern):
+        files = [e.path for e in os.scandir(pattern) if is_table(e.path)]
+        parquet = [p for p in files if p.lower().endswith(".parquet")]
+        return sorted(parquet or [p for p in files if not p.lower().endswith(".json")])
+    return sorted(p for p in glob.glob(pattern) if is_table(p))
+
+
 def source_table(args):
     """A table file with an image and a caption per row (see table_rows): the image as a path (a relative
     one from --image_root, else from the file's folder, else from the working directory) or as bytes (a
@@ -605,17 +621,22 @@ def source_table(args):
     image's five captions a row of its own): as five samples, an image would sit in train and val at once,
     and be its own negative in a batch. A table with a split column gives the rows of --split."""
     path = args.input or ""
-    if not os.path.isfile(path):
-        sys.exit(f"--source table needs --input FILE, a .csv, .tsv, .jsonl, .json or .parquet file (got {path!r})")
+    paths = table_files(path)
+    if not paths:
+        sys.exit(f"--source table needs --input naming a .csv, .tsv, .jsonl, .json or .parquet file, or several: a "
+                 f"glob ('parts/*.parquet') or a folder of them (got {path!r})")
+    if len(paths) > 1:
+        print(f"reading {len(paths)} table files as one: {os.path.basename(paths[0])} to {os.path.basename(paths[-1])}")
     # a relative path from --image_root, else from the table's folder, else from where the command runs
-    roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(path)), ""]
+    roots = [args.image_root] if args.image_root else [os.path.dirname(os.path.abspath(paths[0])), ""]
     image_col = caption_cols = None
     # the samples of image files go out once the whole table is read, each file once with the captions of every
     # row naming it, in the order of their first rows, passed-over rows in their places (--limit counts both);
     # the rows of a Parquet file of image bytes go out as they are read (an image's rows together are one sample:
     # one_sample_per_image)
     by_file, in_order = {}, []  # image file -> its captions, the list its item in in_order holds
-    rows_read = tqdm(split_rows(table_rows(path), args.split, "table"), desc="read table", unit=" rows", leave=False,
+    every_row = (row for p in paths for row in table_rows(p))
+    rows_read = tqdm(split_rows(every_row, args.split, "table"), desc="read table", unit=" rows", leave=False,
                      dynamic_ncols=True)
     for i, row, in_split in rows_read:
         key = f"{i:09d}"

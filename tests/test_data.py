@@ -545,6 +545,16 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     assert image[..., 1].mean() > 200 and image[..., 0].mean() < 40
     with pytest.raises(SystemExit, match="--source table"):  # a table file given to the hub source
         prep_dataset.main(["--source", "hub", "--input", str(src / "hub.parquet"), "--out_dir", str(tmp_path / "h")])
+    # a table in parts (LAION's, DataComp's, the hub's Parquet files): a glob or their folder, read as one table
+    (src / "parts").mkdir()
+    for i, (name, caption) in enumerate((("r", "red part"), ("g", "green part"))):
+        pq.write_table(pa.table({"image": [f"../imgs/{name}.png"], "caption": [caption]}), src / "parts" / f"part-{i}.parquet")
+    (src / "parts" / "stats.json").write_text('{"rows": 2}')  # beside the parts: no table
+    assert sorted(made("parts/*.parquet")) == sorted(made("parts")) == ["green part", "red part"]
+    (src / "csvs").mkdir()
+    (src / "csvs" / "a.csv").write_text("image,caption\n../imgs/r.png,red csv\n")
+    (src / "csvs" / "b.csv").write_text("image,caption\n../imgs/g.png,green csv\n../imgs/r.png,red again\n")
+    assert sorted(made("csvs")) == ["green csv", "red csv\nred again"]  # an image's rows in any part: one sample
 
 
 def test_table_source_reads_coco_and_karpathy_caption_files(tmp_path, capsys):
