@@ -368,7 +368,10 @@ CAPTION_COLUMNS = ("caption", "captions", "text", "prompt", "title", "sentences"
                    "comment", "txt", "json",  # these two: a webdataset turned into a table, a caption or a record
                    "conversations")  # a chat about the image, LLaVA's layout: its answers (caption_text)
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "filepath", "file_name", "filename", "image_path", "image_name", "path",
-                 "file", "image_url", "url", "image_base64", "base64")
+                 "file", "image_url", "url", "image_base64", "base64", "image_id")  # an id, last: a file ID.jpg
+# what a file named without its extension may end with, the commonest first
+EXTENSIONS_TRIED = [e for ext in (".jpg", ".png", ".jpeg", *sorted(IMAGE_EXTENSIONS - {".jpg", ".png", ".jpeg"}))
+                    for e in (ext, ext.upper())]
 # an image written into a text cell as base64 (the TSVs of OFA and VLMEvalKit, a data: URI): it starts with a JPEG's,
 # PNG's, GIF's or WebP's first bytes as base64 spells them
 BASE64_IMAGE = re.compile(r"(data:image/[\w.+-]+;base64,)?(/9j/|iVBORw0KGgo|R0lGOD|UklGR)")
@@ -589,12 +592,17 @@ def folder_and_file(row):
 def table_image(image, roots, image_root):
     """A table's image path -> the file it names here, or None. A path written on another machine (absolute,
     or Windows' C:\\data\\coco\\x.jpg) is looked for under --image_root by its trailing parts, the longest
-    first: data/coco/x.jpg, then coco/x.jpg, then x.jpg."""
-    found = next((p for p in (os.path.join(r, image) for r in roots) if os.path.isfile(p)), None)
+    first: data/coco/x.jpg, then coco/x.jpg, then x.jpg. A name without an image extension (the image ids of Open
+    Images and Localized Narratives, whose files are ID.jpg) is looked for with each one."""
+    def file(path):
+        if os.path.isfile(path):
+            return path
+        if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+            return next((path + e for e in EXTENSIONS_TRIED if os.path.isfile(path + e)), None)
+    found = next(filter(None, (file(os.path.join(r, image)) for r in roots)), None)
     if found is None and image_root:
         parts = [part for part in re.split(r"[\\/]", image) if part]
-        found = next((p for p in (os.path.join(image_root, *parts[k:]) for k in range(len(parts)))
-                      if os.path.isfile(p)), None)
+        found = next(filter(None, (file(os.path.join(image_root, *parts[k:])) for k in range(len(parts)))), None)
     return found
 
 

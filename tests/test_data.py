@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -513,6 +514,13 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
                        "--val_fraction", "0", "--num_workers", "1"])
     assert sorted(c for _, c in tar_samples(tmp_path / "flickr" / "train" / "shard-000000.tar").values()) == \
         ["A green card .", "A red card, flat, on a table, lit .\na red card"]
+    # image ids, not files (Open Images' and Localized Narratives' tables): the file of that name, with its extension
+    shutil.copy(src / "imgs" / "r.png", src / "imgs" / "0001eeaf.PNG")
+    (src / "narratives.jsonl").write_text('{"dataset_id": "open_images", "image_id": "0001eeaf", "caption": "red id"}\n'
+                                          '{"dataset_id": "open_images", "image_id": "g", "caption": "green id"}\n')
+    prep_dataset.main(["--source", "table", "--input", str(src / "narratives.jsonl"), "--image_root", str(src / "imgs"),
+                       "--out_dir", str(tmp_path / "ids"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+    assert sorted(c for _, c in tar_samples(tmp_path / "ids" / "train" / "shard-000000.tar").values()) == ["green id", "red id"]
     # a JSON list of records, and JSON lines where a broken line is skipped and counted
     (src / "list.json").write_text(json.dumps([{"image": "imgs/r.png", "text": "red"}, {"image": "imgs/g.png", "text": "green"}]))
     assert sorted(made("list.json")) == ["green", "red"]
