@@ -267,6 +267,13 @@ def image_files(folder):
     return sorted(found)
 
 
+def in_class_order(classes):
+    """Classes sorted by name; classes that are numbers (ImageNet-V2's folders 0 to 999, Flowers-102's 1 to 102) in
+    their numbers' order, which a file of class names in order (--classnames) follows: 10 after 9, not after 1."""
+    numbers = bool(classes) and all(c.isdigit() for c in classes)
+    return sorted(classes, key=int) if numbers else sorted(classes)
+
+
 def class_folders(root, split=None, notes=True):
     """A folder in torchvision's ImageFolder layout, ROOT/CLASS/**/image, or that layout one level down by
     split (ROOT/val/CLASS/...) -> (rows, class names), or None when it holds no such images. A folder whose
@@ -290,7 +297,7 @@ def class_folders(root, split=None, notes=True):
                   file=sys.stderr)
         root = os.path.join(root, chosen)
     rows, classes, empty = [], [], []
-    for name in folders(root):
+    for name in in_class_order(folders(root)):
         files = image_files(os.path.join(root, name))
         rows += [{"image": {"bytes": None, "path": path}, "label": len(classes)} for path in files]
         (classes if files else empty).append(name)
@@ -314,7 +321,7 @@ def listed_classes(root, labels_file, notes=True):
     listed = {stem(row[0]): row[1].split()[0] for row in csv.reader(lines, delimiter="\t" if lines and "\t" in lines[0]
                                                                       else ",") if len(row) > 1 and row[1].split()}
     files = [(path, listed.get(stem(path))) for path in image_files(root)]
-    classes = sorted({label for _, label in files if label is not None})
+    classes = in_class_order({label for _, label in files if label is not None})
     if not classes:
         raise SystemExit(f"--labels {labels_file} lists none of the {len(files)} images in {root} (by file name, with "
                          f"or without its extension): give the table of that folder's images")

@@ -795,3 +795,27 @@ def test_a_folder_of_images_takes_its_classes_from_a_table(tmp_path, capsys):
     (tmp_path / "other.csv").write_text("a.jpg,cat\n")  # a table of other images: said, not an empty evaluation
     with pytest.raises(SystemExit, match="lists none of the 7 images"):
         evaluate.load_classification(str(val), labels_file=str(tmp_path / "other.csv"))
+
+
+def test_class_folders_named_by_number_take_their_names_in_the_numbers_order(tmp_path):
+    """ImageNet-V2 names its class folders 0 to 999, and a file of the class names lists them in that order: folder
+    10 is the 11th name, not the 3rd (its place among the folders sorted as text: 0, 1, 10, 11, 2, ...)."""
+    for i in range(12):
+        (tmp_path / "v2" / str(i)).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(tmp_path / "v2" / str(i) / f"img{i}.png")
+    (tmp_path / "names.txt").write_text("".join(f"class {i}\n" for i in range(12)))
+    rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "v2"), classnames_file=str(tmp_path / "names.txt"))
+    assert len(rows) == 12
+    for row in rows:  # each image under its own folder's name
+        folder = os.path.basename(os.path.dirname(row["image"]["path"]))
+        assert classnames[row["label"]] == f"class {folder}"
+    # the same where a table gives the classes by number (--labels)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(12):
+        os.rename(tmp_path / "v2" / str(i) / f"img{i}.png", flat / f"img{i}.png")
+    (tmp_path / "labels.csv").write_text("".join(f"img{i},{i}\n" for i in range(12)))
+    rows, _, _, classnames = evaluate.load_classification(str(flat), classnames_file=str(tmp_path / "names.txt"),
+                                                          labels_file=str(tmp_path / "labels.csv"))
+    assert [classnames[row["label"]] for row in rows] == [f"class {os.path.basename(row['image']['path'])[3:-4]}"
+                                                          for row in rows]
