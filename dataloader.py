@@ -197,9 +197,10 @@ class ShardDataset(torch.utils.data.Dataset):
         self.with_labels, self.trim_tokens, self.all_captions = with_labels, trim_tokens, all_captions
         # the index: one row per complete sample: shard, then (offset, size) of its image, caption and labels
         rows, self.shard_rows, self.skipped_at_index, kinds = [], [], 0, None
-        # the full text-to-image-2M takes about half a minute to index: a bar, on one rank, where it is long
+        # the full text-to-image-2M takes about half a minute to index: a bar, on one rank, where it is long, on a
+        # terminal (disable=None: not in a batch job's log file)
         for s, path in enumerate(tqdm(paths, desc="index shards", unit=" shards", leave=False,
-                                      disable=rank != 0 or len(paths) < 50)):
+                                      disable=True if rank != 0 or len(paths) < 50 else None)):
             samples, truncated = index_shard(path)
             self.skipped_at_index += truncated
             start = len(rows)

@@ -178,8 +178,9 @@ def embed_loader(model, loader, cfg, device, autocast, max_samples=None):
     n = min(max_samples or ds.num_samples, ds.num_samples)
     total = -(-n // (local * world))
     images, texts, places, text_places, labels = [], [], [], [], []  # place: a sample's position in the split
+    # the bar on a terminal only (disable=None): in a batch job's log file its redraws would crowd the log lines
     for b, (img, tok, lab, counts) in enumerate(tqdm(loader, total=total, desc="embed", leave=False,
-                                                     disable=total < 5 or rank != 0)):
+                                                     disable=True if total < 5 or rank != 0 else None)):
         if b == total:
             break
         if not lab:  # this rank's share of the last batch is empty
@@ -542,7 +543,7 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     hits, scored, unreadable = torch.zeros(2, dtype=torch.long, device=device), 0, 0  # hits: top-1, top-5
     # images and labels arrive on the device, the next batch copied while this one is embedded
     batches = tqdm(prefetch(loader, device), total=len(loader), desc=f"zero-shot {set_name(name_or_dir)}",
-                   disable=rank != 0)
+                   disable=True if rank != 0 else None)  # None: on a terminal, not in a job's log file
     for images, labels, bad in batches:
         if len(labels):
             with autocast:

@@ -68,7 +68,7 @@ def test_metrics_equal_naive_references():
     assert evaluate.recall_at_k(img, txt, owner, block=7) == got
 
 
-def test_retrieval_embeds_every_caption_of_every_image(tmp_path, monkeypatch):
+def test_retrieval_embeds_every_caption_of_every_image(tmp_path, monkeypatch, capsys):
     # shards where sample i has 1 to 3 captions (prep_dataset writes them as lines of KEY.txt)
     (tmp_path / "val").mkdir()
     captions = [[f"sample {i} caption {c}" for c in range(1 + i % 3)] for i in range(7)]
@@ -96,6 +96,10 @@ def test_retrieval_embeds_every_caption_of_every_image(tmp_path, monkeypatch):
     assert text_image.tolist() == [i for i, cs in enumerate(captions) for _ in cs]
     with torch.no_grad():
         torch.testing.assert_close(txt, model.encode_text(tok(flat)), atol=1e-5, rtol=1e-4)
+    # its progress bar shows on a terminal only: a file (a batch job's log; here pytest's capture) gets no redraws
+    capsys.readouterr()
+    evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, batch_size=1, num_workers=0)
+    assert "embed" not in capsys.readouterr().err
     # a cap on the samples keeps the captions of the images kept
     img, txt, _, text_image = evaluate.embed_shards(model, str(tmp_path), "val", cfg, "cpu", off, max_samples=4,
                                                     batch_size=3, num_workers=0)
