@@ -437,6 +437,9 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         else:  # the class names as text, as many community sets keep them, or bare ids: the values found are the classes
             ds = ds.class_encode_column(label_col)
             classnames = ds.features[label_col].names
+            if in_class_order(classnames) != classnames:  # numbers as text ("0" to "999"): in their numbers' order
+                classnames = in_class_order(classnames)
+                ds = ds.align_labels_with_mapping({c: i for i, c in enumerate(classnames)}, label_col)
         rows = ds.cast_column(image_col, datasets.Image(decode=False))
         labelled = rows.filter(lambda labels: [lab is not None and lab >= 0 for lab in labels], batched=True,
                                input_columns=label_col)

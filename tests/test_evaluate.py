@@ -823,3 +823,11 @@ def test_class_folders_named_by_number_take_their_names_in_the_numbers_order(tmp
                                                           labels_file=str(tmp_path / "labels.csv"))
     assert [classnames[row["label"]] for row in rows] == [f"class {os.path.basename(row['image']['path'])[3:-4]}"
                                                           for row in rows]
+    # and in a `datasets` set whose label column holds the numbers as text
+    import datasets
+    images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(12)]
+    datasets.Dataset.from_dict({"image": images, "label": [str(i) for i in range(12)]}).cast_column(
+        "image", datasets.Image()).save_to_disk(str(tmp_path / "set"))
+    rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "set"), "train",
+                                                                  classnames_file=str(tmp_path / "names.txt"))
+    assert [classnames[label] for label in rows[label_col]] == [f"class {i}" for i in range(12)]
