@@ -464,6 +464,12 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         classnames = [c.split(".", 1)[1] for c in classnames]  # the number is the folder's order, not its name
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
     classnames = [c.split(",")[0].replace("_", " ").strip() for c in classnames]
+    if len(classnames) < 2:  # every image "classified" right: a figure of 100% that means nothing
+        inner = os.path.join(name_or_dir, os.listdir(name_or_dir)[0]) if found and len(os.listdir(name_or_dir)) == 1 \
+            else None
+        raise SystemExit(f"{name_or_dir} holds {len(classnames)} class ({', '.join(classnames)}): zero-shot "
+                         "classification needs two or more" + (f"; are the class folders one level down? Then give "
+                                                               f"--zeroshot {inner}" if inner else ""))
     return rows, image_col, label_col, classnames
 
 

@@ -425,9 +425,13 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     folder(tmp_path / "digits", ["0", "1"], n=1)  # but digits are what they show
     evaluate.load_classification(str(tmp_path / "digits"))
     assert "numbers" not in capsys.readouterr().err
-    folder(tmp_path / "one", ["only"])
-    rows, _, _, classnames = evaluate.load_classification(str(tmp_path / "one"))
-    assert classnames == ["only"] and [r["label"] for r in rows] == [0, 0]
+    # one class folder: every image would be "right", a 100% that means nothing; often a wrapper folder holds the
+    # classes (an archive unpacked into a folder of its own name), and the message says where to point instead
+    folder(tmp_path / "one" / "wrapper", ["cat", "dog"])
+    with pytest.raises(SystemExit, match=r"one holds 1 class \(wrapper\): zero-shot classification needs two or more; "
+                                         r"are the class folders one level down\? Then give --zeroshot .*one/wrapper"):
+        evaluate.load_classification(str(tmp_path / "one"))
+    assert evaluate.load_classification(str(tmp_path / "one" / "wrapper"))[3] == ["cat", "dog"]
     # folders named by id get their names from a file: ImageNet's "FOLDER NAME" mapping, or names in order
     folder(tmp_path / "ids", ["n01443537", "n01440764"])
     capsys.readouterr()
