@@ -12,6 +12,7 @@ a checkpoint can only hold tensors and plain containers, never code that runs on
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -31,9 +32,14 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a torn file, or a pickle that asks for code: never run it
-        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {str(e)[:300]}). If it was "
-                              "torn by a crash, resume from an earlier checkpoint; never load untrusted pickles "
-                              "with weights_only=False.") from e
+        # torch's own message is long and suggests weights_only=False: said here in a line instead
+        text, refused = str(e), re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e))
+        why = (f"it holds a pickled object ({refused[1]}), which only code could rebuild" if refused else
+               "it is no checkpoint: its bytes are not a pickle" if "Unpickl" in type(e).__name__ + text else
+               "it is cut short or damaged (a copy that did not finish, a disk error)" if "zip archive" in text else
+               f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}")
+        raise CheckpointError(f"{path} cannot be loaded safely: {why}. A checkpoint torn by a crash: resume from an "
+                              "earlier one; never load untrusted files with weights_only=False.") from e
     if not isinstance(state, dict) or not {"model", "model_config"} <= state.keys():
         raise CheckpointError(f"{path} is not a checkpoint of train.py: it has no 'model' and 'model_config' "
                               "(a bare state_dict, or another project's file)")

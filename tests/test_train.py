@@ -733,14 +733,24 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": Exploit()}, path, pickle_protocol=2)
     os.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+    # said in a line: what the file holds, and never torch's advice to load it with weights_only=False
+    with pytest.raises(CheckpointError, match=r"cannot be loaded safely: it holds a pickled object \(\w+.system\), "
+                                              r"which only code could rebuild\. .*never load untrusted files") as e:
         load_checkpoint(str(path))
+    assert "likely succeed" not in str(e.value)
     assert not (tmp_path / "pwned").exists()
     with open(path, "wb") as f:  # a raw pickle, not even torch's format
         pickle.dump(Exploit(), f, protocol=2)
     with pytest.raises(CheckpointError):
         load_checkpoint(str(path))
     assert not (tmp_path / "pwned").exists()
+    torch.save({"model": {"w": torch.zeros(1000)}, "model_config": {}}, path)
+    path.write_bytes(path.read_bytes()[:2000])  # a copy that stopped early
+    with pytest.raises(CheckpointError, match="cannot be loaded safely: it is cut short or damaged"):
+        load_checkpoint(str(path))
+    path.write_bytes(b"<html>404 Not Found</html>")  # a download that was a web page
+    with pytest.raises(CheckpointError, match="cannot be loaded safely: it is no checkpoint"):
+        load_checkpoint(str(path))
     # safe files that are not train.py's checkpoints: refused with what they lack, not a KeyError later
     torch.save({"w": torch.zeros(3)}, path)
     with pytest.raises(SystemExit, match="is not a checkpoint of train.py"):
