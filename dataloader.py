@@ -83,6 +83,17 @@ def find_shards(data_dir, split):
                 f"no shards in {os.path.join(d, split)}, but {len(loose)} .tar files in {d} itself. Shards "
                 f"are read from DIR/train/*.tar and DIR/val/*.tar; make those from these with\n"
                 f"  python prep_dataset.py --source webdataset --input '{os.path.join(d, '*.tar')}' --out_dir DIR")
+        walk = zip(range(1000), os.walk(d)) if os.path.isdir(d) else ()  # the first 1,000 folders: a look, not a crawl
+        raw = {os.path.splitext(f)[1].lower().lstrip(".") for _, (_, _, files) in walk for f in files}
+        images, tables = raw & set(IMAGE_EXTENSIONS), raw & {"csv", "tsv", "jsonl", "json", "parquet"}
+        if images or tables:  # the data itself, not yet prepared
+            pairs = images and raw & {"txt", "caption"} or not tables  # x.jpg + x.txt, or x.json records
+            raise FileNotFoundError(
+                f"no shards in {os.path.join(d, split)}: {d} holds {'images' if images else 'tables'}, not the shards "
+                "that training reads. Prepare them into a folder of their own, then train on that:\n"
+                f"  python prep_dataset.py --source {'folder' if pairs else 'table'} --input "
+                f"{d if pairs else 'TABLE'} --out_dir {d.rstrip(os.sep)}-prepared"
+                + ("" if pairs else f"   (TABLE: the file in {d} that pairs image paths and captions)"))
         raise FileNotFoundError(
             f"no shards in {os.path.join(d, split)}. Make them first, e.g.\n"
             f"  python prep_dataset.py --source shapes --out_dir {d}            (the synthetic demo set)\n"

@@ -1004,6 +1004,17 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     shutil.copy(glob.glob(os.path.join(shapes_dir, "train", "*.tar"))[0], tmp_path / "wds" / "00000.tar")
     with pytest.raises(SystemExit, match=r"(?s)1 .tar files in .*--source webdataset --input '.*wds/\*.tar'"):
         train.main(["--data_dir", str(tmp_path / "wds"), "--out_dir", str(tmp_path / "run")])
+    # the data itself, not yet prepared: images with their captions, or images and the table that lists them
+    (tmp_path / "pairs" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "pairs" / "sub" / "x.jpg")
+    (tmp_path / "pairs" / "sub" / "x.txt").write_text("a black square")
+    pairs = str(tmp_path / "pairs")
+    with pytest.raises(SystemExit, match=rf"(?s){pairs} holds images, not the shards .*--source folder --input {pairs} "
+                                         rf"--out_dir {pairs}-prepared"):
+        train.main(["--data_dir", pairs, "--out_dir", str(tmp_path / "run")])
+    (tmp_path / "pairs" / "sub" / "x.txt").rename(tmp_path / "pairs" / "list.csv")
+    with pytest.raises(SystemExit, match=r"(?s)--source table --input TABLE --out_dir .*pairs-prepared"):
+        train.main(["--data_dir", pairs, "--out_dir", str(tmp_path / "run")])
     # another tool's shards in train/, with their captions in .json (img2dataset, text-to-image-2M): how to prepare them
     import tarfile
     (tmp_path / "json_captions" / "train").mkdir(parents=True)
