@@ -26,11 +26,13 @@ code periodically.
 """
 import argparse
 import csv
+import glob
 import io
 import json
 import os
 import re
 import sys
+import tarfile
 from functools import lru_cache, partial
 
 import numpy as np
@@ -406,6 +408,16 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         rows, classnames = found
         image_col, label_col = "image", "label"
     else:
+        shards = sorted(glob.glob(os.path.join(name_or_dir, "*.tar"))) if os.path.isdir(name_or_dir) else []
+        if shards:  # a split's folder of shards, given for the set
+            with tarfile.open(shards[0]) as tf:
+                classes = any(m.name.endswith(".cls") for m, _ in zip(tf, range(50)))
+            raise SystemExit(
+                f"{name_or_dir} is a folder of shards: give the set's folder above it, {os.path.dirname(name_or_dir)}, "
+                "with --split" if classes else  # clip_benchmark's test/*.tar of images and class ids
+                f"{name_or_dir} holds shards of images and captions, which have no classes: evaluate them with "
+                f"--retrieval {name_or_dir} (a prepared set's own zero-shot tasks, as the shapes set's: --zeroshot "
+                "with the set's folder, the one with manifest.json)")
         try:
             ds = load_hub_set(name_or_dir, split or "test")
         except Exception as e:

@@ -200,7 +200,10 @@ def source_folder(args):
     there is no x.txt, a record x.json beside x.jpg (the metadata scrapers write next to each image) gives
     its caption field."""
     if not args.input or not os.path.isdir(args.input):
-        sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})")
+        table = bool(args.input) and os.path.isfile(args.input) and \
+            os.path.splitext(args.input)[1].lower() in TABLE_EXTENSIONS
+        sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})"
+                 + (": a table of image paths and captions is read with --source table" if table else ""))
     images, captions, duplicates, tables = {}, {}, set(), []  # (folder, stem) -> path
     records = {}  # (folder, stem) -> x.json: the caption of an x.jpg beside it that has no caption file
     others = set()  # (folder, stem) of files of other types: a caption beside one (x.heic) names an image not read

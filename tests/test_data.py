@@ -301,6 +301,10 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path, capsys):
     (tmp_path / "two" / "x.caption").write_text("a grey square")
     assert folder_captions(tmp_path / "two", tmp_path / "two_out") == ["grey, square, tag"]
     assert folder_captions(tmp_path / "two", tmp_path / "two_caption", "--caption_column", "caption") == ["a grey square"]
+    # a table given to the folder source: the source that reads it is named
+    (tmp_path / "pairs.csv").write_text("image,caption\nx.jpg,a grey square\n")
+    with pytest.raises(SystemExit, match=r"--source folder needs --input DIR.*read with --source table"):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "pairs.csv"), "--out_dir", str(tmp_path / "p")])
     # images whose captions are nowhere to be found: the error says how images and captions pair
     (tmp_path / "lone").mkdir()
     (tmp_path / "lone" / "a.jpg").write_bytes(jpeg((9, 9, 9)))

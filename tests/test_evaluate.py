@@ -669,6 +669,13 @@ def test_clip_benchmark_sets_read_with_their_class_names_ids_and_templates(tmp_p
     assert (image_col, label_col, classnames, rows[label_col]) == ("webp", "cls", ["red", "green", "blue"],
                                                                    [0, 2, 2, 0, 2])
     assert "the class names of its ids 0 to 2 from" in capsys.readouterr().err
+    # its folder of shards given for the set: the set's folder is named; shards of captions have no classes at all
+    with pytest.raises(SystemExit, match=rf"is a folder of shards: give the set's folder above it, {root}, with --split"):
+        evaluate.load_classification(str(root / "test"))
+    write_tar(tmp_path / "prepared" / "val" / "shard-000000.tar", [("k.jpg", members[0][1]), ("k.txt", b"a red one")])
+    with pytest.raises(SystemExit, match=r"holds shards of images and captions, which have no classes: evaluate them "
+                                         r"with --retrieval .*prepared/val"):
+        evaluate.load_classification(str(tmp_path / "prepared" / "val"))
     cfg = get_config("tiny", vision_layers=1, text_layers=1)
     oracle = ColourOracle(Tokenizer(cfg.encoding, cfg.context_length))
     used = []
