@@ -1104,6 +1104,8 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
     logger.main([out, out, "--out", str(tmp_path / "figures" / "plots.png")])  # the folder is made
+    logger.main([os.path.join(out, "log.jsonl")])  # the log file itself names its run
+    assert os.path.isfile(os.path.join(out, "plots.png"))
     with pytest.raises(SystemExit):  # a file type matplotlib cannot write: said before drawing
         logger.main([out, "--out", str(tmp_path / "plots.pgn")])
     assert "not .pgn" in capsys.readouterr().err
