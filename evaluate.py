@@ -410,8 +410,11 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
     else:
         shards = sorted(glob.glob(os.path.join(name_or_dir, "*.tar"))) if os.path.isdir(name_or_dir) else []
         if shards:  # a split's folder of shards, given for the set
-            with tarfile.open(shards[0]) as tf:
-                classes = any(m.name.endswith(".cls") for m, _ in zip(tf, range(50)))
+            try:
+                with tarfile.open(shards[0]) as tf:
+                    classes = any(m.name.endswith(".cls") for m, _ in zip(tf, range(50)))
+            except (tarfile.TarError, OSError):  # a damaged shard: what follows still holds
+                classes = False
             raise SystemExit(
                 f"{name_or_dir} is a folder of shards: give the set's folder above it, {os.path.dirname(name_or_dir)}, "
                 "with --split" if classes else  # clip_benchmark's test/*.tar of images and class ids
@@ -477,11 +480,11 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
     # ImageNet's names list synonyms ("tench, Tinca tinca"): the prompts take the first, the common name
     classnames = [c.split(",")[0].replace("_", " ").strip() for c in classnames]
     if len(classnames) < 2:  # every image "classified" right: a figure of 100% that means nothing
-        inner = os.path.join(name_or_dir, os.listdir(name_or_dir)[0]) if found and len(os.listdir(name_or_dir)) == 1 \
-            else None
+        inner = os.path.join(name_or_dir, found[1][0]) if found and found[1] else None  # its one folder
         raise SystemExit(f"{name_or_dir} holds {len(classnames)} class ({', '.join(classnames)}): zero-shot "
                          "classification needs two or more" + (f"; are the class folders one level down? Then give "
-                                                               f"--zeroshot {inner}" if inner else ""))
+                                                               f"--zeroshot {inner}" if inner and os.path.isdir(inner)
+                                                               else ""))
     return rows, image_col, label_col, classnames
 
 
