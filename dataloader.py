@@ -69,6 +69,10 @@ def find_shards(data_dir, split):
     for d in data_dirs(data_dir):
         if shard_paths(d, split):
             continue
+        if os.path.isdir(os.path.join(d, ".stage")):  # prep_dataset.py's work in progress
+            raise FileNotFoundError(f"no shards in {os.path.join(d, split)} yet: prep_dataset.py has not finished "
+                                    f"making {d} (it was stopped, or still runs). Rerun its command: it goes on from "
+                                    "what is finished")
         if split == "train" and shard_paths(d, "val"):  # prepared with --val_fraction 1
             raise FileNotFoundError(
                 f"{d} holds val/ shards only: an evaluation set (prepared with --val_fraction 1). Train on a set "
@@ -83,8 +87,10 @@ def find_shards(data_dir, split):
                 f"no shards in {os.path.join(d, split)}, but {len(loose)} .tar files in {d} itself. Shards "
                 f"are read from DIR/train/*.tar and DIR/val/*.tar; make those from these with\n"
                 f"  python prep_dataset.py --source webdataset --input '{os.path.join(d, '*.tar')}' --out_dir DIR")
-        walk = zip(range(1000), os.walk(d)) if os.path.isdir(d) else ()  # the first 1,000 folders: a look, not a crawl
-        raw = {os.path.splitext(f)[1].lower().lstrip(".") for _, (_, _, files) in walk for f in files}
+        raw = set()  # the kinds of file in its first 1,000 folders: a look, not a crawl
+        for _, (_, folders, files) in zip(range(1000), os.walk(d) if os.path.isdir(d) else ()):
+            folders[:] = [f for f in folders if not f.startswith(".")]  # an interrupted prep's .stage is no data
+            raw |= {os.path.splitext(f)[1].lower().lstrip(".") for f in files if not f.startswith(".")}
         images, tables = raw & set(IMAGE_EXTENSIONS), raw & {"csv", "tsv", "jsonl", "json", "parquet"}
         if images or tables:  # the data itself, not yet prepared
             pairs = images and raw & {"txt", "caption"} or not tables  # x.jpg + x.txt, or x.json records

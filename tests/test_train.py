@@ -1004,6 +1004,10 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     shutil.copy(glob.glob(os.path.join(shapes_dir, "train", "*.tar"))[0], tmp_path / "wds" / "00000.tar")
     with pytest.raises(SystemExit, match=r"(?s)1 .tar files in .*--source webdataset --input '.*wds/\*.tar'"):
         train.main(["--data_dir", str(tmp_path / "wds"), "--out_dir", str(tmp_path / "run")])
+    # a prep stopped before it wrote the shards (its work in .stage): rerun it
+    (tmp_path / "stopped" / ".stage").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"prep_dataset.py has not finished making .*stopped \(it was stopped, or still runs\). Rerun its command"):
+        train.main(["--data_dir", str(tmp_path / "stopped"), "--out_dir", str(tmp_path / "run")])
     # the data itself, not yet prepared: images with their captions, or images and the table that lists them
     (tmp_path / "pairs" / "sub").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "pairs" / "sub" / "x.jpg")
