@@ -82,6 +82,11 @@ def find_shards(data_dir, split):
                 f"{d} has no val/ shards (prepared with --val_fraction 0): evaluate on a held-out set, e.g. one "
                 f"prepared with --val_fraction 1, or on the training images as {os.path.join(d, 'train')}")
         loose = glob.glob(os.path.join(d, "*.tar"))
+        parent = os.path.dirname(os.path.normpath(d))
+        if loose and os.path.basename(os.path.normpath(d)) in ("train", "val") and \
+                os.path.isfile(os.path.join(parent, "manifest.json")):  # a split's folder, given for the set
+            raise FileNotFoundError(f"{d} is the {os.path.basename(os.path.normpath(d))} split of the prepared set "
+                                    f"{parent}: give the set's folder, --data_dir {parent}")
         if loose:  # shards from another tool (img2dataset), not split into train/ and val/
             raise FileNotFoundError(
                 f"no shards in {os.path.join(d, split)}, but {len(loose)} .tar files in {d} itself. Shards "

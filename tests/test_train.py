@@ -1004,6 +1004,10 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     shutil.copy(glob.glob(os.path.join(shapes_dir, "train", "*.tar"))[0], tmp_path / "wds" / "00000.tar")
     with pytest.raises(SystemExit, match=r"(?s)1 .tar files in .*--source webdataset --input '.*wds/\*.tar'"):
         train.main(["--data_dir", str(tmp_path / "wds"), "--out_dir", str(tmp_path / "run")])
+    # a prepared set's split folder, given for the set: the set's folder is named
+    with pytest.raises(SystemExit, match=rf"train is the train split of the prepared set {shapes_dir}: give the set's "
+                                         rf"folder, --data_dir {shapes_dir}"):
+        train.main(["--data_dir", os.path.join(shapes_dir, "train"), "--out_dir", str(tmp_path / "run")])
     # a prep stopped before it wrote the shards (its work in .stage): rerun it
     (tmp_path / "stopped" / ".stage").mkdir(parents=True)
     with pytest.raises(SystemExit, match=r"prep_dataset.py has not finished making .*stopped \(it was stopped, or still runs\). Rerun its command"):
