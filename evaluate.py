@@ -818,12 +818,16 @@ def main(argv=None):
             if not tasks:  # its train/ and val/ folders are not classes
                 p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")
-        if tasks and args.labels:
-            p.error(f"--labels is for a folder of images: {args.zeroshot} holds its own tasks and their labels")
-        if tasks:
-            img, _, labels, _ = shards_or_exit(p, model, args.zeroshot, "val", cfg, device, autocast,
-                                               batch_size=args.batch_size, num_workers=args.num_workers,
-                                               rank=rank, world=world)
+        if tasks:  # the prepared set's own tasks (the shapes set's), on its val split (or --split's)
+            for name in ("classnames", "label_column", "labels"):  # said, not ignored
+                if getattr(args, name) is not None:
+                    p.error(f"--{name} is for class folders and `datasets` sets: {args.zeroshot} holds its own tasks, "
+                            "which name their classes")
+            if templates:  # other prompts for its tasks' classes
+                tasks = {task: {**spec, "templates": templates} for task, spec in tasks.items()}
+            img, _, labels, _ = shards_or_exit(p, model, args.zeroshot, args.split or "val", cfg, device, autocast,
+                                               args.max_samples, batch_size=args.batch_size,
+                                               num_workers=args.num_workers, rank=rank, world=world)
             per_task = zeroshot_tasks(img, labels, tasks, model, cfg, device, autocast)
             results["zeroshot"] = per_task
             for k in ("top1", "top5"):  # the headline figure: the mean over the tasks

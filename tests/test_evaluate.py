@@ -303,6 +303,19 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     # of the 30, in batches of 4 for each process, 16 and 14)
     shares = [int((tmp_path / f"embedded{r}").read_text()) for r in (0, 1)]
     assert sorted(shares) == [4 + 14, 5 + 16], shares
+    # a prepared set's own tasks (the shapes set's): other prompts with --templates, a sample with --max_samples;
+    # the class flags of folders and `datasets` sets are refused, not ignored
+    used = []
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "class_embeddings", lambda model, tok, classes, templates, *a, _f=evaluate.class_embeddings:
+                  used.append(templates) or _f(model, tok, classes, templates, *a))
+        tasks = evaluate.main([ckpt, "--zeroshot", str(tmp_path / "shapes"), "--templates", "a {} thing",
+                               "--max_samples", "10"])["zeroshot"]
+    assert set(tasks) == {"shape", "color"} and used == [["a {} thing"]] * 2
+    (tmp_path / "names.txt").write_text("red\ngreen\n")
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--zeroshot", str(tmp_path / "shapes"), "--classnames", str(tmp_path / "names.txt")])
+    assert "--classnames is for class folders and `datasets` sets" in capsys.readouterr().err
     # a prepared dataset without zero-shot tasks is refused for --zeroshot: its split folders are not classes
     (tmp_path / "pairs").mkdir()
     for i in range(4):
