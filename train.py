@@ -608,6 +608,8 @@ def main(argv=None):
     except SystemExit as e:  # said below, once every rank knows
         start, start_path, changed, failure = None, None, [], str(e.code)
     given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}  # the flags of this command
+    if "crop_scale_min" in given and not cfg.augment:  # said, not ignored (the demo turns the crops off)
+        sys.exit("--crop_scale_min sets the random crops, which --augment false turns off: add --augment true")
     if "max_steps" in given and "epochs" in given and cfg.epochs > 0:
         sys.exit("--epochs sets --max_steps (the epochs' steps): give one of them")
     if "max_steps" in given:  # a run of --epochs resumed with a new length in steps: the steps decide

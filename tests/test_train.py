@@ -97,6 +97,7 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
                            (["--zeroshot_labels", "val.csv"], "--zeroshot_labels is about the sets given with --zeroshot"),
                            (["--zeroshot", "val", "--zeroshot_labels", "val.csv"], "--zeroshot_labels val.csv: no such file"),
                            (["--resume", "--init_from", "runs/demo"], "give one of them"),
+                           (["--config", "demo", "--crop_scale_min", "0.5"], "which --augment false turns off"),
                            (["--model", "tiny", "--text_heads", "3"], "text_width 128 must be a multiple of text_heads 3"),
                            (["--device", "gpu"], "--device 'gpu': choose one of auto, cuda, mps, cpu"),
                            (["--config", "dmeo"], r"unknown --config 'dmeo'; choose one of \['demo'"),
