@@ -1398,7 +1398,8 @@ def main(argv=None):
                            ("max_samples_per_picture", args.max_samples_per_picture >= 0, "at least 0")):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
-    for name, sources in (("split", ("table", "hub")), ("image_root", ("table", "hub")), ("image_column", ("table", "hub")),
+    for name, sources in (("input", ("text-to-image-2M", "folder", "webdataset", "table", "hub")),
+                          ("split", ("table", "hub")), ("image_root", ("table", "hub")), ("image_column", ("table", "hub")),
                           ("caption_column", ("table", "hub", "webdataset", "text-to-image-2M", "folder"))):
         if getattr(args, name) is not None and args.source not in sources:  # said, not ignored
             p.error(f"--{name} is for --source {' or '.join(sources)}, not {args.source}")

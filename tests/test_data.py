@@ -1108,6 +1108,10 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
         prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "x"), "--caption_column", "caption"])
     assert "--caption_column is for --source table or hub or webdataset or text-to-image-2M or folder, not shapes" \
         in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the shapes set is made, not read
+        prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "x"), "--input", str(tmp_path / "two")])
+    assert "--input is for --source text-to-image-2M or folder or webdataset or table or hub, not shapes" \
+        in capsys.readouterr().err
     with pytest.raises(SystemExit):
         prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(tmp_path / "x"),
                            "--split", "val"])
