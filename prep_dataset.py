@@ -464,6 +464,29 @@ def caption_columns(names, given):
     return [pick_column(names, CAPTION_COLUMNS, given, "caption")]
 
 
+def holds_image(value):
+    """Whether a table's cell holds an image itself: a JPEG's, PNG's, GIF's or WebP's bytes (plain, or in the hub's
+    {"bytes": ...} record), or base64 text of one."""
+    value = value.get("bytes") if isinstance(value, dict) else value
+    if isinstance(value, (bytes, bytearray)):
+        return value.startswith((b"\xff\xd8\xff", b"\x89PNG", b"GIF8")) or value[:4] == b"RIFF" and value[8:12] == b"WEBP"
+    return isinstance(value, str) and BASE64_IMAGE.match(value) is not None
+
+
+def image_column(row, given):
+    """A table's image column, from its first row: --image_column if given; else one whose cell holds an image
+    itself, whatever its name (image_bytes, img_data, jpeg); else the first of IMAGE_COLUMNS; else the one column
+    with an image word in its name (image_file_path, photo_name)."""
+    if given is None:
+        held = [n for n, value in row.items() if holds_image(value)]
+        worded = [n for n in row if {"image", "img", "photo", "picture", "jpg", "jpeg", "png"} & set(plain_name(n).split("_"))]
+        if held:
+            return held[0]
+        if not any(plain_name(n) in IMAGE_COLUMNS for n in row) and len(worded) == 1:
+            return worded[0]
+    return pick_column(row, IMAGE_COLUMNS, given, "image")
+
+
 def say_columns(names, image_col, caption_cols):
     """Which columns are read, said once as reading starts: a guess that took the wrong one shows at once."""
     others = [str(n) for n in names if n not in (image_col, *caption_cols)]
@@ -655,7 +678,7 @@ def source_table(args):
             in_order.append((key, None, None, {"skip": "bad_row"}))
             continue
         if image_col is None:  # the first row names the columns
-            image_col = pick_column(row, IMAGE_COLUMNS, args.image_column, "image")
+            image_col = image_column(row, args.image_column)
             caption_cols = caption_columns(row, args.caption_column)
             say_columns(row, image_col, caption_cols)
         if not in_split:

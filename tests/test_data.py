@@ -546,6 +546,16 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     pq.write_table(pa.table({"image": [{"bytes": green, "path": None}], "caption": ["green bytes"]}), src / "hub.parquet")
     pq.write_table(pa.table({"file_name": ["imgs/r.png"], "caption": ["red path"]}), src / "paths.parquet")
     assert made("hub.parquet") == ["green bytes"] and made("paths.parquet") == ["red path"]
+    # a column that holds the images themselves is the image column, whatever its name; or the one column whose
+    # name has an image word in it (here a path), where none has a usual name
+    import base64
+    for name, cell in (("image_bytes", green), ("img_data", {"bytes": green, "path": None}),
+                       ("b64", base64.b64encode(green).decode()), ("photo_file", str(src / "imgs" / "g.png"))):
+        columns = {name: [cell], "caption": [f"green {name}"]}
+        if name != "photo_file":  # beside a URL column: the image at hand, not a download
+            columns["url"] = ["http://127.0.0.1:1/never.jpg"]
+        pq.write_table(pa.table(columns), src / f"{name}.parquet")
+        assert made(f"{name}.parquet") == [f"green {name}"]
     # a webdataset turned into a table: the image's bytes under jpg, the caption under txt or in a json record
     pq.write_table(pa.table({"__key__": ["k1"], "jpg": [green], "txt": ["green txt"]}), src / "wds.parquet")
     pq.write_table(pa.table({"jpg": [green], "json": [{"caption": "green json", "width": 50}]}), src / "wds_json.parquet")
