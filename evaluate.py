@@ -7,8 +7,7 @@ Evaluates a checkpoint: zero-shot classification (top-1/top-5) and image<->text 
     python evaluate.py CKPT --zeroshot clip-benchmark/wds_cifar10               # clip_benchmark's sets, names and prompts
     python evaluate.py CKPT --zeroshot DIR --templates "a photo of a {}." "a drawing of a {}."
     python evaluate.py CKPT --zeroshot imagenet --classnames LOC_synset_mapping.txt   # folders named n01440764...
-    python evaluate.py CKPT --zeroshot ILSVRC/Data/CLS-LOC/val --labels LOC_val_solution.csv \
-        --classnames LOC_synset_mapping.txt                                     # Kaggle's ImageNet: one folder
+    python evaluate.py CKPT --zeroshot CLS-LOC/val --labels LOC_val_solution.csv --classnames LOC_synset_mapping.txt
     python evaluate.py CKPT --retrieval data/shapes/val --json results.json
     python evaluate.py runs/demo --retrieval data/coco-test                   # a run's best.pt; COCO's 5k test images
     python evaluate.py CKPT --images a.jpg b.png --texts "a red circle" "a blue square"   # your own images
