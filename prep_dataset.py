@@ -812,6 +812,8 @@ def source_hub(args):
                  "(with a network) or a local dataset folder, and --split")
     features = ds.features or dict(next(iter(ds)))  # some streamed sets only show their columns in a row
     image_col = args.image_column or next((n for n, f in features.items() if isinstance(f, HFImage)), None)
+    if image_col is None and not any(plain_name(n) in IMAGE_COLUMNS for n in features):  # bytes under another
+        image_col = image_column(dict(next(iter(ds))), None)  # name (image_bytes): found in the first row
     image_col = pick_column(features, IMAGE_COLUMNS, image_col, "image")
     caption_cols = caption_columns(features, args.caption_column)
     say_columns(features, image_col, caption_cols)

@@ -750,6 +750,11 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "lone"), "--out_dir", str(tmp_path / "lone_out"),
                        "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "lone_out" / "train" / "shard-000000.tar").values()] == ["red in train"]
+    # images kept as plain bytes in a column of another name (no Image feature to tell): found in the first row
+    datasets.Dataset.from_dict({"image_bytes": [red.getvalue()], "text": ["red bytes"]}).save_to_disk(str(tmp_path / "raw"))
+    prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "raw"), "--out_dir", str(tmp_path / "raw_out"),
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "raw_out" / "train" / "shard-000000.tar").values()] == ["red bytes"]
     # Flickr8k's layout on the hub: five numbered caption columns, each a caption of the image
     datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": None}],
                                 **{f"caption_{k}": [f"red {k}"] for k in range(5)}},
