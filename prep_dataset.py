@@ -576,9 +576,12 @@ def text_rows(f, path):
 
 
 def image_path(cell):
-    """A table's image cell, less spaces around it and the caption number that Flickr8k's and Flickr30k's
-    token files append to it (1000268201_693b08cb0e.jpg#2: the image's third caption)."""
+    """A table's image cell, less spaces around it, a file:// URL's scheme (a path, written as a browser or
+    pathlib's as_uri() writes it) and the caption number that Flickr8k's and Flickr30k's token files append to it
+    (1000268201_693b08cb0e.jpg#2: the image's third caption)."""
     cell = cell.strip()
+    if cell.lower().startswith("file://"):
+        cell = urllib.parse.unquote(urllib.parse.urlparse(cell).path)
     numbered = re.fullmatch(r"(.+)#\d+", cell)
     return numbered[1] if numbered and numbered[1].lower().endswith(tuple(IMAGE_EXTENSIONS)) else cell
 
