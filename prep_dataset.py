@@ -629,6 +629,8 @@ def table_image(image, roots, image_root):
         if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
             return next((path + e for e in EXTENSIONS_TRIED if os.path.isfile(path + e)), None)
     found = next(filter(None, (file(os.path.join(r, image)) for r in roots)), None)
+    if found is None and "\\" in image and os.sep == "/":  # a relative path written on Windows: imgs\x.jpg
+        found = next(filter(None, (file(os.path.join(r, *image.split("\\"))) for r in roots)), None)
     if found is None and image_root:
         parts = [part for part in re.split(r"[\\/]", image) if part]
         found = next(filter(None, (file(os.path.join(image_root, *parts[k:])) for k in range(len(parts)))), None)
