@@ -525,7 +525,7 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     prep_dataset.main(["--source", "table", "--input", str(src / "narratives.jsonl"), "--image_root", str(src / "imgs"),
                        "--out_dir", str(tmp_path / "ids"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert sorted(c for _, c in tar_samples(tmp_path / "ids" / "train" / "shard-000000.tar").values()) == ["green id", "red id"]
-    # a relative path written on Windows (imgs\\r.png) is found without --image_root too
+    # a relative path written on Windows (imgs\r.png) is found without --image_root too
     (src / "windows.csv").write_text("image,caption\nimgs\\r.png,red on windows\n")
     assert made("windows.csv") == ["red on windows"]
     # file:// URLs are paths (pathlib's as_uri(), a browser's address of a local file), spaces escaped and all
