@@ -1319,21 +1319,32 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
     def run_nodes(*extra, script=os.path.join(ROOT, "train.py"), out="run", torchrun=False):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        # what torchrun --nnodes 2 --node_rank r --nproc_per_node 1 gives each node's one process; or torchrun
-        # itself, as the README's multi-node command runs it
-        launch = lambda r: ([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
-                             "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"] if torchrun else
-                            [sys.executable])
-        procs = [subprocess.Popen([*launch(r), script, *run_args("data", out, max_steps=3), *extra], cwd=node,
-                                  env=env if torchrun else {**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                                                            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                                                            "MASTER_PORT": str(port)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for r, node in enumerate(nodes)]
-        return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        """Each node's exit code and stderr. Four processes on two cores (torchrun's agents and workers) hung once
+        in many clean runs of the suite, with no trace of why: a run that hangs is ended and tried once more, and
+        where it hangs again, the test fails with what each node said (a hang of the code under test would)."""
+        for attempt in (1, 2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            # what torchrun --nnodes 2 --node_rank r --nproc_per_node 1 gives each node's one process; or torchrun
+            # itself, as the README's multi-node command runs it
+            launch = lambda r: ([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                                 "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"] if torchrun
+                                else [sys.executable])
+            procs = [subprocess.Popen([*launch(r), script, *run_args("data", out, max_steps=3), *extra], cwd=node,
+                                      env=env if torchrun else {**env, "RANK": str(r), "LOCAL_RANK": "0",
+                                                                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+                                                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for r, node in enumerate(nodes)]
+            try:
+                return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    kill_tree(p.pid)
+                said = [p.communicate()[1] for p in procs]
+                assert attempt == 1, f"the two nodes hung twice; they said: {said}"
+                print(f"the two nodes hung; tried again. They said: {said}", file=sys.stderr)
 
     for code, err in run_nodes():
         assert code != 0
@@ -1370,6 +1381,28 @@ def test_nodes_that_find_different_files_or_cannot_save_stop_together_saying_why
     evals = read_log(str(nodes[0] / "partial"), "eval")
     assert evals[0]["zeroshot/shape/top1"] >= 0 and "retrieval/text_to_image_R@1" in evals[0]
     assert not any(k.startswith("zeroshot/zs/") for k in evals[0])
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun's agent and the workers it started), read from /proc."""
+    def children(p):
+        found = []
+        for task in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                found += [int(c) for c in open(task).read().split()]
+            except OSError:
+                pass
+        return found
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children(p)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 FULL_DISK = """
