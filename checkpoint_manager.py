@@ -34,10 +34,14 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # a torn file, or a pickle that asks for code: never run it
         # torch's own message is long and suggests weights_only=False: said here in a line instead
         text, refused = str(e), re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e))
-        why = (f"it holds a pickled object ({refused[1]}), which only code could rebuild" if refused else
-               "it is no checkpoint: its bytes are not a pickle" if "Unpickl" in type(e).__name__ + text else
-               "it is cut short or damaged (a copy that did not finish, a disk error)" if "zip archive" in text else
-               f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}")
+        if refused:
+            why = f"it holds a pickled object ({refused[1]}), which only code could rebuild"
+        elif "Unpickl" in type(e).__name__ + text:
+            why = "it is no checkpoint: its bytes are not a pickle"
+        elif "zip archive" in text:
+            why = "it is cut short or damaged (a copy that did not finish, a disk error)"
+        else:
+            why = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
         raise CheckpointError(f"{path} cannot be loaded safely: {why}. A checkpoint torn by a crash: resume from an "
                               "earlier one; never load untrusted files with weights_only=False.") from e
     if not isinstance(state, dict) or not {"model", "model_config"} <= state.keys():

@@ -98,7 +98,7 @@ def find_shards(data_dir, split):
             raw |= {os.path.splitext(f)[1].lower().lstrip(".") for f in files if not f.startswith(".")}
         images, tables = raw & set(IMAGE_EXTENSIONS), raw & {"csv", "tsv", "jsonl", "json", "parquet"}
         if images or tables:  # the data itself, not yet prepared
-            pairs = images and raw & {"txt", "caption"} or not tables  # x.jpg + x.txt, or x.json records
+            pairs = bool(images and raw & {"txt", "caption"}) or not tables  # x.jpg + x.txt, or x.json records
             raise FileNotFoundError(
                 f"no shards in {os.path.join(d, split)}: {d} holds {'images' if images else 'tables'}, not the shards "
                 "that training reads. Prepare them into a folder of their own, then train on that:\n"

@@ -166,7 +166,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/plots.png of the first run)")
     args = p.parse_args(argv)
     # a run's log.jsonl itself, as a shell's completion gives it: its run directory
-    args.run_dirs = [os.path.dirname(d) or "." if os.path.basename(d) == "log.jsonl" and os.path.isfile(d) else d
+    args.run_dirs = [(os.path.dirname(d) or ".") if os.path.basename(d) == "log.jsonl" and os.path.isfile(d) else d
                      for d in args.run_dirs]
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "log.jsonl")):

@@ -815,10 +815,11 @@ def source_hub(args):
     except Exception as e:
         sys.exit(f"could not load {args.input!r} with datasets ({type(e).__name__}: {e}). Give a hub name "
                  "(with a network) or a local dataset folder, and --split")
-    features = ds.features or dict(next(iter(ds)))  # some streamed sets only show their columns in a row
-    image_col = args.image_column or next((n for n, f in features.items() if isinstance(f, HFImage)), None)
-    if image_col is None and not any(plain_name(n) in IMAGE_COLUMNS for n in features):  # bytes under another
-        image_col = image_column(dict(next(iter(ds))), None)  # name (image_bytes): found in the first row
+    first = None if ds.features else dict(next(iter(ds)))  # some streamed sets only show their columns in a row
+    features = ds.features or first
+    typed = next((n for n, f in features.items() if isinstance(f, HFImage)), None)
+    # an Image feature names the column; else it is found in the first row as a table's is (bytes under any name)
+    image_col = args.image_column or typed or image_column(first or dict(next(iter(ds))), None)
     image_col = pick_column(features, IMAGE_COLUMNS, image_col, "image")
     caption_cols = caption_columns(features, args.caption_column)
     say_columns(features, image_col, caption_cols)
