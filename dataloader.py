@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip import Tokenizer
-from prep_dataset import upright_rgb
+from prep_dataset import TABLE_EXTENSIONS, not_data, upright_rgb
 
 # a shard key's image: the first of these present (every kind prep_dataset.py reads; other tools' shards hold
 # some of them, prep's own only .jpg)
@@ -94,11 +94,11 @@ def find_shards(data_dir, split):
                 f"  python prep_dataset.py --source webdataset --input '{os.path.join(d, '*.tar')}' --out_dir DIR")
         raw = set()  # the kinds of file in its first 1,000 folders: a look, not a crawl
         for _, (_, folders, files) in zip(range(1000), os.walk(d) if os.path.isdir(d) else ()):
-            folders[:] = [f for f in folders if not f.startswith(".")]  # an interrupted prep's .stage is no data
-            raw |= {os.path.splitext(f)[1].lower().lstrip(".") for f in files if not f.startswith(".")}
-        images, tables = raw & set(IMAGE_EXTENSIONS), raw & {"csv", "tsv", "jsonl", "json", "parquet"}
+            folders[:] = [f for f in folders if not not_data(f)]  # an interrupted prep's .stage is no data
+            raw |= {os.path.splitext(f)[1].lower() for f in files if not not_data(f)}
+        images, tables = raw & {"." + e for e in IMAGE_EXTENSIONS}, raw & TABLE_EXTENSIONS
         if images or tables:  # the data itself, not yet prepared
-            pairs = bool(images and raw & {"txt", "caption"}) or not tables  # x.jpg + x.txt, or x.json records
+            pairs = bool(images and raw & {".txt", ".caption"}) or not tables  # x.jpg + x.txt, or x.json records
             raise FileNotFoundError(
                 f"no shards in {os.path.join(d, split)}: {d} holds {'images' if images else 'tables'}, not the shards "
                 "that training reads. Prepare them into a folder of their own, then train on that:\n"
