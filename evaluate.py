@@ -44,7 +44,7 @@ from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
                         shard_paths)
-from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set, not_data
+from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set, not_a_missing_folder, not_data
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -691,6 +691,10 @@ def print_table(results, prefix=""):
 def unprepared_hint(paths):
     """What to run where --retrieval names data that prep_dataset.py has not made into shards (a `datasets` set, a
     table of pairs, a folder of them): the evaluation set it can make of them, all in val/."""
+    try:
+        not_a_missing_folder(paths)
+    except FileNotFoundError:
+        return ""  # a local folder that is not there: the error said so, and nothing can be made of it
     if "," in paths:
         return ""
     source = ("table" if os.path.isfile(paths) else

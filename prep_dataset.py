@@ -1426,7 +1426,8 @@ def main(argv=None):
                            ("chunk_size", args.chunk_size >= 1, "at least 1"),
                            ("num_workers", args.num_workers >= 1, "at least 1"),
                            ("jpeg_quality", 1 <= args.jpeg_quality <= 100, "in [1, 100]"),
-                           ("max_samples_per_picture", args.max_samples_per_picture >= 0, "at least 0")):
+                           ("max_samples_per_picture", args.max_samples_per_picture >= 0, "at least 0"),
+                           ("seed", args.seed >= 0, "0 or more")):
         if not ok:
             p.error(f"--{name} {getattr(args, name)}: must be {what}")
     for name, sources in (("input", ("text-to-image-2M", "folder", "webdataset", "table", "hub")),

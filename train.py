@@ -42,7 +42,7 @@ from clip import (CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_co
                   resize_position_embeddings)
 from dataloader import ShardLoader, data_dirs, default_num_workers, shard_paths
 from logger import Logger
-from prep_dataset import lock_dir, unlock_dir
+from prep_dataset import lock_dir, not_a_missing_folder, unlock_dir
 
 
 @dataclass
@@ -610,6 +610,8 @@ def main(argv=None):
     given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}  # the flags of this command
     if "crop_scale_min" in given and not cfg.augment:  # said, not ignored (the demo turns the crops off)
         sys.exit("--crop_scale_min sets the random crops, which --augment false turns off: add --augment true")
+    if cfg.epochs < 0:  # checked before a --max_steps given with it sets it to 0
+        sys.exit(f"--epochs {cfg.epochs}: must be 0 (--max_steps decides) or more")
     if "max_steps" in given and "epochs" in given and cfg.epochs > 0:
         sys.exit("--epochs sets --max_steps (the epochs' steps): give one of them")
     if "max_steps" in given:  # a run of --epochs resumed with a new length in steps: the steps decide
@@ -633,7 +635,6 @@ def main(argv=None):
                             "at least 2 for the contrastive loss (the global batch, over all ranks: "
                             "--micro_batch_size fits it in memory)" if cfg.loss == "clip" else "at least 1"),
                            ("max_steps", cfg.max_steps >= 1, "at least 1"),
-                           ("epochs", cfg.epochs >= 0, "0 (--max_steps decides) or more"),
                            ("max_lr", cfg.max_lr > 0, "positive"), ("warmup_frac", 0 <= cfg.warmup_frac < 1, "in [0, 1)"),
                            ("micro_batch_size", cfg.micro_batch_size >= 0, "0 (off) or more"),
                            ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
@@ -641,6 +642,10 @@ def main(argv=None):
                            ("patch_dropout", 0 <= cfg.patch_dropout < 1, "in [0, 1): the share of patches left out"),
                            ("grad_clip", cfg.grad_clip >= 0, "0 (off) or more"),
                            ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
+                           ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+                           ("eps", cfg.eps > 0, "positive"),
+                           ("seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2^32)"),
+                           ("num_workers", cfg.num_workers >= -1, "-1 (the cores per rank less one) or more"),
                            ("log_interval", cfg.log_interval >= 0, "0 (only the last step) or more"),
                            ("eval_interval", cfg.eval_interval >= 0, "0 (only the last step) or more"),
                            ("checkpoint_interval", cfg.checkpoint_interval >= 0, "0 (only the last step) or more"),
@@ -659,6 +664,20 @@ def main(argv=None):
             sys.exit(f"--{name} is about the sets given with --zeroshot: give them")
         if getattr(cfg, name) and not os.path.isfile(getattr(cfg, name)):
             sys.exit(f"--{name} {getattr(cfg, name)}: no such file")
+    # a --zeroshot folder mistyped stops the run now, not at its first evaluation hours in. One that some nodes
+    # have and others lack is left out by all at that evaluation, with a warning
+    missing, sets = {}, [] if cfg.zeroshot in ("auto", "none") else data_dirs(cfg.zeroshot)
+    for name in sets:
+        try:
+            not_a_missing_folder(name)
+        except FileNotFoundError as e:
+            missing[name] = str(e)
+    if ddp and sets:
+        every = [None] * world
+        dist.all_gather_object(every, missing)
+        missing = {name: why for name, why in missing.items() if all(name in other for other in every)}
+    if missing:
+        sys.exit("\n".join(f"--zeroshot {name}: {why}" for name, why in missing.items()))
     try:  # a run directory that cannot be made stops the run now, not after the data is read
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:

@@ -664,7 +664,8 @@ def test_prep_settings_out_of_range_stop_before_any_work(tmp_path, capsys):
                            (["--num_workers", "0"], "--num_workers 0: must be at least 1"),
                            (["--workers", "0"], "--num_workers 0: must be at least 1"),  # the older name of it
                            (["--val_fraction", "1.5"], "--val_fraction 1.5: must be a share between 0 and 1"),
-                           (["--jpeg_quality", "101"], r"--jpeg_quality 101: must be in \[1, 100\]")):
+                           (["--jpeg_quality", "101"], r"--jpeg_quality 101: must be in \[1, 100\]"),
+                           (["--seed", "-1"], "--seed -1: must be 0 or more")):  # else numpy's traceback
         with pytest.raises(SystemExit):
             prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "x"), *flags])
         assert re.search(message, capsys.readouterr().err)

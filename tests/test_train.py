@@ -79,6 +79,7 @@ def test_cli_overrides_named_configs_and_rejects_unknown_keys(capsys):
 def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch):
     out = ["--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "none")]
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "zeroshot_set").mkdir()
     for flags, message in ((["--model", "vit-b/32"], "choose one of tiny, base"),
                            (["--batch_size", "1"], "--batch_size 1: must be at least 2 for the contrastive loss"),
                            (["--batch_size", "0", "--loss", "siglip"], "--batch_size 0: must be at least 1"),
@@ -87,6 +88,14 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
                            (["--crop_scale_min", "0"], r"--crop_scale_min 0.0: must be in \(0, 1\]"),
                            (["--eval_interval", "-5"], r"--eval_interval -5: must be 0 \(only the last step\) or more"),
                            (["--grad_clip", "-1"], r"--grad_clip -1.0: must be 0 \(off\) or more"),
+                           (["--beta2", "1.5"], r"--beta2 1.5: must be in \[0, 1\)"),  # else torch's traceback
+                           (["--eps", "0"], "--eps 0.0: must be positive"),
+                           (["--seed", "-1"], r"--seed -1: must be in \[0, 2\^32\)"),  # else numpy's traceback
+                           (["--num_workers", "-5"], r"--num_workers -5: must be -1 \(the cores per rank less one\)"),
+                           (["--epochs", "-1", "--max_steps", "5"], "--epochs -1.0: must be 0"),  # not dropped by the steps
+                           # a mistyped zero-shot folder, said before training rather than at the first evaluation
+                           (["--zeroshot", str(tmp_path / "zeroshot_sett")], r"--zeroshot .*zeroshot_sett: no such folder; "
+                            r"did you mean .*zeroshot_set\?"),
                            (["--out_dir", str(tmp_path / "a_file" / "run")], "a_file/run: cannot create it"),
                            (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size"),
                            (["--model", "tiny", "--context_length", "0"], "context_length must be at least 1"),
