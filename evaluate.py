@@ -281,7 +281,7 @@ def class_folders(root, split=None, notes=True):
     split (ROOT/val/CLASS/...) -> (rows, class names), or None when it holds no such images. A folder whose
     subfolders are all split names is read by split: --split, else the first of SPLIT_FOLDERS it has, so
     an ImageNet-style train/ + val/ evaluates on val. Otherwise its subfolders are the classes, whatever
-    their names (CIFAR-100 has a class "train"). The files are listed here, not through `datasets`'
+    their names (CIFAR-100 has a class "train"), and a --split it has no folder of does not apply to it. The files are listed here, not through `datasets`'
     imagefolder, which would take such class folders for splits and leaves a lone class unlabelled."""
     folders = lambda d: sorted(e.name for e in os.scandir(d) if e.is_dir() and not not_data(e.name))
     subdirs = folders(root)
@@ -290,7 +290,13 @@ def class_folders(root, split=None, notes=True):
         if split not in subdirs:
             if by_split:
                 raise SystemExit(f"--split {split}: {root} has the split folders {subdirs}")
-            return None  # perhaps a local copy of a `datasets` set, whose splits are files
+            # class folders with no split folders (--split picks the split of another set, given beside this one):
+            # read as they are, and said. Else perhaps a local copy of a `datasets` set, whose splits are files
+            found = class_folders(root, None, notes)
+            if found is not None and notes:
+                print(f"{root} has no split folders, only class folders: read as they are (--split {split} is for "
+                      "sets with splits)", file=sys.stderr)
+            return found
         root = os.path.join(root, split)
     elif by_split:
         chosen = next(d for s in SPLIT_FOLDERS for d in subdirs if d.lower() == s)

@@ -271,6 +271,17 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
         Image.new("RGB", (30, 30), (9, 9, 9)).save(other / name / "0.png")
     both = evaluate.main([ckpt, "--zeroshot", f"{root},{other}"])["zeroshot"]
     assert both["folder"]["samples"] == 9 and both["other"]["classes"] == 2  # named as in the training log
+    # --split for a set with splits (a local `datasets` copy, its test split in Parquet) does not stop a set of
+    # class folders beside it, which has none: read whole, and said
+    import datasets
+    datasets.Dataset.from_dict({"img": [Image.new("RGB", (24, 24), (9, 9, 9 * i)) for i in range(4)], "label": [0, 1, 1, 0]},
+                               features=datasets.Features({"img": datasets.Image(),
+                                                           "label": datasets.ClassLabel(names=["dark", "light"])})
+                               ).to_parquet(str(tmp_path / "copy" / "plain_text" / "test-00000-of-00001.parquet"))
+    capsys.readouterr()
+    both = evaluate.main([ckpt, "--zeroshot", f"{root},{tmp_path / 'copy'}", "--split", "test"])["zeroshot"]
+    assert both["folder"]["samples"] == 9 and both["copy"]["samples"] == 4
+    assert f"{root} has no split folders, only class folders: read as they are" in capsys.readouterr().err
     # retrieval on shards
     prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "shapes"), "--limit", "60",
                        "--val_fraction", "0.5", "--num_workers", "1"])
