@@ -566,8 +566,14 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
         evaluate.load_classification(str(tmp_path / "saved_dict"))
     with pytest.raises(SystemExit, match="has the split folders"):
         evaluate.load_classification(str(tmp_path / "splits"), split="test")
+    # class folders and no split folders: a --split (meant for another set evaluated beside them) leaves them whole
+    capsys.readouterr()
+    assert evaluate.load_classification(str(tmp_path / "cifar"), split="test")[3] == ["bus", "tractor", "train"]
+    assert "has no split folders, only class folders: read as they are (--split test" in capsys.readouterr().err
+    (tmp_path / "notes" / "a").mkdir(parents=True)
+    (tmp_path / "notes" / "a" / "readme.txt").write_text("no images")
     with pytest.raises(SystemExit, match="could not load"):  # neither class folders nor a `datasets` set
-        evaluate.load_classification(str(tmp_path / "cifar"), split="test")
+        evaluate.load_classification(str(tmp_path / "notes"), split="test")
     # a local folder's name mistyped, relative as "owner/name" hub names are: said at once, with the folder
     # meant, instead of a hub lookup that fails after half a minute of retries without a network
     monkeypatch.chdir(tmp_path.parent)
