@@ -44,7 +44,8 @@ from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
                         shard_paths)
-from prep_dataset import IMAGE_EXTENSIONS, atomic_write, image_cell, load_hub_set, not_a_missing_folder, not_data
+from prep_dataset import (IMAGE_EXTENSIONS, atomic_write, hub_split_names, image_cell, load_hub_set, not_a_missing_folder,
+                          not_data)
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -386,6 +387,19 @@ def read_classnames(path, classes):
     return lines
 
 
+def held_out_splits(name_or_dir):
+    """The splits of a `datasets` set that zero-shot evaluation takes when no --split names one, in the order
+    tried: its test split, then its validation split (Food-101 has no test split; ImageNet's test labels are
+    hidden), or its one split if it has one alone. Splits that cannot be listed (a hub name without a
+    network): test."""
+    try:
+        names = hub_split_names(name_or_dir)
+    except Exception:
+        names = []
+    held_out = [s for s in SPLIT_FOLDERS[:-1] if s in names]  # all but train
+    return held_out or (names if len(names) == 1 else ["test"])
+
+
 def load_classification(name_or_dir, split=None, classnames_file=None, label_column=None, notes=True,
                         labels_file=None):
     """An image-classification set: a local folder of class folders (class = folder name), or a `datasets`
@@ -426,8 +440,12 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
                 f"{name_or_dir} holds shards of images and captions, which have no classes: evaluate them with "
                 f"--retrieval {name_or_dir} (a prepared set's own zero-shot tasks, as the shapes set's: --zeroshot "
                 "with the set's folder, the one with manifest.json)")
+        chosen = split or held_out_splits(name_or_dir)[0]
+        if split is None and chosen != "test" and notes:
+            print(f"{name_or_dir} has no test split: evaluating on its {chosen} split (--split picks another)",
+                  file=sys.stderr)
         try:
-            ds = load_hub_set(name_or_dir, split or "test")
+            ds = load_hub_set(name_or_dir, chosen)
         except Exception as e:
             raise SystemExit(f"could not load {name_or_dir!r} ({type(e).__name__}: {str(e)[:300]}). Give a folder "
                              "of class folders (ROOT/CLASS/image.jpg, or ROOT/SPLIT/CLASS/...), or a `datasets` name "
@@ -467,7 +485,13 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
             print(f"warning: {len(rows) - len(labelled)} of {len(rows)} images of {name_or_dir} have no label "
                   "and are left out", file=sys.stderr)
         if not len(labelled):
-            raise SystemExit(f"the {split or 'test'} split of {name_or_dir} holds no labels (a hidden test set?): "
+            others = held_out_splits(name_or_dir)[1:] if split is None else []
+            if others:  # ImageNet's on the hub: its test labels are hidden, its validation split is the one to use
+                if notes:
+                    print(f"the {chosen} split of {name_or_dir} holds no labels (a hidden test set): evaluating on its "
+                          f"{others[0]} split", file=sys.stderr)
+                return load_classification(name_or_dir, others[0], classnames_file, label_column, notes)
+            raise SystemExit(f"the {chosen} split of {name_or_dir} holds no labels (a hidden test set?): "
                              "choose another with --split")
         rows = labelled
     if classnames_file:  # folders named by id (ImageNet's n01440764): the names the prompts should say
@@ -726,7 +750,7 @@ def main(argv=None):
     p.add_argument("checkpoint", help="a .pt file, or a run directory: its best.pt, else its newest checkpoint")
     p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
                    "dataset dir whose manifest has tasks (the shapes set); several sets, comma-separated")
-    p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test), or a "
+    p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test, else validation), or a "
                    "folder's split folder (default: the first of test, val, valid, validation, train it has)")
     p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
                    "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order; or the same as JSON "

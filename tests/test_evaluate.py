@@ -517,6 +517,19 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
         str(tmp_path / "hub" / "test.parquet"))
     with pytest.raises(SystemExit, match="holds no labels"):
         evaluate.load_classification(str(tmp_path / "hub"))
+    # no --split, and a validation split beside the hidden test one (ImageNet's on the hub): that one, said so
+    datasets.Dataset.from_dict({"img": [png((255, 0, 0)), png((0, 0, 255))], "fine": [0, 1]}, features=features
+                               ).to_parquet(str(tmp_path / "hub" / "validation.parquet"))
+    capsys.readouterr()
+    rows, _, label_col, _ = evaluate.load_classification(str(tmp_path / "hub"))
+    assert rows[label_col] == [0, 1]
+    assert "the test split of" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="the test split of .* holds no labels"):  # asked for: that split, or nothing
+        evaluate.load_classification(str(tmp_path / "hub"), split="test")
+    # no test split at all (Food-101's train and validation): the validation split, said so
+    (tmp_path / "hub" / "test.parquet").rename(tmp_path / "hub" / "train.parquet")
+    rows, _, label_col, _ = evaluate.load_classification(str(tmp_path / "hub"))
+    assert rows[label_col] == [0, 1] and "has no test split: evaluating on its validation split" in capsys.readouterr().err
     # labels kept as text (many community sets): the classes are their distinct values
     (tmp_path / "text").mkdir()
     datasets.Dataset.from_dict({"image": [png((255, 0, 0)), png((0, 0, 255)), png((250, 0, 0))],
@@ -562,8 +575,9 @@ def test_class_folders_by_split_and_sets_with_hidden_labels(tmp_path, capsys, mo
     rows, _, label_col, classnames = evaluate.load_classification(str(tmp_path / "saved"))
     assert rows[label_col] == [1, 0] and classnames == ["red", "blue"]
     assert len(evaluate.load_classification(str(tmp_path / "saved_dict"), split="validation")[0]) == 1
-    with pytest.raises(SystemExit, match=r"no split 'test', only \['train', 'validation'\]"):
-        evaluate.load_classification(str(tmp_path / "saved_dict"))
+    assert len(evaluate.load_classification(str(tmp_path / "saved_dict"))[0]) == 1  # no test split: validation
+    with pytest.raises(SystemExit, match=r"--split test: .* has the split folders \['train', 'validation'\]"):
+        evaluate.load_classification(str(tmp_path / "saved_dict"), split="test")
     with pytest.raises(SystemExit, match="has the split folders"):
         evaluate.load_classification(str(tmp_path / "splits"), split="test")
     # class folders and no split folders: a --split (meant for another set evaluated beside them) leaves them whole
@@ -744,6 +758,9 @@ def test_clip_benchmark_sets_read_with_their_class_names_ids_and_templates(tmp_p
     real_load = evaluate.load_hub_set
     monkeypatch.setattr(evaluate, "load_hub_set", lambda name, split: real_load(
         str(root) if name == "clip-benchmark/wds_colours" else name, split))
+    real_splits = evaluate.hub_split_names
+    monkeypatch.setattr(evaluate, "hub_split_names", lambda name: real_splits(
+        str(root) if name == "clip-benchmark/wds_colours" else name))
     got = evaluate.zeroshot_classification(oracle, "clip-benchmark/wds_colours", cfg, "cpu", off, num_workers=0)
     assert got["top1"] == 1.0 and used[-1] == (["red", "green", "blue"], ["a photo of a {c}.", "a {c} thing."])
     assert ("clip-benchmark/wds_colours", "classnames.txt", "dataset") in fetched
