@@ -282,8 +282,9 @@ def class_folders(root, split=None, notes=True):
     split (ROOT/val/CLASS/...) -> (rows, class names), or None when it holds no such images. A folder whose
     subfolders are all split names is read by split: --split, else the first of SPLIT_FOLDERS it has, so
     an ImageNet-style train/ + val/ evaluates on val. Otherwise its subfolders are the classes, whatever
-    their names (CIFAR-100 has a class "train"), and a --split it has no folder of does not apply to it. The files are listed here, not through `datasets`'
-    imagefolder, which would take such class folders for splits and leaves a lone class unlabelled."""
+    their names (CIFAR-100 has a class "train"), and a --split it has no folder of does not apply to it. The
+    files are listed here, not through `datasets`' imagefolder, which would take such class folders for splits
+    and leaves a lone class unlabelled."""
     folders = lambda d: sorted(e.name for e in os.scandir(d) if e.is_dir() and not not_data(e.name))
     subdirs = folders(root)
     by_split = bool(subdirs) and all(d.lower() in SPLIT_FOLDERS for d in subdirs)
@@ -750,8 +751,9 @@ def main(argv=None):
     p.add_argument("checkpoint", help="a .pt file, or a run directory: its best.pt, else its newest checkpoint")
     p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
                    "dataset dir whose manifest has tasks (the shapes set); several sets, comma-separated")
-    p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test, else validation), or a "
-                   "folder's split folder (default: the first of test, val, valid, validation, train it has)")
+    p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test, else "
+                   "validation), or a folder's split folder (default: the first of test, val, valid, validation, "
+                   "train it has)")
     p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
                    "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order; or the same as JSON "
                    "(Keras' imagenet_class_index.json)")
