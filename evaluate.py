@@ -443,8 +443,8 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
                 "with the set's folder, the one with manifest.json)")
         chosen = split or held_out_splits(name_or_dir)[0]
         if split is None and chosen != "test" and notes:
-            print(f"{name_or_dir} has no test split: evaluating on its {chosen} split (evaluate.py --split picks another)",
-                  file=sys.stderr)
+            print(f"{name_or_dir} has no test split: evaluating on its {chosen} split (evaluate.py --split picks "
+                  "another)", file=sys.stderr)
         try:
             ds = load_hub_set(name_or_dir, chosen)
         except Exception as e:
