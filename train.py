@@ -782,7 +782,7 @@ def main(argv=None):
     loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
                      encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
                      num_workers=num_workers, trim_tokens=True, device=device)
-    val_loader, failure = None, None
+    val_loader, val_count, failure = None, 0, None
     try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
         train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
                                    crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
@@ -791,8 +791,10 @@ def main(argv=None):
             if None in counts:  # shards without a manifest (another tool's): count them
                 counts = [ShardLoader(",".join(val_dirs), "val", 1, train=False, drop_last=False,
                                       **{**loader_kw, "rank": 0, "world_size": 1}).dataset.num_samples]
-            val_batch = min(cfg.batch_size, sum(counts) // world * world)
-            if val_batch > 0:
+            val_count = sum(counts)
+            val_batch = min(cfg.batch_size, val_count // world * world)
+            # the contrastive loss of a batch of one is 0 whatever the model: no figure to keep best.pt by
+            if val_batch >= (2 if cfg.loss == "clip" else 1):
                 val_loader = ShardLoader(",".join(val_dirs), "val", val_batch, train=False, **loader_kw)
     except FileNotFoundError as e:  # no shards: the message says which command makes them
         failure = f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo"
@@ -878,16 +880,21 @@ def main(argv=None):
         if val_batch < cfg.batch_size:  # a contrastive loss grows with its batch: the two are not on one scale
             print(f"the val split holds fewer samples than --batch_size: val loss over batches of {val_batch}, "
                   f"whose chance level is ln({val_batch}) = {math.log(val_batch):.3f}, below the train loss's")
-        if val_loader is None:  # said, so that the missing figures and best.pt come as no surprise
+        if val_loader is None and val_count:  # said, so that the missing figures and best.pt come as no surprise
+            print(f"the val split holds {val_count} sample{'s' * (val_count > 1)}, too few for a val-loss batch"
+                  + (f" shared by the {world} ranks" if world > 1 else "") + ": no val loss and no best.pt, only the "
+                  "newest checkpoints (prep_dataset.py's --val_fraction holds out more of the samples)")
+        elif val_loader is None:
             print(f"no val split to evaluate on in {cfg.data_dir}: no val loss, no retrieval and no best.pt, only "
                   "the newest checkpoints (prep_dataset.py holds out --val_fraction of the samples, 5% by default)")
 
     evaluator = None
     if cfg.zeroshot != "none" or cfg.retrieval:
         import evaluate  # downstream of training data, upstream of nothing: the eval hooks
-        # a training forward pass's images at a time: what fits beside its backward fits without one
-        evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval, ",".join(val_dirs), tasks, model_cfg,
-                                               device, autocast, num_workers=num_workers,
+        # a training forward pass's images at a time: what fits beside its backward fits without one. Retrieval
+        # among a single sample would always find it (R@1 = 1, which says nothing)
+        evaluator = evaluate.TrainingEvaluator(cfg.zeroshot, cfg.retrieval and val_count >= 2, ",".join(val_dirs),
+                                               tasks, model_cfg, device, autocast, num_workers=num_workers,
                                                classnames_file=cfg.zeroshot_classnames or None,
                                                labels_file=cfg.zeroshot_labels or None,
                                                batch_size=cfg.micro_batch_size or cfg.batch_size // world)

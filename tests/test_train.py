@@ -187,6 +187,18 @@ def test_a_val_split_smaller_than_a_batch_is_said_to_put_the_val_loss_on_another
     train.main(run_args(shapes_dir, out, batch_size=64, max_steps=1, vision_layers=1, text_layers=1, eval_batches=0))
     assert "val loss over batches of 48, whose chance level is ln(48) = 3.871" in capsys.readouterr().out
     assert abs(read_log(out, "eval")[0]["val_loss"] - math.log(48)) < 0.2  # untrained: near that chance level
+    # a val split of one sample: a contrastive loss of 0 whatever the model, and retrieval that always finds its one
+    # caption. Neither is logged, no best.pt is kept by them, and the run says why
+    prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "one_val"), "--limit", "40", "--val_fraction",
+                       "0.03", "--image_size", "64", "--num_workers", "1"])
+    out = str(tmp_path / "one")
+    train.main(run_args(str(tmp_path / "one_val"), out, max_steps=1, vision_layers=1, text_layers=1, retrieval=True,
+                        zeroshot="auto"))
+    assert "the val split holds 1 sample, too few for a val-loss batch: no val loss and no best.pt" in \
+        capsys.readouterr().out
+    (record,) = read_log(out, "eval")
+    assert "val_loss" not in record and not any(k.startswith("retrieval/") for k in record)
+    assert "zeroshot/shape/top1" in record and not os.path.exists(os.path.join(out, "best.pt"))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
