@@ -1203,6 +1203,7 @@ evaluate.TrainingEvaluator.__call__, clip.CLIP.encode_image = counted_call, coun
 model = train.main(sys.argv[1:])
 torch.save({{**model.state_dict(), "evaluated_images": torch.tensor(embedded[0])}},
            os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+train.exit_after_ddp()  # as train.py ends a DDP run
 """
 
 
