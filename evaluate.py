@@ -898,6 +898,9 @@ def main(argv=None):
                     f"{unprepared_hint(args.retrieval)}")
         img, txt, _, text_image = shards_or_exit(p, model, data_dir, split, cfg, device, autocast, args.max_samples,
                                                  args.batch_size, args.num_workers, rank, world)
+        if len(img) < 2:  # among one image its caption is always found: R@1 = 1, whatever the model
+            p.error(f"--retrieval {args.retrieval}: {len(img)} image{'s' * (len(img) != 1)} to search among; retrieval "
+                    "needs two or more")
         results.update(recall_at_k(img, txt, text_image))
         results["retrieval_samples"], results["retrieval_captions"] = len(img), len(txt)
     if own_group:

@@ -344,6 +344,11 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
         evaluate.main([ckpt, "--retrieval", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert "no folder" in err and "prep_dataset.py" not in err  # nothing to prepare a set from either
+    prep_dataset.main(["--source", "shapes", "--out_dir", str(tmp_path / "one"), "--limit", "40", "--val_fraction", "0.03",
+                       "--num_workers", "1"])
+    with pytest.raises(SystemExit):  # one image to search among: found whatever the model, a figure of nothing
+        evaluate.main([ckpt, "--retrieval", str(tmp_path / "one")])
+    assert "1 image to search among; retrieval needs two or more" in capsys.readouterr().err
     # data not yet made into shards (a hub set, a table, a folder of pairs): the two commands that score it
     (tmp_path / "pairs.csv").write_text("image,caption\nred/0.png,red\n")
     for given, source in (("nlphuji/flickr_1k_test_image_text_retrieval", "hub --input nlphuji/flickr_1k_test_image_text"
