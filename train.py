@@ -1051,28 +1051,34 @@ def main(argv=None):
     return raw_model
 
 
-def exit_after_ddp():
-    """Ends a process that trained under DDP, its output flushed, without the interpreter's shutdown. With DDP, torch
-    2.13 keeps the process group (and, with gloo, its worker threads) alive past destroy_process_group, and a worker
-    thread that releases a finished collective's tensors while the interpreter shuts down aborts the process
-    ("terminate called without an active exception", SIGABRT; in 4 of 67 two-node runs on a busy 2-core CPU):
-    a run that trained and saved everything would end as failed, and the other nodes' torchrun would wait for this
-    one. By now everything is written (the log and the checkpoints are closed files)."""
+def exit_after_ddp(code=0):
+    """Ends a process that ran under DDP, its output flushed, without the interpreter's shutdown; code as sys.exit
+    takes it (a message is said on stderr, with exit status 1). With DDP, torch 2.13 keeps the process group (and,
+    with gloo, its worker threads) alive past destroy_process_group, and a worker thread that releases a finished
+    collective's tensors while the interpreter shuts down aborts the process ("terminate called without an active
+    exception", SIGABRT; in 4 of 67 two-node runs on a busy 2-core CPU): a run that trained and saved everything
+    would end as failed, one stopped by SIGTERM would lose its 143, and the other nodes' torchrun would wait for
+    this one. By now everything is written (the log and the checkpoints are closed files)."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":
+    ddp_run = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # under torchrun
     try:
         main()
     except SystemExit as e:
-        if stops_quietly(e):
-            sys.exit(1)
-        raise
+        code = 1 if stops_quietly(e) else e.code
+        if ddp_run:
+            exit_after_ddp(code)
+        sys.exit(code)
     except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback (once per node, not once per rank)
         if first_on_node():
             print("\ninterrupted. Go on from the last checkpoint with the same command and --resume", file=sys.stderr)
         sys.exit(130)  # the shell's code for a Ctrl-C'd program
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a DDP run (torchrun), over
+    if ddp_run:
         exit_after_ddp()
