@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip import Tokenizer
-from prep_dataset import TABLE_EXTENSIONS, not_data, upright_rgb
+from prep_dataset import TABLE_EXTENSIONS, not_data, not_data_member, upright_rgb
 
 # a shard key's image: the first of these present (every kind prep_dataset.py reads; other tools' shards hold
 # some of them, prep's own only .jpg)
@@ -163,10 +163,10 @@ def index_shard(path):
                     truncated += 1
                     break
                 # webdataset's convention: the key is the path up to the first dot of the file name
-                folder, _, base = name.decode("utf-8", "replace").rpartition("/")
+                path = name.decode("utf-8", "replace")
+                folder, _, base = path.rpartition("/")
                 stem, _, ext = base.partition(".")
-                # hidden files are no samples: a tar made on a Mac holds a ._x.jpg resource fork beside each x.jpg
-                if stem and "__MACOSX" not in folder.split("/"):
+                if not not_data_member(path):
                     samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = (data, length)
             offset = data + (length + 511) // 512 * 512
     return samples, truncated

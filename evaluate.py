@@ -44,8 +44,8 @@ from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
                         shard_paths)
-from prep_dataset import (IMAGE_EXTENSIONS, atomic_write, hub_split_names, image_cell, load_hub_set, not_a_missing_folder,
-                          not_data)
+from prep_dataset import (IMAGE_EXTENSIONS, atomic_write, hub_split_names, image_cell, load_hub_set,
+                          not_a_missing_folder, not_data)
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -340,7 +340,8 @@ def listed_classes(root, labels_file, notes=True):
         print(f"warning: {unlisted} of {len(files)} images in {root} are not in {labels_file} and are left out",
               file=sys.stderr)
     index = {c: i for i, c in enumerate(classes)}
-    return [{"image": {"bytes": None, "path": path}, "label": index[label]} for path, label in files if label], classes
+    return [{"image": {"bytes": None, "path": path}, "label": index[label]} for path, label in files
+            if label is not None], classes
 
 
 def read_lines(path, flag):
@@ -441,7 +442,8 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
                 f"{name_or_dir} holds shards of images and captions, which have no classes: evaluate them with "
                 f"--retrieval {name_or_dir} (a prepared set's own zero-shot tasks, as the shapes set's: --zeroshot "
                 "with the set's folder, the one with manifest.json)")
-        chosen = split or held_out_splits(name_or_dir)[0]
+        tried = [split] if split else held_out_splits(name_or_dir)  # the first; the next where it hides its labels
+        chosen = tried[0]
         if split is None and chosen != "test" and notes:
             print(f"{name_or_dir} has no test split: evaluating on its {chosen} split (evaluate.py --split picks "
                   "another)", file=sys.stderr)
@@ -486,12 +488,11 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
             print(f"warning: {len(rows) - len(labelled)} of {len(rows)} images of {name_or_dir} have no label "
                   "and are left out", file=sys.stderr)
         if not len(labelled):
-            others = held_out_splits(name_or_dir)[1:] if split is None else []
-            if others:  # ImageNet's on the hub: its test labels are hidden, its validation split is the one to use
+            if len(tried) > 1:  # ImageNet's on the hub: its test labels are hidden, its validation split the one to use
                 if notes:
                     print(f"the {chosen} split of {name_or_dir} holds no labels (a hidden test set): evaluating on its "
-                          f"{others[0]} split", file=sys.stderr)
-                return load_classification(name_or_dir, others[0], classnames_file, label_column, notes)
+                          f"{tried[1]} split", file=sys.stderr)
+                return load_classification(name_or_dir, tried[1], classnames_file, label_column, notes)
             raise SystemExit(f"the {chosen} split of {name_or_dir} holds no labels (a hidden test set?): "
                              "choose another with --split")
         rows = labelled

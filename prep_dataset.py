@@ -193,6 +193,13 @@ def not_data(name):
     return name.startswith(".") or name == "__MACOSX"
 
 
+def not_data_member(path):
+    """A tar member that holds no sample: a hidden file (macOS's tar stores a ._x.jpg resource fork beside each
+    x.jpg), or one in the __MACOSX folder of a zip made on a Mac."""
+    folder, _, name = path.rpartition("/")
+    return not_data(name) or "__MACOSX" in folder.split("/")
+
+
 def source_folder(args):
     """Same-stem pairs under --input: x.jpg goes with the x.txt beside it (so class folders that each hold
     0001.jpg + 0001.txt pair up folder by folder), else with the one x.txt anywhere under --input
@@ -479,9 +486,10 @@ def image_column(row, given):
     with an image word in its name (image_file_path, photo_name)."""
     if given is None:
         held = [n for n, value in row.items() if holds_image(value)]
-        worded = [n for n in row if {"image", "img", "photo", "picture", "jpg", "jpeg", "png"} & set(plain_name(n).split("_"))]
         if held:
             return held[0]
+        words = {"image", "img", "photo", "picture", "jpg", "jpeg", "png"}
+        worded = [n for n in row if words & set(plain_name(n).split("_"))]
         if not any(plain_name(n) in IMAGE_COLUMNS for n in row) and len(worded) == 1:
             return worded[0]
     return pick_column(row, IMAGE_COLUMNS, given, "image")
@@ -874,9 +882,9 @@ def read_tar_samples(path):
                 if not member.isfile():
                     continue
                 # webdataset's convention: the key is the path up to the first dot of the file name
-                folder, _, name = member.name.rpartition("/")
-                if not_data(name) or "__MACOSX" in folder.split("/"):  # a Mac's tar adds ._x.jpg beside x.jpg
+                if not_data_member(member.name):
                     continue
+                folder, _, name = member.name.rpartition("/")
                 stem, _, ext = name.partition(".")
                 k = f"{folder}/{stem}" if folder else stem
                 if k != key and key in pending and complete(pending[key]):

@@ -666,7 +666,8 @@ def main(argv=None):
             sys.exit(f"--{name} {getattr(cfg, name)}: no such file")
     # a --zeroshot folder mistyped stops the run now, not at its first evaluation hours in. One that some nodes
     # have and others lack is left out by all at that evaluation, with a warning
-    missing, sets = {}, [] if cfg.zeroshot in ("auto", "none") else data_dirs(cfg.zeroshot)
+    sets = [] if cfg.zeroshot in ("auto", "none") else data_dirs(cfg.zeroshot)
+    missing = {}
     for name in sets:
         try:
             not_a_missing_folder(name)
