@@ -77,6 +77,15 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def write_error(e):
+    """The OSError behind an exception, or None. torch.save's zip writer meets a failed write (a full disk) as an
+    OSError from the file, and raises a RuntimeError of its own as it closes ("unexpected pos"), with the OSError
+    as its context."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
+
+
 class CheckpointManager:
     def __init__(self, out_dir, keep=3):
         self.out_dir, self.keep = out_dir, keep
@@ -96,10 +105,13 @@ class CheckpointManager:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:  # a full disk: give back the part written, and say what to do
+        except (OSError, RuntimeError) as e:  # a full disk: give back the part written, and say what to do
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise CheckpointError(f"could not write {path} ({e.strerror or e}): make room in {self.out_dir}, "
+            failed = write_error(e)
+            if failed is None:
+                raise
+            raise CheckpointError(f"could not write {path} ({failed.strerror or failed}): make room in {self.out_dir}, "
                                   "then go on from its last checkpoint with --resume") from e
         os.replace(tmp, path)  # atomic: the name points at the whole old file or the whole new one
         if val_loss is not None and val_loss < self.best_val_loss():

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint_manager
 import evaluate
 import logger
 import prep_dataset
@@ -578,13 +579,19 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, t
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out))  # checkpoints at steps 3 and 6
 
-    def disk_full(obj, f, *args, **kwargs):
-        f.write(b"the first part")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
+    class FillingDisk(io.FileIO):  # a file on a disk that fills after its first 1,000 bytes
+        def write(self, data):
+            if self.tell() + len(data) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+    # the real torch.save: its zip writer turns the failed write into a RuntimeError of its own as it closes
+    monkeypatch.setattr(checkpoint_manager, "open", lambda path, mode="r", *args, **kwargs: FillingDisk(path, "w")
+                        if mode == "wb" else open(path, mode, *args, **kwargs), raising=False)
     # the log's lines cannot be written either: said once, and the run goes on to its checkpoint, which stops it
     def full_open(path, mode="r", *args, **kwargs):  # every file written: the log, its rewrite, config.json
-        return disk_full(None, io.BytesIO()) if mode in ("a", "w") else open(path, mode, *args, **kwargs)
+        if mode in ("a", "w"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
     monkeypatch.setattr(logger, "open", full_open, raising=False)
     monkeypatch.setattr(train, "open", full_open, raising=False)
     capsys.readouterr()
