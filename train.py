@@ -484,6 +484,34 @@ def val_loss(model, loader, max_batches, device, autocast):
 DDP_TIMEOUT = timedelta(minutes=60)
 
 
+def start_processes(device_flag):
+    """-> (ddp, rank, world, device). DDP whenever torchrun launched us: one process per GPU (NCCL), or per share
+    of a CPU (gloo). A device is this machine's, never a checkpoint's."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if device_flag not in ("auto", "cuda", "mps", "cpu"):
+        sys.exit(f"--device {device_flag!r}: choose one of auto, cuda, mps, cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    auto = ("cuda", "cpu") if ddp else ("cuda", "mps", "cpu")  # DDP has NCCL for GPUs, gloo for CPUs, none for mps
+    kind = device_flag if device_flag != "auto" else next(k for k in auto if available[k])
+    if not available[kind]:
+        sys.exit(f"--device {kind}: torch sees no such device here (torch {torch.__version__}); "
+                 "use --device cpu, or install a torch build for it (setup_gpu.sh does, on a GPU box)")
+    if not ddp:
+        return False, 0, 1, torch.device(kind)
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if kind == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=DDP_TIMEOUT)
+    elif kind == "cpu":
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=DDP_TIMEOUT)
+    else:
+        sys.exit("torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo), not on mps: add --device cpu, or run "
+                 "without torchrun")
+    return True, rank, world, device
+
+
 def starting_point(cfg, argv):
     """The checkpoint a run starts from, if any -> (cfg, its state or None, its path, the settings changed).
     A resumed run keeps its own settings (batch, schedule, data, seed); flags given now override them, e.g. a
@@ -554,76 +582,15 @@ def same_on_every_rank(ddp, what, key, shown, failure=None):
         sys.exit(failure)
 
 
-def shapes_go_there(data_dir):
-    """Where --make_shapes generates the shapes set: a --data_dir that is missing or empty, or one where that
-    generation was cut short (prep_dataset.py's .stage is still there; it goes on from what is finished).
-    Never a folder that holds anything else: `--config demo --data_dir` a folder of the user's own files
-    trains on those or says how to prepare them, instead of adding shapes to them. Hidden files other than
-    .stage (prep's .lock, a desktop's .DS_Store) do not count."""
-    if not os.path.isdir(data_dir):
-        return True
-    entries = {e for e in os.listdir(data_dir) if e == ".stage" or not e.startswith(".")}
-    return not entries or (".stage" in entries and entries <= {".stage", "train", "val"})
-
-
-def due(step, interval):
-    """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
-    return interval > 0 and step % interval == 0
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_args(argv)
-    # ---- processes and devices: DDP whenever torchrun launched us. First, so that the ranks can compare the
-    # checkpoint and the data they find (a device is this machine's, never the checkpoint's)
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if cfg.device not in ("auto", "cuda", "mps", "cpu"):
-        sys.exit(f"--device {cfg.device!r}: choose one of auto, cuda, mps, cpu")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    auto = ("cuda", "cpu") if ddp else ("cuda", "mps", "cpu")  # DDP has NCCL for GPUs, gloo for CPUs, none for mps
-    kind = cfg.device if cfg.device != "auto" else next(k for k in auto if available[k])
-    if not available[kind]:
-        sys.exit(f"--device {kind}: torch sees no such device here (torch {torch.__version__}); "
-                 "use --device cpu, or install a torch build for it (setup_gpu.sh does, on a GPU box)")
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        if kind == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device, timeout=DDP_TIMEOUT)
-        elif kind == "cpu":
-            device = torch.device("cpu")
-            dist.init_process_group("gloo", timeout=DDP_TIMEOUT)
-        else:
-            sys.exit("torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo), not on mps: add --device cpu, or run "
-                     "without torchrun")
-    else:
-        rank, world = 0, 1
-        device = torch.device(kind)
-    master = rank == 0
-    # ---- the checkpoint to start from, if any
-    try:
-        cfg, start, start_path, changed = starting_point(cfg, argv)
-        failure = None
-    except SystemExit as e:  # said below, once every rank knows
-        start, start_path, changed, failure = None, None, [], str(e.code)
-    given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}  # the flags of this command
+def check_settings(cfg, given, from_checkpoint, ddp):
+    """Every setting checked before any work: a value out of range stops the run with what it must be, not a
+    traceback from inside torch or numpy, and not hours in. `given`: the flags of this command line."""
     if "crop_scale_min" in given and not cfg.augment:  # said, not ignored (the demo turns the crops off)
         sys.exit("--crop_scale_min sets the random crops, which --augment false turns off: add --augment true")
-    if cfg.epochs < 0:  # checked before a --max_steps given with it sets it to 0
+    if cfg.epochs < 0:  # checked before a --max_steps given with it resets it to 0
         sys.exit(f"--epochs {cfg.epochs}: must be 0 (--max_steps decides) or more")
     if "max_steps" in given and "epochs" in given and cfg.epochs > 0:
         sys.exit("--epochs sets --max_steps (the epochs' steps): give one of them")
-    if "max_steps" in given:  # a run of --epochs resumed with a new length in steps: the steps decide
-        cfg.epochs = 0.0
-    if start is not None and "loss" not in given:  # a run from a checkpoint trains with its loss unless told another
-        cfg.loss = start["model_config"].get("loss", "clip")
-    # a checkpoint of train.py's holds its step; one written by hand to start from may hold only the weights
-    at = f" (step {start['step']})" if start and "step" in start else ""
-    scale = start["model"].get("logit_scale") if start else None  # with the step: which run, and where in it
-    same_on_every_rank(ddp, "checkpoint to start from", start and (start.get("step"), scale is not None and float(scale)),
-                       f"{start_path}{at}" if start else "no checkpoint: a fresh run", failure)
-    manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
     for name, allowed in (("compile", ("auto", "true", "false")),
                           ("precision", ("auto", "bf16", "fp16", "fp32")),
                           ("loss", ("clip", "siglip")), ("model", tuple(PRESETS))):
@@ -656,7 +623,7 @@ def main(argv=None):
             sys.exit(f"--{name} {getattr(cfg, name)}: must be {what}")
     if cfg.lock_image and cfg.lock_text:
         sys.exit("--lock_image and --lock_text together leave nothing to train but the temperature: lock one tower")
-    if (cfg.lock_image or cfg.lock_text) and start is None:
+    if (cfg.lock_image or cfg.lock_text) and not from_checkpoint:
         sys.exit(f"--lock_{'image' if cfg.lock_image else 'text'} keeps a tower as it starts, and a fresh run's "
                  "starts random: give the weights to keep with --init_from CHECKPOINT")
     for name in ("zeroshot_classnames", "zeroshot_labels"):
@@ -674,23 +641,18 @@ def main(argv=None):
         except FileNotFoundError as e:
             missing[name] = str(e)
     if ddp and sets:
-        every = [None] * world
+        every = [None] * dist.get_world_size()
         dist.all_gather_object(every, missing)
         missing = {name: why for name, why in missing.items() if all(name in other for other in every)}
     if missing:
         sys.exit("\n".join(f"--zeroshot {name}: {why}" for name, why in missing.items()))
-    try:  # a run directory that cannot be made stops the run now, not after the data is read
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror or e}); choose another")
-    if master:  # one run per directory: a second one's checkpoints and log lines would interleave with this one's
-        try:
-            lock_dir(cfg.out_dir)
-        except BlockingIOError:
-            sys.exit(f"another train.py is writing into {cfg.out_dir} (or a notebook whose train.main wrote there "
-                     "was interrupted): let it finish or stop it, or choose another --out_dir")
+
+
+def model_config(cfg, start, start_path, given):
+    """The model's CLIPConfig: the --model preset with the model flags over it, or a checkpoint's. A checkpoint
+    fixes the shape, so a model flag that contradicts it stops the run instead of being lost; --init_from may
+    change the image size and caption length (the position embeddings follow) and the loss."""
     if start is not None:
-        # the checkpoint fixes the model's shape: a model flag that contradicts it would be silently lost
         model_cfg = CLIPConfig(**start["model_config"])
         if cfg.init_from:  # fine-tuning at another resolution or caption length: the position embeddings follow
             resized = {k: v for k, v in cfg.model_args.items() if k in ("image_size", "context_length")}
@@ -723,6 +685,136 @@ def main(argv=None):
         get_encoding(model_cfg.encoding)  # one that needs a download fails now, with its reason, not in the loader
     except RuntimeError as e:
         sys.exit(str(e))
+    return model_cfg
+
+
+def load_weights(model, start, start_path, verbose=True):
+    """A checkpoint's weights into the model, whose config may differ from the checkpoint's where --init_from
+    changes it: another image size or caption length (the position embeddings are resized), another loss (its own
+    fresh temperature, and SigLIP's bias). Weights that do not fit the model stop the run, saying which."""
+    cfg, was = model.config, CLIPConfig(**start["model_config"])
+    fresh = {"logit_scale", "logit_bias"} if cfg.loss != was.loss else set()
+    weights = start["model"]
+    if (was.image_size, was.context_length) != (cfg.image_size, cfg.context_length):
+        weights = resize_position_embeddings(weights, cfg)
+        if verbose:
+            print(f"position embeddings resized: images {was.image_size} -> {cfg.image_size} px, "
+                  f"captions {was.context_length} -> {cfg.context_length} tokens")
+    try:
+        missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k not in fresh}, strict=False)
+        mismatch = f"missing {missing}, unexpected {unexpected}" if set(missing) - fresh or unexpected else None
+    except RuntimeError as e:  # tensors of other shapes than their names': one line each after a heading
+        mismatch = "; ".join(line.strip() for line in str(e).splitlines()[1:])
+    if mismatch:
+        sys.exit(f"{start_path} does not hold the weights of the model its model_config describes: {mismatch}")
+
+
+def shapes_go_there(data_dir):
+    """Where --make_shapes generates the shapes set: a --data_dir that is missing or empty, or one where that
+    generation was cut short (prep_dataset.py's .stage is still there; it goes on from what is finished).
+    Never a folder that holds anything else: `--config demo --data_dir` a folder of the user's own files
+    trains on those or says how to prepare them, instead of adding shapes to them. Hidden files other than
+    .stage (prep's .lock, a desktop's .DS_Store) do not count."""
+    if not os.path.isdir(data_dir):
+        return True
+    entries = {e for e in os.listdir(data_dir) if e == ".stage" or not e.startswith(".")}
+    return not entries or (".stage" in entries and entries <= {".stage", "train", "val"})
+
+
+def data_loaders(cfg, model_cfg, device, ddp, rank, world, num_workers):
+    """-> (train loader, val loader or None, val samples, the sets with a val split, the shapes set's zero-shot
+    tasks). The demo's shapes set is generated first where --data_dir is missing or empty (--make_shapes). Data
+    that every rank does not find the same, or that is missing, stops every rank with what to do."""
+    # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
+    sets = data_dirs(cfg.data_dir)
+    if cfg.make_shapes and len(sets) == 1:
+        if rank == 0 and shapes_go_there(sets[0]):  # rank 0 alone looks: the others would see it half written
+            import prep_dataset
+            print(f"{cfg.data_dir} has no shards: generating {cfg.make_shapes} samples of the shapes set")
+            prep_dataset.main(["--source", "shapes", "--out_dir", cfg.data_dir, "--limit", str(cfg.make_shapes),
+                               "--image_size", str(model_cfg.image_size), "--shard_size", "2000"])
+        if ddp:
+            dist.barrier()
+    val_dirs = [d for d in sets if shard_paths(d, "val")]  # a val split is optional, in each set
+    manifests = {}
+    for d in sets:
+        if os.path.exists(os.path.join(d, "manifest.json")):
+            with open(os.path.join(d, "manifest.json")) as f:
+                manifests[d] = json.load(f)
+        if rank == 0 and manifests.get(d, {}).get("image_size", model_cfg.image_size) < model_cfg.image_size:
+            print(f"warning: {d} holds {manifests[d]['image_size']}-px images and the model takes "
+                  f"{model_cfg.image_size} px: every image is upscaled. Prepare the data with --image_size "
+                  f"{model_cfg.image_size} or more for full detail.", file=sys.stderr)
+    tasks = {k: v for m in manifests.values() for k, v in m.get("tasks", {}).items()}  # the shapes set's zero-shot tasks
+    loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
+                     encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
+                     num_workers=num_workers, trim_tokens=True, device=device)
+    val_loader, val_count, failure = None, 0, None
+    try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
+        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
+                                   crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
+        if val_dirs:
+            counts = [manifests.get(d, {}).get("counts", {}).get("val") for d in val_dirs]
+            if None in counts:  # shards without a manifest (another tool's): count them
+                counts = [ShardLoader(",".join(val_dirs), "val", 1, train=False, drop_last=False,
+                                      **{**loader_kw, "rank": 0, "world_size": 1}).dataset.num_samples]
+            val_count = sum(counts)
+            val_batch = min(cfg.batch_size, val_count // world * world)
+            # the contrastive loss of a batch of one is 0 whatever the model: no figure to keep best.pt by
+            if val_batch >= (2 if cfg.loss == "clip" else 1):
+                val_loader = ShardLoader(",".join(val_dirs), "val", val_batch, train=False, **loader_kw)
+    except FileNotFoundError as e:  # no shards: the message says which command makes them
+        failure = f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo"
+    except ValueError as e:
+        failure = str(e)
+    found = None if failure else (train_loader.dataset.num_samples, len(train_loader.dataset.paths),
+                                  val_loader.dataset.num_samples if val_loader else 0)
+    same_on_every_rank(ddp, "data", found, found and f"{found[0]} train samples in {found[1]} shards, "
+                       f"{found[2]} val samples", failure)
+    return train_loader, val_loader, val_count, val_dirs, tasks
+
+
+def due(step, interval):
+    """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
+    return interval > 0 and step % interval == 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    # ---- processes and devices first, so that the ranks can compare the checkpoint and the data they find
+    ddp, rank, world, device = start_processes(cfg.device)
+    master = rank == 0
+    # ---- the checkpoint to start from, if any
+    try:
+        cfg, start, start_path, changed = starting_point(cfg, argv)
+        failure = None
+    except SystemExit as e:  # said below, once every rank knows
+        start, start_path, changed, failure = None, None, [], str(e.code)
+    given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}  # the flags of this command
+    if start is not None and "loss" not in given:  # a run from a checkpoint trains with its loss unless told another
+        cfg.loss = start["model_config"].get("loss", "clip")
+    # a checkpoint of train.py's holds its step; one written by hand to start from may hold only the weights
+    at = f" (step {start['step']})" if start and "step" in start else ""
+    scale = start["model"].get("logit_scale") if start else None  # with the step: which run, and where in it
+    same_on_every_rank(ddp, "checkpoint to start from", start and (start.get("step"), scale is not None and float(scale)),
+                       f"{start_path}{at}" if start else "no checkpoint: a fresh run", failure)
+    # ---- the settings, checked before any work; the run directory; the model's shape
+    check_settings(cfg, given, start is not None, ddp)
+    if "max_steps" in given:  # a run of --epochs resumed with a new length in steps: the steps decide
+        cfg.epochs = 0.0
+    try:  # a run directory that cannot be made stops the run now, not after the data is read
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror or e}); choose another")
+    if master:  # one run per directory: a second one's checkpoints and log lines would interleave with this one's
+        try:
+            lock_dir(cfg.out_dir)
+        except BlockingIOError:
+            sys.exit(f"another train.py is writing into {cfg.out_dir} (or a notebook whose train.main wrote there "
+                     "was interrupted): let it finish or stop it, or choose another --out_dir")
+    manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
+    model_cfg = model_config(cfg, start, start_path, given)
 
     num_workers = cfg.num_workers
     if num_workers < 0:
@@ -759,52 +851,8 @@ def main(argv=None):
             print("  with settings changed from the run's own: " + ", ".join(changed))
 
     # ---- data
-    # --data_dir may list several prepared sets (data/coco,data/t2i): their shards are read as one set
-    sets = data_dirs(cfg.data_dir)
-    if cfg.make_shapes and len(sets) == 1:
-        if master and shapes_go_there(sets[0]):  # rank 0 alone looks: the others would see it half written
-            import prep_dataset
-            print(f"{cfg.data_dir} has no shards: generating {cfg.make_shapes} samples of the shapes set")
-            prep_dataset.main(["--source", "shapes", "--out_dir", cfg.data_dir, "--limit", str(cfg.make_shapes),
-                               "--image_size", str(model_cfg.image_size), "--shard_size", "2000"])
-        if ddp:
-            dist.barrier()
-    val_dirs = [d for d in sets if shard_paths(d, "val")]  # a val split is optional, in each set
-    manifests = {}
-    for d in sets:
-        if os.path.exists(os.path.join(d, "manifest.json")):
-            with open(os.path.join(d, "manifest.json")) as f:
-                manifests[d] = json.load(f)
-        if master and manifests.get(d, {}).get("image_size", model_cfg.image_size) < model_cfg.image_size:
-            print(f"warning: {d} holds {manifests[d]['image_size']}-px images and the model takes "
-                  f"{model_cfg.image_size} px: every image is upscaled. Prepare the data with --image_size "
-                  f"{model_cfg.image_size} or more for full detail.", file=sys.stderr)
-    tasks = {k: v for m in manifests.values() for k, v in m.get("tasks", {}).items()}  # the shapes set's zero-shot tasks
-    loader_kw = dict(image_size=model_cfg.image_size, context_length=model_cfg.context_length,
-                     encoding=model_cfg.encoding, seed=cfg.seed, rank=rank, world_size=world,
-                     num_workers=num_workers, trim_tokens=True, device=device)
-    val_loader, val_count, failure = None, 0, None
-    try:  # shards that hold fewer samples than a batch, or none at all: a message, not a traceback
-        train_loader = ShardLoader(cfg.data_dir, "train", cfg.batch_size, train=True, augment=cfg.augment,
-                                   crop_scale=(cfg.crop_scale_min, 1.0), **loader_kw)
-        if val_dirs:
-            counts = [manifests.get(d, {}).get("counts", {}).get("val") for d in val_dirs]
-            if None in counts:  # shards without a manifest (another tool's): count them
-                counts = [ShardLoader(",".join(val_dirs), "val", 1, train=False, drop_last=False,
-                                      **{**loader_kw, "rank": 0, "world_size": 1}).dataset.num_samples]
-            val_count = sum(counts)
-            val_batch = min(cfg.batch_size, val_count // world * world)
-            # the contrastive loss of a batch of one is 0 whatever the model: no figure to keep best.pt by
-            if val_batch >= (2 if cfg.loss == "clip" else 1):
-                val_loader = ShardLoader(",".join(val_dirs), "val", val_batch, train=False, **loader_kw)
-    except FileNotFoundError as e:  # no shards: the message says which command makes them
-        failure = f"{e}\nor run the built-in demo, which makes its own data: python train.py --config demo"
-    except ValueError as e:
-        failure = str(e)
-    found = None if failure else (train_loader.dataset.num_samples, len(train_loader.dataset.paths),
-                                  val_loader.dataset.num_samples if val_loader else 0)
-    same_on_every_rank(ddp, "data", found, found and f"{found[0]} train samples in {found[1]} shards, "
-                       f"{found[2]} val samples", failure)
+    train_loader, val_loader, val_count, val_dirs, tasks = data_loaders(cfg, model_cfg, device, ddp, rank, world,
+                                                                        num_workers)
     if cfg.epochs > 0:  # an epoch: the full batches the training split fills (the loader drops a partial one)
         cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train_loader)))
 
@@ -817,23 +865,7 @@ def main(argv=None):
                                   eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
     step = 0
     if start is not None:
-        # --init_from with the other --loss: the towers' weights, and that loss's own fresh temperature (and bias)
-        fresh = {"logit_scale", "logit_bias"} if model_cfg.loss != start["model_config"].get("loss", "clip") else set()
-        weights = start["model"]
-        was = CLIPConfig(**start["model_config"])
-        if (was.image_size, was.context_length) != (model_cfg.image_size, model_cfg.context_length):  # --init_from
-            weights = resize_position_embeddings(weights, model_cfg)
-            if master:
-                print(f"position embeddings resized: images {was.image_size} -> {model_cfg.image_size} px, "
-                      f"captions {was.context_length} -> {model_cfg.context_length} tokens")
-        try:
-            missing, unexpected = raw_model.load_state_dict({k: v for k, v in weights.items() if k not in fresh},
-                                                            strict=False)
-            mismatch = f"missing {missing}, unexpected {unexpected}" if set(missing) - fresh or unexpected else None
-        except RuntimeError as e:  # tensors of other shapes than their names': one line each after a heading
-            mismatch = "; ".join(line.strip() for line in str(e).splitlines()[1:])
-        if mismatch:
-            sys.exit(f"{start_path} does not hold the weights of the model its model_config describes: {mismatch}")
+        load_weights(raw_model, start, start_path, verbose=master)
         if cfg.resume:
             optimizer.load_state_dict(start["optimizer"])
             if start.get("scaler"):  # an fp16 run's loss scale (a run resumed in another precision drops it)
@@ -870,6 +902,7 @@ def main(argv=None):
             print(f"warning: could not write {cfg.out_dir}/config.json ({e.strerror or e})", file=sys.stderr)
         n_params = sum(p.numel() for p in raw_model.parameters())
         ds, samples = train_loader.dataset, str(train_loader.dataset.num_samples)
+        sets = data_dirs(cfg.data_dir)
         if len(sets) > 1:  # what each set brings: 192 + 192 = 384
             rows = dict(zip(ds.paths, map(len, ds.shard_rows)))
             samples = " + ".join(str(sum(rows[p] for p in shard_paths(d, "train"))) for d in sets) + f" = {samples}"
