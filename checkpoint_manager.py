@@ -9,6 +9,7 @@ A checkpoint file is written to a temporary name, flushed to disk (fsync) and re
 kill mid-write never leaves a torn file under a real name. Loading uses torch.load(weights_only=True):
 a checkpoint can only hold tensors and plain containers, never code that runs on load.
 """
+import errno
 import glob
 import json
 import os
@@ -86,6 +87,13 @@ def write_error(e):
     return e
 
 
+def make_room(e, folder):
+    """What to do about a write that failed: room on a full disk (or quota), else the right to write there."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"make room in {folder}"
+    return f"make {folder} writable (or move the run to a folder that is)"
+
+
 class CheckpointManager:
     def __init__(self, out_dir, keep=3):
         self.out_dir, self.keep = out_dir, keep
@@ -111,7 +119,7 @@ class CheckpointManager:
             failed = write_error(e)
             if failed is None:
                 raise
-            raise CheckpointError(f"could not write {path} ({failed.strerror or failed}): make room in {self.out_dir}, "
+            raise CheckpointError(f"could not write {path} ({failed.strerror or failed}): {make_room(failed, self.out_dir)}, "
                                   "then go on from its last checkpoint with --resume") from e
         os.replace(tmp, path)  # atomic: the name points at the whole old file or the whole new one
         if val_loss is not None and val_loss < self.best_val_loss():
@@ -129,8 +137,8 @@ class CheckpointManager:
                 for part in (tmp, self.best_info + ".tmp"):
                     if os.path.exists(part):
                         os.remove(part)
-                raise CheckpointError(f"saved {path}, but could not write {self.best_path} ({e.strerror or e}): make "
-                                      f"room in {self.out_dir}, then go on from that checkpoint with --resume") from e
+                raise CheckpointError(f"saved {path}, but could not write {self.best_path} ({e.strerror or e}): "
+                                      f"{make_room(e, self.out_dir)}, then go on from that checkpoint with --resume") from e
         fsync_dir(self.out_dir)
         for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
             os.remove(old)

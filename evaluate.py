@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import tarfile
+import tempfile
 from functools import lru_cache, partial
 
 import numpy as np
@@ -791,11 +792,15 @@ def main(argv=None):
     for name in ("split", "classnames", "label_column", "labels", "templates"):  # said, not ignored
         if getattr(args, name) is not None and not args.zeroshot:
             p.error(f"--{name} is for --zeroshot: give the classification set with --zeroshot")
-    if args.json:  # results/zeroshot.json: its folder is made now, so the results are not lost at the end
+    if args.json:  # results/zeroshot.json: its folder is made and written into now, so the results are not lost
+        folder = os.path.dirname(os.path.abspath(args.json))
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
         except OSError as e:
-            p.error(f"--json {args.json}: cannot create its folder ({e.strerror or e})")
+            p.error(f"--json {args.json}: cannot {'write into' if os.path.isdir(folder) else 'create'} its folder "
+                    f"({e.strerror or e})")
     for name, ok, what in (("batch_size", args.batch_size >= 1, "at least 1"),
                            ("max_samples", args.max_samples is None or args.max_samples >= 1, "at least 1"),
                            ("num_workers", args.num_workers >= 0, "0 (decode in this process) or more")):

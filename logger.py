@@ -8,6 +8,7 @@ reads JSON lines can plot it. This file also plots it:
     python logger.py runs/a runs/b --out cmp.png     # several runs overlaid
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -184,7 +185,9 @@ def main(argv=None):
     try:
         print(f"wrote {plot_runs(args.run_dirs, out)}")
     except OSError as e:
-        sys.exit(f"could not write {out} ({e.strerror or e}): make room there, or give --out another place")
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # else: a read-only disk, another user's folder
+        sys.exit(f"could not write {out} ({e.strerror or e}): "
+                 + ("make room there, or give --out another place" if full else "give --out a place you can write"))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -803,10 +804,23 @@ def main(argv=None):
     check_settings(cfg, given, start is not None, ddp)
     if "max_steps" in given:  # a run of --epochs resumed with a new length in steps: the steps decide
         cfg.epochs = 0.0
-    try:  # a run directory that cannot be made stops the run now, not after the data is read
+    # a run directory that cannot be made, or written (a read-only disk, another user's folder), stops the run now,
+    # not at its first checkpoint hours in. Rank 0 writes there; the others stop with it, or it with them
+    failure = None
+    try:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        if master:
+            with tempfile.TemporaryFile(dir=cfg.out_dir):
+                pass
     except OSError as e:
-        sys.exit(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror or e}); choose another")
+        failure = (f"--out_dir {cfg.out_dir}: cannot {'write into' if os.path.isdir(cfg.out_dir) else 'create'} it "
+                   f"({e.strerror or e}); choose another")
+    if ddp:  # every rank stops with the first that cannot
+        every = [None] * world
+        dist.all_gather_object(every, failure)
+        failure = next((why if r == rank else f"rank {r}: {why}" for r, why in enumerate(every) if why), None)
+    if failure:
+        sys.exit(failure)
     if master:  # one run per directory: a second one's checkpoints and log lines would interleave with this one's
         try:
             lock_dir(cfg.out_dir)

@@ -137,9 +137,11 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(SystemExit, match=r"not on mps: add --device cpu, or run without torchrun"):
         train.main(out + ["--device", "mps"])
-    # a global batch that two processes cannot share evenly (the process group and the ranks' comparison of
-    # what they found stood in for: this one process is rank 0 of 2)
+    # a global batch that two processes cannot share evenly (the process group, its gathering and the ranks'
+    # comparison of what they found stood in for: this one process is rank 0 of 2, the other says the same)
     monkeypatch.setattr(train.dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train.dist, "all_gather_object",
+                        lambda every, mine: every.__setitem__(slice(None), [mine] * len(every)))
     monkeypatch.setattr(train, "same_on_every_rank", lambda *args, **kwargs: None)
     with pytest.raises(SystemExit, match=r"--batch_size 15 \(global\) must be divisible by the 2 processes"):
         train.main(out + ["--batch_size", "15"])
@@ -605,6 +607,38 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_with_what_to_do(shapes_dir, t
     monkeypatch.undo()
     train.main(run_args(shapes_dir, out, max_steps=9) + ["--resume"])
     assert os.path.exists(os.path.join(out, "ckpt-00000009.pt"))
+
+
+def test_a_run_directory_that_cannot_be_written_stops_the_run_before_it_trains(shapes_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A read-only disk (or another user's folder): said as the run starts, not at its first checkpoint hours in,
+    and with the right advice wherever a write fails (room is for a full disk)."""
+    import tempfile
+    out = str(tmp_path / "run")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "TemporaryFile", read_only)
+        with pytest.raises(SystemExit, match=r"--out_dir .*run: cannot write into it \(Read-only file system\); "
+                                             "choose another"):
+            train.main(run_args(shapes_dir, out))
+        assert os.listdir(out) == []  # no step trained, nothing written
+        # evaluate.py's --json: its folder is written into before the evaluation, not after
+        with pytest.raises(SystemExit):
+            evaluate.main([out, "--retrieval", shapes_dir, "--json", os.path.join(out, "r.json")])
+        assert "r.json: cannot write into its folder (Read-only file system)" in capsys.readouterr().err
+    # a disk that turns read-only during the run (as after an I/O error): its checkpoint says so, not "make room"
+    train.main(run_args(shapes_dir, out, max_steps=3))
+    monkeypatch.setattr(checkpoint_manager, "open", lambda path, mode="r", *args, **kwargs: read_only()
+                        if mode == "wb" else open(path, mode, *args, **kwargs), raising=False)
+    with pytest.raises(SystemExit, match=r"step 6: could not write .*ckpt-00000006.pt \(Read-only file system\): "
+                                         r"make .*run writable \(or move the run to a folder that is\)"):
+        train.main(run_args(shapes_dir, out) + ["--resume"])
+    import matplotlib.figure
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_only)
+    with pytest.raises(SystemExit, match=r"\(Read-only file system\): give --out a place you can write"):
+        logger.main([out])
 
 
 def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
