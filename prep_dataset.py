@@ -1491,7 +1491,8 @@ def main(argv=None):
     try:
         os.makedirs(stage_dir, exist_ok=True)
     except OSError as e:
-        sys.exit(f"--out_dir {args.out_dir}: cannot create it ({e.strerror or e}); choose another")
+        sys.exit(f"--out_dir {args.out_dir}: cannot {'write into' if os.path.isdir(args.out_dir) else 'create'} it "
+                 f"({e.strerror or e}); choose another")
     hold_out_dir(args.out_dir)
     if not os.path.exists(settings_path):
         atomic_write(settings_path, json.dumps(settings).encode())
