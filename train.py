@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -553,13 +554,21 @@ def first_on_node():
     return int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
+def out_of_memory(e):
+    """Whether an exception is the device running out of memory: torch.OutOfMemoryError on CUDA, and a plain
+    RuntimeError on Apple's MPS ("MPS backend out of memory") and on a CPU whose allocator is refused memory
+    ("DefaultCPUAllocator: can't allocate memory", under a memory ulimit or with overcommit turned off)."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and re.search(r"out of memory|can't allocate memory", str(e)) is not None)
+
+
 def stops_quietly(stop):
     """Whether a rank ends on this SystemExit without printing its message. Under torchrun every rank meets the same
     reasons to stop (one command line, one node's files, ranks that skip steps and save together): the first
     process of each node says it, the others stop with exit code 1, so --nproc_per_node=8 shows it once, not eight
     times. Running out of memory may strike one rank alone: every rank that meets it says so."""
     return (isinstance(stop.code, str) and not first_on_node()
-            and not isinstance(stop.__context__, torch.OutOfMemoryError))
+            and not out_of_memory(stop.__context__))
 
 
 def same_on_every_rank(ddp, what, key, shown, failure=None):
@@ -1015,7 +1024,9 @@ def main(argv=None):
                 loss = forward_backward(model, images, tokens, cfg.micro_batch_size, autocast, scaler, keep,
                                         trained)
                 grad_norm, bad = clipped_step(optimizer, raw_model.parameters(), cfg.grad_clip, loss, scaler)
-            except torch.OutOfMemoryError:
+            except RuntimeError as e:
+                if not out_of_memory(e):
+                    raise
                 per_pass = cfg.micro_batch_size or local_batch
                 smaller = max(d for d in range(1, per_pass // 2 + 1) if local_batch % d == 0) if per_pass > 1 else None
                 sys.exit(f"step {step + 1}: out of memory on {device} at {per_pass} samples per forward pass. Lower "

@@ -1016,10 +1016,19 @@ def test_precision_and_compiling_follow_what_the_hardware_can_do_and_say_why(mon
     assert "no bf16 here" in capsys.readouterr().err
 
 
-def test_running_out_of_gpu_memory_says_which_settings_keep_the_gradients(shapes_dir, tmp_path, monkeypatch):
+# what each device raises when its memory runs out (the messages of torch 2.13): only CUDA's is an OutOfMemoryError
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 17.80 GiB, other allocations: 1.03 GiB, max allowed: "
+                 "18.13 GiB). Tried to allocate 512.00 MiB on private pool."),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 285212672 bytes. Error code 12 (Cannot allocate memory)")])
+def test_running_out_of_memory_says_which_settings_keep_the_gradients(shapes_dir, tmp_path, monkeypatch, error):
+
+    assert not train.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # raised as it is
 
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
     monkeypatch.setattr(train, "forward_backward", out_of_memory)
     # 16 samples a pass: half of them, a divisor of the batch, in micro-batches; then with micro-batches of 6 of 12
     with pytest.raises(SystemExit, match=r"step 1: out of memory on cpu at 16 samples .*--micro_batch_size 8 .*"
