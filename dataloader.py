@@ -17,6 +17,7 @@ Decoding, cropping and tokenising run in worker processes; images stay uint8 unt
 normalises them on the device. A bad sample (corrupt image, bad caption) is replaced by the next
 good one in the epoch's order and counted; a truncated tar keeps the samples it holds in full.
 """
+import atexit
 import glob
 import io
 import json
@@ -24,6 +25,7 @@ import mmap
 import os
 import signal
 import sys
+import weakref
 from itertools import count
 
 import numpy as np
@@ -38,7 +40,7 @@ from prep_dataset import TABLE_EXTENSIONS, not_data, not_data_member, upright_rg
 # some of them, prep's own only .jpg)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "jpe", "jfif", "avif", "bmp", "gif", "tif", "tiff")
 EXIF_ORIENTATION = 0x0112  # the tag that says how a photo's pixels are rotated
-MAX_OPEN_SHARDS = 64  # open files per loader process
+MAX_OPEN_SHARDS = 64  # open shard files per loader process (fewer under a low open-files limit: max_open_shards)
 
 
 def default_num_workers(processes=1, cpu_step=False):
@@ -51,6 +53,41 @@ def default_num_workers(processes=1, cpu_step=False):
     if cpu_step and cores // processes <= 2:
         return 0
     return max(1, min(16, cores // processes - 1))
+
+
+def open_files_limit():
+    """This process's limit on open files (`ulimit -n`), or None where there is none (Windows)."""
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def max_open_shards():
+    """MAX_OPEN_SHARDS, or a quarter of the open-files limit where that is lower (`ulimit -n 64`)."""
+    limit = open_files_limit()
+    return MAX_OPEN_SHARDS if limit is None else max(1, min(MAX_OPEN_SHARDS, limit // 4))
+
+
+def room_for_loader_processes(wanted=4096, low=256):
+    """A loader process keeps shards open and hands each batch's tensors over to the training process as open files
+    (torch's default way on Linux). Under a low open-files limit it runs out of them, cannot hand its batch over,
+    and the training process waits for that batch forever. So the limit is raised to `wanted` where the hard limit
+    allows it (any process may raise its own so far; other training frameworks do the same), and where it stays
+    low, the tensors travel as named shared-memory files instead, which hold no open file (torch's way on macOS)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else
+                                                        max(soft, min(wanted, hard)), hard))
+    except (ImportError, OSError, ValueError):  # Windows has no such limit; a system that refuses keeps its own
+        pass
+    limit = open_files_limit()
+    if limit is not None and limit < low and torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
+        torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 def data_dirs(data_dir):
@@ -250,7 +287,7 @@ class ShardDataset(torch.utils.data.Dataset):
                              f"{', '.join(sorted({os.path.dirname(p) for p in paths}))}: use a smaller --batch_size "
                              "or more data")
         self.batches_per_epoch = self.num_samples // batch_size if drop_last else -(-self.num_samples // batch_size)
-        self._order, self._files = (None, None), {}
+        self._order, self._files, self.max_open = (None, None), {}, max_open_shards()
 
     def __len__(self):
         return self.batches_per_epoch
@@ -274,7 +311,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def read(self, shard, offset, size):
         if shard not in self._files:  # opened lazily, so every worker process has its own handles
-            if len(self._files) == MAX_OPEN_SHARDS:  # a big dataset has thousands: stay under the usual 1024
+            if len(self._files) >= self.max_open:  # a big dataset has thousands: stay under the usual 1024
                 os.close(self._files.pop(next(iter(self._files))))  # the least recently read
             binary = getattr(os, "O_BINARY", 0)  # Windows: bytes as they are, no newline translation
             self._files[shard] = os.open(self.paths[shard], os.O_RDONLY | binary)
@@ -372,6 +409,19 @@ def prefetch(batches, device):
         yield ready(pending)
 
 
+# the iterators over loaders with loader processes that are still open, closed as Python exits
+open_iterators = weakref.WeakSet()
+
+
+@atexit.register  # after multiprocessing's own exit handler, so it runs before that one
+def close_open_iterators():
+    """Python's exit asks the loader processes still running to stop with a SIGTERM, which they ignore
+    (ignore_sigterm), then waits for them: an iterator still open then (`batches = iter(loader)` at the top of a
+    script) would keep the script from ever ending. Closing it ends its loader processes the usual way."""
+    for batches in list(open_iterators):
+        batches.close()
+
+
 def ignore_sigterm(worker_id):
     """In each loader process: a SIGTERM sent to the whole process group (torchrun's and SLURM's way of
     stopping a job) is for the training process to handle (it saves a checkpoint first); a loader process that
@@ -395,6 +445,8 @@ class ShardLoader:
         # in training a partial last batch would give the ranks unequal shares (evaluation gathers them: see
         # evaluate.embed_shards)
         assert drop_last or world_size == 1 or not train, "a partial last batch would differ across ranks"
+        if num_workers > 0:
+            room_for_loader_processes()
         self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
                                     encoding, train, seed, rank, world_size, augment, crop_scale,
                                     shuffle_buffer, drop_last, with_labels, trim_tokens, all_captions)
@@ -432,6 +484,12 @@ class ShardLoader:
         self.step = state["epoch"] * len(self.dataset) + position
 
     def __iter__(self):
+        batches = self.batches()
+        if self.num_workers:
+            open_iterators.add(batches)
+        return batches
+
+    def batches(self):
         steps = count(self.step) if self.train else range(len(self.dataset))
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
 from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
-                        shard_paths)
+                        room_for_loader_processes, shard_paths)
 from prep_dataset import (IMAGE_EXTENSIONS, atomic_write, hub_split_names, image_cell, load_hub_set,
                           not_a_missing_folder, not_data)
 
@@ -593,6 +593,8 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     # where a file that does not decode is left out instead of ending the run
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
     mine = ds if world == 1 else ds.select(range(rank, len(ds), world)) if hasattr(ds, "select") else ds[rank::world]
+    if num_workers:
+        room_for_loader_processes()
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                                          pin_memory=torch.device(device).type == "cuda",
                                          worker_init_fn=ignore_sigterm)  # a SIGTERM is train.py's to handle

@@ -1321,6 +1321,33 @@ def test_two_ranks_are_disjoint_complete_and_equal_one_process(tmp_path):
     assert seen[0] + seen[1] != first_epoch, "the order must be redrawn every epoch"
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux's way of handing tensors over")
+def test_a_script_with_loader_processes_ends_even_under_a_low_open_files_limit(tmp_path):
+    """Loader processes keep shards open and hand each batch over as open files (torch's way on Linux): under a
+    low limit (ulimit -n 64) they ran out of files, and the script waited for a batch forever. And a script whose
+    iterator was still open at its end waited forever too: Python's exit asks the loader processes to stop with
+    a SIGTERM, which they ignore (torchrun's SIGTERM is for the training process)."""
+    make_caption_shards(tmp_path, n=240, shard_size=2, image_size=32)  # 120 shards: more than the limit
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # soft and hard: nothing to raise it to
+        sys.path.insert(0, {ROOT!r})
+        from dataloader import ShardLoader
+        loader = ShardLoader({str(tmp_path)!r}, "train", batch_size=8, image_size=32, context_length=16,
+                             num_workers=2, augment=True)
+        batches = iter(loader)  # open to the end
+        for _ in range(45):  # 360 samples: every shard, some twice
+            next(batches)
+        print("batches", loader.step, "shards open at most", loader.dataset.max_open)
+    """)
+    try:
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the script did not end in 120 s; it printed {e.stdout!r}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "batches 45 shards open at most 16" in run.stdout
+
+
 def test_loader_keeps_few_shards_open_and_reads_the_same_with_or_without_pread(tmp_path, monkeypatch):
     # a dataset of thousands of shards must not hold a file open for each (1024 per process is the usual cap)
     make_caption_shards(tmp_path, n=90, shard_size=10, image_size=48)  # 9 shards
