@@ -102,7 +102,7 @@ class CheckpointManager:
 
     def checkpoints(self):
         """The step checkpoints in the run directory, oldest first."""
-        return sorted(glob.glob(os.path.join(self.out_dir, PREFIX + "*.pt")))
+        return sorted(glob.glob(os.path.join(glob.escape(self.out_dir), PREFIX + "*.pt")))
 
     def save(self, step, state, val_loss=None):
         os.makedirs(self.out_dir, exist_ok=True)
@@ -119,8 +119,8 @@ class CheckpointManager:
             failed = write_error(e)
             if failed is None:
                 raise
-            raise CheckpointError(f"could not write {path} ({failed.strerror or failed}): {make_room(failed, self.out_dir)}, "
-                                  "then go on from its last checkpoint with --resume") from e
+            raise CheckpointError(f"could not write {path} ({failed.strerror or failed}): "
+                                  f"{make_room(failed, self.out_dir)}, then go on from its last checkpoint with --resume") from e
         os.replace(tmp, path)  # atomic: the name points at the whole old file or the whole new one
         if val_loss is not None and val_loss < self.best_val_loss():
             try:
@@ -138,7 +138,8 @@ class CheckpointManager:
                     if os.path.exists(part):
                         os.remove(part)
                 raise CheckpointError(f"saved {path}, but could not write {self.best_path} ({e.strerror or e}): "
-                                      f"{make_room(e, self.out_dir)}, then go on from that checkpoint with --resume") from e
+                                      f"{make_room(e, self.out_dir)}, then go on from that checkpoint with --resume"
+                                      ) from e
         fsync_dir(self.out_dir)
         for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
             os.remove(old)

@@ -98,7 +98,7 @@ def data_dirs(data_dir):
 
 def shard_paths(data_dir, split):
     """DIR/split/*.tar, over every prepared set that data_dir lists."""
-    return sorted(p for d in data_dirs(data_dir) for p in glob.glob(os.path.join(d, split, "*.tar")))
+    return sorted(p for d in data_dirs(data_dir) for p in glob.glob(os.path.join(glob.escape(d), split, "*.tar")))
 
 
 def find_shards(data_dir, split):
@@ -118,7 +118,7 @@ def find_shards(data_dir, split):
             raise FileNotFoundError(
                 f"{d} has no val/ shards (prepared with --val_fraction 0): evaluate on a held-out set, e.g. one "
                 f"prepared with --val_fraction 1, or on the training images as {os.path.join(d, 'train')}")
-        loose = glob.glob(os.path.join(d, "*.tar"))
+        loose = glob.glob(os.path.join(glob.escape(d), "*.tar"))
         parent = os.path.dirname(os.path.normpath(d))
         if loose and os.path.basename(os.path.normpath(d)) in ("train", "val") and \
                 os.path.isfile(os.path.join(parent, "manifest.json")):  # a split's folder, given for the set

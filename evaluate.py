@@ -430,7 +430,7 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         rows, classnames = found
         image_col, label_col = "image", "label"
     else:
-        shards = sorted(glob.glob(os.path.join(name_or_dir, "*.tar"))) if os.path.isdir(name_or_dir) else []
+        shards = sorted(glob.glob(os.path.join(glob.escape(name_or_dir), "*.tar"))) if os.path.isdir(name_or_dir) else []
         if shards:  # a split's folder of shards, given for the set
             try:
                 with tarfile.open(shards[0]) as tf:

@@ -161,7 +161,8 @@ def source_text_to_image_2m(args):
         if os.path.isfile(data_files) and data_files.lower().endswith(tuple(TABLE_EXTENSIONS)):
             sys.exit(f"--input {data_files} is a table, not text-to-image-2M's shards (the default --source): "
                      "add --source table")
-        data_files = tar_paths(data_files, leave_out=args.out_dir) or data_files
+        # `datasets` reads each name as a glob: a folder's [ ] ('set [1]') escaped, so that it is the name itself
+        data_files = [glob.escape(p) for p in tar_paths(data_files, leave_out=args.out_dir)] or data_files
         if isinstance(data_files, str) and os.path.isdir(data_files):
             sys.exit(f"--input {data_files} holds no .tar shards of text-to-image-2M (the default --source): for a "
                      "folder of images and captions add --source folder, for a `datasets` folder --source hub")
@@ -313,9 +314,11 @@ def tar_paths(pattern, leave_out=None):
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):  # subfolders too: a hub download keeps its shards in data_512_2M/, an export in
         # buckets/*/ (hidden folders, such as a download's .cache, are passed over, as glob does)
-        found = {p for e in ("*.tar", "*.tar.gz", "*.tgz") for p in glob.glob(os.path.join(pattern, "**", e), recursive=True)}
-    else:
-        found = {path for p in ranges(pattern) for path in glob.glob(p) if os.path.isfile(path)}
+        found = {p for e in ("*.tar", "*.tar.gz", "*.tgz")
+                 for p in glob.glob(os.path.join(glob.escape(pattern), "**", e), recursive=True)}
+    else:  # a file's own name is taken as it is, though it holds a glob's [ ] ('set [1].tar')
+        found = {path for p in ranges(pattern) for path in ([p] if os.path.isfile(p) else glob.glob(p))
+                 if os.path.isfile(path)}
     if leave_out:
         found = {p for p in found if not os.path.abspath(p).startswith(os.path.join(os.path.abspath(leave_out), ""))}
     return sorted(found)
@@ -777,12 +780,21 @@ def not_a_missing_folder(name_or_dir):
     raise FileNotFoundError("no such folder" + (f"; did you mean {os.path.join(parent, near[0])}?" if near else ""))
 
 
+def readable_by_datasets(folder):
+    """`datasets` finds a local set's files by globs under its folder's path, which a glob's [ ] * ? in that path
+    break ('set [1]': "doesn't contain any data files"): said as such, with what to do."""
+    if os.path.isdir(folder) and re.search(r"[][*?]", os.path.abspath(folder)):
+        raise ValueError("its path holds one of [ ] * ?, which `datasets` reads as a pattern: move or rename it to "
+                         "a path without them")
+
+
 def load_hub_set(name_or_dir, split, streaming=False):
     """A `datasets` split: from the hub or a local copy of a hub set (load_dataset), or from a folder that
     save_to_disk wrote (load_from_disk)."""
     import datasets
     not_a_missing_folder(name_or_dir)
     if saved_to_disk(name_or_dir) is None:
+        readable_by_datasets(name_or_dir)
         return datasets.load_dataset(name_or_dir, split=split, streaming=streaming)
     ds = datasets.load_from_disk(name_or_dir)
     if isinstance(ds, datasets.DatasetDict):
@@ -800,7 +812,10 @@ def hub_split_names(name_or_dir):
     if saved == "splits":
         with open(os.path.join(name_or_dir, "dataset_dict.json")) as f:
             return json.load(f)["splits"]
-    return [] if saved == "one" else datasets.get_dataset_split_names(name_or_dir)
+    if saved == "one":
+        return []
+    readable_by_datasets(name_or_dir)
+    return datasets.get_dataset_split_names(name_or_dir)
 
 
 def source_hub(args):
@@ -1277,7 +1292,7 @@ def stage_chunks(args, stage_dir, items, done):
 
 def write_shards(args, stage_dir):
     """Pass 2: one global permutation, then the shards, each written whole under a temporary name."""
-    chunks = sorted(glob.glob(os.path.join(stage_dir, "chunk-*.json")))
+    chunks = sorted(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
     samples, skipped = [], {}
     for c, path in enumerate(chunks):
         with open(path) as f:
@@ -1313,7 +1328,7 @@ def write_shards(args, stage_dir):
     # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks
     # stay until the end: stop now, with the figure, rather than on a full disk halfway through
     need = sum(s[3] + 2048 + len(s[4]) for s in samples) - sum(
-        os.path.getsize(p) for p in glob.glob(os.path.join(args.out_dir, "*", "shard-*.tar")))
+        os.path.getsize(p) for p in glob.glob(os.path.join(glob.escape(args.out_dir), "*", "shard-*.tar")))
     free = shutil.disk_usage(args.out_dir).free
     if need > free:
         size = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
@@ -1479,7 +1494,7 @@ def main(argv=None):
                          "arguments to resume, or delete the folder to start over")
     # chunks are finished in order, so an interrupted run leaves chunks 0..done-1; a streaming source
     # recorded in the last of them where it stopped
-    done = len(glob.glob(os.path.join(stage_dir, "chunk-*.json")))
+    done = len(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
     args.resume_state, args.stream_state = None, None
     if done:
         with open(os.path.join(stage_dir, f"chunk-{done - 1:06d}.json")) as f:

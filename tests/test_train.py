@@ -641,6 +641,31 @@ def test_a_run_directory_that_cannot_be_written_stops_the_run_before_it_trains(s
         logger.main([out])
 
 
+def test_folders_named_with_spaces_accents_and_a_globs_brackets_work_from_prep_to_plots(shapes_dir, tmp_path, capsys):
+    """'set [1]': the [ ] of a glob in a folder's name hid every shard and checkpoint from the globs that find them
+    (prep found no samples, a resume no checkpoint)."""
+    odd = tmp_path / "my data é" / "set [1]"
+    data, out = str(odd / "shapes"), str(odd / "run")
+    prep_dataset.main(["--source", "shapes", "--out_dir", data, "--limit", "120", "--num_workers", "1"])
+    train.main(run_args(data, out, max_steps=2, checkpoint_interval=2))
+    train.main(run_args(data, out, max_steps=3, checkpoint_interval=3) + ["--resume"])
+    assert [os.path.basename(p) for p in CheckpointManager(out).checkpoints()] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    results = evaluate.main([out, "--retrieval", data, "--zeroshot", data, "--num_workers", "0"])
+    assert results["retrieval_samples"] == 6 and set(results["zeroshot"]) == {"shape", "color"}
+    logger.main([out])
+    assert os.path.isfile(os.path.join(out, "plots.png"))
+    # the shards as another tool's input: a folder of them, one of them by name, and as text-to-image-2M's layout
+    for i, (source, given) in enumerate((("webdataset", os.path.join(data, "train")),
+                          ("webdataset", os.path.join(data, "train", "shard-000000.tar")),
+                          ("text-to-image-2M", os.path.join(data, "train")))):
+        again = str(odd / f"again [{i}]")
+        prep_dataset.main(["--source", source, "--input", given, "--out_dir", again, "--num_workers", "1"])
+        assert json.load(open(os.path.join(again, "manifest.json")))["counts"]["train"] > 100, (source, given)
+    # a `datasets` folder there: `datasets` reads its files by globs, which the name breaks; said, with what to do
+    with pytest.raises(SystemExit, match=r"holds one of \[ \] \* \?.*move or rename it"):
+        prep_dataset.main(["--source", "hub", "--input", data, "--split", "train", "--out_dir", str(odd / "hub")])
+
+
 def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"),
