@@ -1515,6 +1515,13 @@ def main(argv=None):
     t0 = time.time()
     try:
         stage_chunks(args, stage_dir, items, done)
+    except OSError as e:  # hours into a stream from the hub, a network that stayed down past `datasets`' retries
+        if e.errno != errno.ENOSPC:
+            finished = len(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
+            sys.exit(f"stopped while reading the source ({type(e).__name__}: {e}). The {finished} finished chunks "
+                     "are kept: rerun the same command to go on from them (after a network error, once it is back)")
+        sys.exit(f"the disk of {args.out_dir} is full: make room and rerun the same command (what is finished is kept)")
+    try:
         result = write_shards(args, stage_dir)
     except OSError as e:
         if e.errno != errno.ENOSPC:

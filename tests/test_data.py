@@ -196,6 +196,19 @@ def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_pa
             "--shard_size", "5", "--val_fraction", "0.25", "--num_workers", "1"]
     prep_dataset.main(args + ["--out_dir", str(tmp_path / "ref")])
     write = prep_dataset.atomic_write
+    if source == "text-to-image-2M":  # a network that stays down, hours into the stream: said, and a rerun goes on
+        def network_down(path, data):
+            if path.endswith("chunk-000002.json"):
+                raise ConnectionError(104, "Connection reset by peer")  # what requests' errors are too: an OSError
+            write(path, data)
+        monkeypatch.setattr(prep_dataset, "atomic_write", network_down)
+        with pytest.raises(SystemExit, match=r"stopped while reading the source \(ConnectionError: .*Connection reset by "
+                                             r"peer\). The 2 finished chunks are kept: rerun the same command"):
+            prep_dataset.main(args + ["--out_dir", str(tmp_path / "net")])
+        monkeypatch.undo()
+        prep_dataset.main(args + ["--out_dir", str(tmp_path / "net")])
+        for path in glob.glob(str(tmp_path / "ref" / "*" / "*.tar")):
+            assert (tmp_path / "net" / os.path.relpath(path, tmp_path / "ref")).read_bytes() == open(path, "rb").read()
 
     def interrupted_at(chunk_file):
         def atomic_write(path, data):
