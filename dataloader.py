@@ -409,6 +409,31 @@ def prefetch(batches, device):
         yield ready(pending)
 
 
+PREFETCH = 4  # batches each loader process keeps ready
+
+
+def prefetch_in_shared_memory(num_workers, batch_bytes, shm="/dev/shm"):
+    """How many batches each loader process may keep ready: PREFETCH, or fewer where the shared memory that batches
+    travel through would not hold them all (Docker gives a container 64 MB of /dev/shm unless it is started with
+    --ipc=host or --shm-size). A loader process that finds no room there cannot hand its batch over, and training
+    waited for it forever. A node's processes share that memory, and each has a train and a val loader: a loader
+    counts on its part. Where not even one batch per loader process fits: a ValueError that says what to do."""
+    try:
+        disk = os.statvfs(shm)
+    except (OSError, AttributeError):  # not Linux: no such memory to count
+        return PREFETCH
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    fits = int(disk.f_bavail * disk.f_frsize / (2 * processes) // batch_bytes) - 2  # beside a step's batch and the next
+    if fits < num_workers:
+        raise ValueError(
+            f"{shm} has {disk.f_bavail * disk.f_frsize / 2 ** 20:.0f} MB free, too little for the batches of "
+            f"{batch_bytes / 2 ** 20:.1f} MB that {num_workers} loader processes" + (
+                f" in each of {processes} processes" if processes > 1 else "") + " hand over through it. In Docker, "
+            "start the container with --ipc=host (or --shm-size=16g); or give --num_workers "
+            f"{max(fits, 0)}{' (no loader processes: slower)' if fits <= 0 else ''}")
+    return min(PREFETCH, fits // num_workers)
+
+
 # the iterators over loaders with loader processes that are still open, closed as Python exits
 open_iterators = weakref.WeakSet()
 
@@ -452,6 +477,8 @@ class ShardLoader:
                                     shuffle_buffer, drop_last, with_labels, trim_tokens, all_captions)
         self.train, self.num_workers, self.with_labels = train, num_workers, with_labels
         self.all_captions, self.device = all_captions, device
+        batch_bytes = self.dataset.local_batch * (3 * image_size ** 2 + 4 * context_length)  # uint8 images, int32 ids
+        self.prefetch = prefetch_in_shared_memory(num_workers, batch_bytes) if num_workers else None
         # pinned (page-locked) host memory is what lets prefetch's copy to a GPU run asynchronously
         self.pin_memory = device is not None and torch.device(device).type == "cuda"
         self.step = 0  # batches handed out since the start of epoch 0
@@ -493,7 +520,7 @@ class ShardLoader:
         steps = count(self.step) if self.train else range(len(self.dataset))
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=steps, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
+            pin_memory=self.pin_memory, prefetch_factor=self.prefetch,
             persistent_workers=False, worker_init_fn=ignore_sigterm)
         # counted here, as each batch is handed over: prefetch has already fetched the next one, and a
         # checkpoint taken now must resume from that batch, not after it

@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
-from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
-                        room_for_loader_processes, shard_paths)
+from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch,
+                        prefetch_in_shared_memory, prepare_image, room_for_loader_processes, shard_paths)
 from prep_dataset import (IMAGE_EXTENSIONS, atomic_write, hub_split_names, image_cell, load_hub_set,
                           not_a_missing_folder, not_data)
 
@@ -597,6 +597,8 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
         room_for_loader_processes()
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                                          pin_memory=torch.device(device).type == "cuda",
+                                         prefetch_factor=prefetch_in_shared_memory(
+                                             num_workers, batch_size * 3 * cfg.image_size ** 2) if num_workers else None,
                                          worker_init_fn=ignore_sigterm)  # a SIGTERM is train.py's to handle
     hits, scored, unreadable = torch.zeros(2, dtype=torch.long, device=device), 0, 0  # hits: top-1, top-5
     # images and labels arrive on the device, the next batch copied while this one is embedded

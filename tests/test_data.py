@@ -1361,6 +1361,33 @@ def test_a_script_with_loader_processes_ends_even_under_a_low_open_files_limit(t
     assert "batches 45 shards open at most 16" in run.stdout
 
 
+def test_loader_processes_keep_no_more_batches_ready_than_shared_memory_holds(tmp_path, monkeypatch):
+    """Batches travel from loader processes through /dev/shm, of which Docker gives a container 64 MB: a loader
+    process that found no room there could not hand its batch over, and training waited for it forever (seen with
+    a 64 MB /dev/shm and 37 MB batches). Now each keeps fewer batches ready, or the run stops saying what to do."""
+    make_caption_shards(tmp_path, n=64, shard_size=16, image_size=32)
+    kw = dict(batch_size=16, image_size=32, context_length=16, augment=True, seed=1)
+    batch = 16 * (3 * 32 * 32 + 4 * 16)  # 50 kB: uint8 images and int32 token ids
+    expected = [b for _, b in zip(range(6), ShardLoader(tmp_path, "train", num_workers=0, **kw))]
+
+    def shared_memory(free):
+        monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=free // 4096, f_frsize=4096))
+    for free, workers, ready in ((10 ** 9, 2, 4), (2 * 8 * batch, 2, 3), (2 * 5 * batch, 2, 1)):
+        shared_memory(free)  # half of it for each of a run's two loaders, less the batch in use and the next
+        loader = ShardLoader(tmp_path, "train", num_workers=workers, **kw)
+        assert loader.prefetch == ready, free
+        for (images, tokens), (want_images, want_tokens) in zip(loader, expected):  # the same batches
+            assert torch.equal(images, want_images) and torch.equal(tokens, want_tokens)
+    shared_memory(2 * 3 * batch + 4096)  # room for one batch ready, and two loader processes
+    with pytest.raises(ValueError, match=r"/dev/shm has 0 MB free, too little for the batches of 0.0 MB that 2 loader "
+                                         r"processes hand over through it. In Docker, start the container with "
+                                         r"--ipc=host \(or --shm-size=16g\); or give --num_workers 1$"):
+        ShardLoader(tmp_path, "train", num_workers=2, **kw)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the node's two processes share it
+    with pytest.raises(ValueError, match=r"loader processes in each of 2 processes .* --num_workers 0 \(no loader"):
+        ShardLoader(tmp_path, "train", num_workers=1, **kw)
+
+
 def test_loader_keeps_few_shards_open_and_reads_the_same_with_or_without_pread(tmp_path, monkeypatch):
     # a dataset of thousands of shards must not hold a file open for each (1024 per process is the usual cap)
     make_caption_shards(tmp_path, n=90, shard_size=10, image_size=48)  # 9 shards
