@@ -593,12 +593,15 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     # where a file that does not decode is left out instead of ending the run
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
     mine = ds if world == 1 else ds.select(range(rank, len(ds), world)) if hasattr(ds, "select") else ds[rank::world]
+    ready = None
     if num_workers:
         room_for_loader_processes()
+        try:
+            ready = prefetch_in_shared_memory(num_workers, batch_size * 3 * cfg.image_size ** 2)
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                                         pin_memory=torch.device(device).type == "cuda",
-                                         prefetch_factor=prefetch_in_shared_memory(
-                                             num_workers, batch_size * 3 * cfg.image_size ** 2) if num_workers else None,
+                                         pin_memory=torch.device(device).type == "cuda", prefetch_factor=ready,
                                          worker_init_fn=ignore_sigterm)  # a SIGTERM is train.py's to handle
     hits, scored, unreadable = torch.zeros(2, dtype=torch.long, device=device), 0, 0  # hits: top-1, top-5
     # images and labels arrive on the device, the next batch copied while this one is embedded

@@ -1386,6 +1386,14 @@ def test_loader_processes_keep_no_more_batches_ready_than_shared_memory_holds(tm
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the node's two processes share it
     with pytest.raises(ValueError, match=r"loader processes in each of 2 processes .* --num_workers 0 \(no loader"):
         ShardLoader(tmp_path, "train", num_workers=1, **kw)
+    import evaluate  # zero-shot's loader over class folders too, where it stops the command, not the run
+    for color in ("red", "blue"):
+        os.makedirs(tmp_path / "classes" / color)
+        Image.new("RGB", (40, 40), color).save(tmp_path / "classes" / color / "0.png")
+    cfg = get_config("tiny", vision_layers=1, text_layers=1)
+    with pytest.raises(SystemExit, match=r"/dev/shm has 0 MB free, too little for the batches of 3.0 MB"):
+        evaluate.zeroshot_classification(CLIP(cfg), str(tmp_path / "classes"), cfg, "cpu",
+                                         torch.autocast("cpu", enabled=False), num_workers=1, notes=False)
 
 
 def test_loader_keeps_few_shards_open_and_reads_the_same_with_or_without_pread(tmp_path, monkeypatch):
