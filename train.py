@@ -784,6 +784,33 @@ def data_loaders(cfg, model_cfg, device, ddp, rank, world, num_workers):
     return train_loader, val_loader, val_count, val_dirs, tasks
 
 
+def claim_run_directory(out_dir, ddp, rank, world):
+    """Makes the run directory, and takes it for this run. One that cannot be made, or written (a read-only disk,
+    another user's folder), stops the run now, not at its first checkpoint hours in: rank 0 writes there, and the
+    other ranks stop with it (or it with them, where a node cannot make it). One run writes there at a time."""
+    failure = None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if rank == 0:
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+    except OSError as e:
+        failure = (f"--out_dir {out_dir}: cannot {'write into' if os.path.isdir(out_dir) else 'create'} it "
+                   f"({e.strerror or e}); choose another")
+    if ddp:  # every rank stops with the first that cannot
+        every = [None] * world
+        dist.all_gather_object(every, failure)
+        failure = next((why if r == rank else f"rank {r}: {why}" for r, why in enumerate(every) if why), None)
+    if failure:
+        sys.exit(failure)
+    if rank == 0:  # one run per directory: a second one's checkpoints and log lines would interleave with this one's
+        try:
+            lock_dir(out_dir)
+        except BlockingIOError:
+            sys.exit(f"another train.py is writing into {out_dir} (or a notebook whose train.main wrote there "
+                     "was interrupted): let it finish or stop it, or choose another --out_dir")
+
+
 def due(step, interval):
     """Whether a periodic task runs at this step (interval 0: never; the last step is handled apart)."""
     return interval > 0 and step % interval == 0
@@ -813,29 +840,7 @@ def main(argv=None):
     check_settings(cfg, given, start is not None, ddp)
     if "max_steps" in given:  # a run of --epochs resumed with a new length in steps: the steps decide
         cfg.epochs = 0.0
-    # a run directory that cannot be made, or written (a read-only disk, another user's folder), stops the run now,
-    # not at its first checkpoint hours in. Rank 0 writes there; the others stop with it, or it with them
-    failure = None
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if master:
-            with tempfile.TemporaryFile(dir=cfg.out_dir):
-                pass
-    except OSError as e:
-        failure = (f"--out_dir {cfg.out_dir}: cannot {'write into' if os.path.isdir(cfg.out_dir) else 'create'} it "
-                   f"({e.strerror or e}); choose another")
-    if ddp:  # every rank stops with the first that cannot
-        every = [None] * world
-        dist.all_gather_object(every, failure)
-        failure = next((why if r == rank else f"rank {r}: {why}" for r, why in enumerate(every) if why), None)
-    if failure:
-        sys.exit(failure)
-    if master:  # one run per directory: a second one's checkpoints and log lines would interleave with this one's
-        try:
-            lock_dir(cfg.out_dir)
-        except BlockingIOError:
-            sys.exit(f"another train.py is writing into {cfg.out_dir} (or a notebook whose train.main wrote there "
-                     "was interrupted): let it finish or stop it, or choose another --out_dir")
+    claim_run_directory(cfg.out_dir, ddp, rank, world)
     manager = CheckpointManager(cfg.out_dir, keep=cfg.keep_checkpoints)
     model_cfg = model_config(cfg, start, start_path, given)
 
