@@ -89,7 +89,7 @@ def write_error(e):
 
 def make_room(e, folder):
     """What to do about a write that failed: room on a full disk (or quota), else the right to write there."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return f"make room in {folder}"
     return f"make {folder} writable (or move the run to a folder that is)"
 

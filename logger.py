@@ -185,7 +185,8 @@ def main(argv=None):
     try:
         print(f"wrote {plot_runs(args.run_dirs, out)}")
     except OSError as e:
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # else: a read-only disk, another user's folder
+        # a full disk (or quota, where errno names it), else a read-only disk or another user's folder
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
         sys.exit(f"could not write {out} ({e.strerror or e}): "
                  + ("make room there, or give --out another place" if full else "give --out a place you can write"))
 
