@@ -861,8 +861,11 @@ def main(argv=None):
         manifest_path = os.path.join(args.zeroshot, "manifest.json")
         tasks = {}
         if os.path.isfile(manifest_path):
-            with open(manifest_path) as f:
-                tasks = json.load(f).get("tasks", {})
+            try:
+                with open(manifest_path) as f:
+                    tasks = json.load(f).get("tasks", {})
+            except (OSError, ValueError, AttributeError) as e:  # edited by hand, or another tool's
+                p.error(f"{manifest_path} cannot be read ({e}): prepare {args.zeroshot} again with prep_dataset.py")
             if not tasks:  # its train/ and val/ folders are not classes
                 p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "
                         f"them): use --retrieval {args.zeroshot}, or give --zeroshot a folder of class folders")

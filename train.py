@@ -749,8 +749,16 @@ def data_loaders(cfg, model_cfg, device, ddp, rank, world, num_workers):
     manifests = {}
     for d in sets:
         if os.path.exists(os.path.join(d, "manifest.json")):
-            with open(os.path.join(d, "manifest.json")) as f:
-                manifests[d] = json.load(f)
+            try:  # what prep_dataset.py wrote: the counts, the image size, the shapes set's tasks
+                with open(os.path.join(d, "manifest.json")) as f:
+                    manifests[d] = json.load(f)
+                if not isinstance(manifests[d], dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:  # edited by hand, or another tool's: the shards still count
+                manifests.pop(d, None)
+                if rank == 0:
+                    print(f"warning: {d}/manifest.json cannot be read ({e}); training on its shards without it (no "
+                          "zero-shot tasks of its own)", file=sys.stderr)
         if rank == 0 and manifests.get(d, {}).get("image_size", model_cfg.image_size) < model_cfg.image_size:
             print(f"warning: {d} holds {manifests[d]['image_size']}-px images and the model takes "
                   f"{model_cfg.image_size} px: every image is upscaled. Prepare the data with --image_size "

@@ -666,6 +666,20 @@ def test_folders_named_with_spaces_accents_and_a_globs_brackets_work_from_prep_t
         prep_dataset.main(["--source", "hub", "--input", data, "--split", "train", "--out_dir", str(odd / "hub")])
 
 
+def test_a_damaged_manifest_is_warned_about_and_the_shards_still_train(shapes_dir, tmp_path, capsys):
+    data = str(tmp_path / "shapes")
+    shutil.copytree(shapes_dir, data)
+    with open(os.path.join(data, "manifest.json"), "w") as f:
+        f.write('{"counts": {"train": 1')  # cut short, as an editor's crash leaves it
+    train.main(run_args(data, str(tmp_path / "run"), max_steps=2, zeroshot="auto", retrieval=True))
+    assert "manifest.json cannot be read (" in capsys.readouterr().err
+    assert read_log(str(tmp_path / "run"))[-1]["step"] == 2  # its val split still evaluated, by counting it
+    assert "val_loss" in read_log(str(tmp_path / "run"), "eval")[-1]
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / "run"), "--zeroshot", data])
+    assert "manifest.json cannot be read (" in capsys.readouterr().err
+
+
 def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"),
