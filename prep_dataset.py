@@ -1102,6 +1102,19 @@ def hold_out_dir(out_dir):
                  "this command, which goes on from what it finished")
 
 
+def read_own_file(path, what_to_do):
+    """One of prep's own JSON files in --out_dir: the manifest, or a run in progress's settings and chunks. Each is
+    written whole (atomic_write), so one that does not parse was changed since: said, with what to do."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        sys.exit(f"{path} is damaged ({e}): {what_to_do}")
+    if not isinstance(data, dict):
+        sys.exit(f"{path} is damaged (not a JSON object): {what_to_do}")
+    return data
+
+
 def atomic_write(path, data):
     tmp = path + ".tmp"
     try:
@@ -1295,8 +1308,7 @@ def write_shards(args, stage_dir):
     chunks = sorted(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
     samples, skipped = [], {}
     for c, path in enumerate(chunks):
-        with open(path) as f:
-            chunk = json.load(f)
+        chunk = read_own_file(path, "delete it and the chunks after it, and a rerun makes them again")
         samples += [(c, *s) for s in chunk["samples"]]
         for reason, n in chunk["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
@@ -1477,8 +1489,7 @@ def main(argv=None):
     if args.max_samples_per_picture != p.get_default("max_samples_per_picture"):  # likewise
         settings.update(max_samples_per_picture=args.max_samples_per_picture)
     if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            done = json.load(f)
+        done = read_own_file(manifest_path, f"delete {args.out_dir} to prepare it again, or choose another --out_dir")
         if done.get("settings") != settings:
             sys.exit(f"{args.out_dir} already holds a dataset made with other settings: choose another --out_dir "
                      f"or delete it.\n  there: {done.get('settings')}\n  asked: {settings}")
@@ -1488,17 +1499,16 @@ def main(argv=None):
     stage_dir = os.path.join(args.out_dir, ".stage")
     settings_path = os.path.join(stage_dir, "settings.json")
     if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            if json.load(f) != settings:
-                sys.exit(f"{args.out_dir} holds an unfinished run with other settings: rerun it with the same "
-                         "arguments to resume, or delete the folder to start over")
+        if read_own_file(settings_path, f"delete {stage_dir} to start over") != settings:
+            sys.exit(f"{args.out_dir} holds an unfinished run with other settings: rerun it with the same "
+                     "arguments to resume, or delete the folder to start over")
     # chunks are finished in order, so an interrupted run leaves chunks 0..done-1; a streaming source
     # recorded in the last of them where it stopped
     done = len(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
     args.resume_state, args.stream_state = None, None
     if done:
-        with open(os.path.join(stage_dir, f"chunk-{done - 1:06d}.json")) as f:
-            args.resume_state = json.load(f).get("source_state")
+        last = os.path.join(stage_dir, f"chunk-{done - 1:06d}.json")
+        args.resume_state = read_own_file(last, "delete it, and a rerun makes it again").get("source_state")
     # the source checks its input as it starts: a mistake there stops the run before anything is written
     items = one_sample_per_image(SOURCES[args.source](args), args)
     first = next(items, None)

@@ -1267,6 +1267,34 @@ def test_interrupted_prep_resumes_and_reuses_finished_chunks(tmp_path, capsys):
         prep_dataset.main(args[:-2] + ["--num_workers", "1", "--seed", "5", "--out_dir", str(out)])
 
 
+def test_prep_says_which_of_its_own_files_is_damaged_and_goes_on_once_it_is_removed(tmp_path, monkeypatch):
+    # prep writes its manifest and its chunks whole: one that does not parse was edited since (or its disk failed)
+    args = ["--source", "shapes", "--limit", "60", "--chunk_size", "20", "--shard_size", "30", "--num_workers", "1"]
+    prep_dataset.main(args + ["--out_dir", str(tmp_path / "ref")])
+    write = prep_dataset.atomic_write
+
+    def stop_at_the_third_chunk(path, data):
+        if path.endswith("chunk-000002.json"):
+            raise KeyboardInterrupt
+        write(path, data)
+    monkeypatch.setattr(prep_dataset, "atomic_write", stop_at_the_third_chunk)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prep_dataset.main(args + ["--out_dir", str(out)])
+    monkeypatch.undo()
+    last = out / ".stage" / "chunk-000001.json"
+    last.write_text(last.read_text()[:100])  # cut short
+    with pytest.raises(SystemExit, match=r"chunk-000001.json is damaged \(.*\): delete it, and a rerun makes it again"):
+        prep_dataset.main(args + ["--out_dir", str(out)])
+    last.unlink()
+    prep_dataset.main(args + ["--out_dir", str(out)])
+    for path in sorted(glob.glob(str(tmp_path / "ref" / "*" / "*.tar"))):
+        assert (out / os.path.relpath(path, tmp_path / "ref")).read_bytes() == open(path, "rb").read()
+    (out / "manifest.json").write_text("[]")  # another tool's
+    with pytest.raises(SystemExit, match=r"manifest.json is damaged \(not a JSON object\): delete .*out to prepare it"):
+        prep_dataset.main(args + ["--out_dir", str(out)])
+
+
 def test_a_full_disk_stops_prep_with_what_to_do_and_the_rerun_goes_on(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = ["--source", "shapes", "--limit", "600", "--chunk_size", "200", "--shard_size", "300", "--num_workers", "1",
