@@ -71,12 +71,14 @@ def max_open_shards():
     return MAX_OPEN_SHARDS if limit is None else max(1, min(MAX_OPEN_SHARDS, limit // 4))
 
 
-def room_for_loader_processes(wanted=4096, low=256):
-    """A loader process keeps shards open and hands each batch's tensors over to the training process as open files
-    (torch's default way on Linux). Under a low open-files limit it runs out of them, cannot hand its batch over,
-    and the training process waits for that batch forever. So the limit is raised to `wanted` where the hard limit
-    allows it (any process may raise its own so far; other training frameworks do the same), and where it stays
-    low, the tensors travel as named shared-memory files instead, which hold no open file (torch's way on macOS)."""
+def room_for_loader_processes(num_workers, batch_bytes, wanted=4096, low=256):
+    """Readies this process for `num_workers` loader processes that hand it batches of `batch_bytes` -> how many
+    batches each may keep ready (prefetch_in_shared_memory). A loader process that cannot hand its batch over leaves
+    the training process waiting for it forever. It keeps shards open and hands each batch's tensors over as open
+    files (torch's default way on Linux): under a low open-files limit it runs out of them. So the limit is raised
+    to `wanted` where the hard limit allows it (any process may raise its own so far; other training frameworks do
+    the same), and where it stays low, the tensors travel as named shared-memory files instead, which hold no open
+    file (torch's way on macOS)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -88,6 +90,32 @@ def room_for_loader_processes(wanted=4096, low=256):
     limit = open_files_limit()
     if limit is not None and limit < low and torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
         torch.multiprocessing.set_sharing_strategy("file_system")
+    return prefetch_in_shared_memory(num_workers, batch_bytes)
+
+
+PREFETCH = 4  # batches each loader process keeps ready
+
+
+def prefetch_in_shared_memory(num_workers, batch_bytes, shm="/dev/shm"):
+    """How many batches each loader process may keep ready: PREFETCH, or fewer where the shared memory that batches
+    travel through would not hold them all (Docker gives a container 64 MB of /dev/shm unless it is started with
+    --ipc=host or --shm-size). A loader process that finds no room there cannot hand its batch over, and training
+    waited for it forever. A node's processes share that memory, and each has a train and a val loader: a loader
+    counts on its part. Where not even one batch per loader process fits: a ValueError that says what to do."""
+    try:
+        disk = os.statvfs(shm)
+    except (OSError, AttributeError):  # not Linux: no such memory to count
+        return PREFETCH
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    fits = int(disk.f_bavail * disk.f_frsize / (2 * processes) // batch_bytes) - 2  # beside a step's batch and the next
+    if fits < num_workers:
+        raise ValueError(
+            f"{shm} has {disk.f_bavail * disk.f_frsize / 2 ** 20:.0f} MB free, too little for the batches of "
+            f"{batch_bytes / 2 ** 20:.1f} MB that {num_workers} loader processes" + (
+                f" in each of {processes} processes" if processes > 1 else "") + " hand over through it. In Docker, "
+            "start the container with --ipc=host (or --shm-size=16g); or give --num_workers "
+            f"{max(fits, 0)}{' (no loader processes: slower)' if fits <= 0 else ''}")
+    return min(PREFETCH, fits // num_workers)
 
 
 def data_dirs(data_dir):
@@ -409,31 +437,6 @@ def prefetch(batches, device):
         yield ready(pending)
 
 
-PREFETCH = 4  # batches each loader process keeps ready
-
-
-def prefetch_in_shared_memory(num_workers, batch_bytes, shm="/dev/shm"):
-    """How many batches each loader process may keep ready: PREFETCH, or fewer where the shared memory that batches
-    travel through would not hold them all (Docker gives a container 64 MB of /dev/shm unless it is started with
-    --ipc=host or --shm-size). A loader process that finds no room there cannot hand its batch over, and training
-    waited for it forever. A node's processes share that memory, and each has a train and a val loader: a loader
-    counts on its part. Where not even one batch per loader process fits: a ValueError that says what to do."""
-    try:
-        disk = os.statvfs(shm)
-    except (OSError, AttributeError):  # not Linux: no such memory to count
-        return PREFETCH
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    fits = int(disk.f_bavail * disk.f_frsize / (2 * processes) // batch_bytes) - 2  # beside a step's batch and the next
-    if fits < num_workers:
-        raise ValueError(
-            f"{shm} has {disk.f_bavail * disk.f_frsize / 2 ** 20:.0f} MB free, too little for the batches of "
-            f"{batch_bytes / 2 ** 20:.1f} MB that {num_workers} loader processes" + (
-                f" in each of {processes} processes" if processes > 1 else "") + " hand over through it. In Docker, "
-            "start the container with --ipc=host (or --shm-size=16g); or give --num_workers "
-            f"{max(fits, 0)}{' (no loader processes: slower)' if fits <= 0 else ''}")
-    return min(PREFETCH, fits // num_workers)
-
-
 # the iterators over loaders with loader processes that are still open, closed as Python exits
 open_iterators = weakref.WeakSet()
 
@@ -470,15 +473,15 @@ class ShardLoader:
         # in training a partial last batch would give the ranks unequal shares (evaluation gathers them: see
         # evaluate.embed_shards)
         assert drop_last or world_size == 1 or not train, "a partial last batch would differ across ranks"
-        if num_workers > 0:
-            room_for_loader_processes()
+        self.prefetch = None  # batches each loader process keeps ready
+        if num_workers > 0:  # before the shards are indexed: how many a process keeps open depends on it
+            batch_bytes = batch_size // world_size * (3 * image_size ** 2 + 4 * context_length)  # uint8, int32 ids
+            self.prefetch = room_for_loader_processes(num_workers, batch_bytes)
         self.dataset = ShardDataset(find_shards(data_dir, split), batch_size, image_size, context_length,
                                     encoding, train, seed, rank, world_size, augment, crop_scale,
                                     shuffle_buffer, drop_last, with_labels, trim_tokens, all_captions)
         self.train, self.num_workers, self.with_labels = train, num_workers, with_labels
         self.all_captions, self.device = all_captions, device
-        batch_bytes = self.dataset.local_batch * (3 * image_size ** 2 + 4 * context_length)  # uint8 images, int32 ids
-        self.prefetch = prefetch_in_shared_memory(num_workers, batch_bytes) if num_workers else None
         # pinned (page-locked) host memory is what lets prefetch's copy to a GPU run asynchronously
         self.pin_memory = device is not None and torch.device(device).type == "cuda"
         self.step = 0  # batches handed out since the start of epoch 0

@@ -32,7 +32,6 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 from functools import lru_cache, partial
 
 import numpy as np
@@ -43,10 +42,10 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
-from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch,
-                        prefetch_in_shared_memory, prepare_image, room_for_loader_processes, shard_paths)
+from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
+                        room_for_loader_processes, shard_paths)
 from prep_dataset import (IMAGE_EXTENSIONS, atomic_write, hub_split_names, image_cell, load_hub_set,
-                          not_a_missing_folder, not_data)
+                          not_a_missing_folder, not_data, read_json_object, writable_folder)
 
 # a few of the CLIP paper's ImageNet prompts: the ensemble helps more than any single wording
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -593,11 +592,10 @@ def zeroshot_classification(model, name_or_dir, cfg, device, autocast, templates
     # where a file that does not decode is left out instead of ending the run
     collate = partial(labelled_batch, image_col=image_col, label_col=label_col, size=cfg.image_size)
     mine = ds if world == 1 else ds.select(range(rank, len(ds), world)) if hasattr(ds, "select") else ds[rank::world]
-    ready = None
+    ready = None  # batches each loader process keeps ready
     if num_workers:
-        room_for_loader_processes()
         try:
-            ready = prefetch_in_shared_memory(num_workers, batch_size * 3 * cfg.image_size ** 2)
+            ready = room_for_loader_processes(num_workers, batch_size * 3 * cfg.image_size ** 2)
         except ValueError as e:
             raise SystemExit(str(e)) from e
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
@@ -800,14 +798,9 @@ def main(argv=None):
         if getattr(args, name) is not None and not args.zeroshot:
             p.error(f"--{name} is for --zeroshot: give the classification set with --zeroshot")
     if args.json:  # results/zeroshot.json: its folder is made and written into now, so the results are not lost
-        folder = os.path.dirname(os.path.abspath(args.json))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            p.error(f"--json {args.json}: cannot {'write into' if os.path.isdir(folder) else 'create'} its folder "
-                    f"({e.strerror or e})")
+        why = writable_folder(os.path.dirname(os.path.abspath(args.json)), "its folder")
+        if why:
+            p.error(f"--json {args.json}: {why}")
     for name, ok, what in (("batch_size", args.batch_size >= 1, "at least 1"),
                            ("max_samples", args.max_samples is None or args.max_samples >= 1, "at least 1"),
                            ("num_workers", args.num_workers >= 0, "0 (decode in this process) or more")):
@@ -862,9 +855,8 @@ def main(argv=None):
         tasks = {}
         if os.path.isfile(manifest_path):
             try:
-                with open(manifest_path) as f:
-                    tasks = json.load(f).get("tasks", {})
-            except (OSError, ValueError, AttributeError) as e:  # edited by hand, or another tool's
+                tasks = read_json_object(manifest_path).get("tasks", {})
+            except (OSError, ValueError) as e:  # edited by hand, or another tool's
                 p.error(f"{manifest_path} cannot be read ({e}): prepare {args.zeroshot} again with prep_dataset.py")
             if not tasks:  # its train/ and val/ folders are not classes
                 p.error(f"{args.zeroshot} is a prepared dataset with no zero-shot tasks (only the shapes set has "

@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.error
@@ -1102,17 +1103,36 @@ def hold_out_dir(out_dir):
                  "this command, which goes on from what it finished")
 
 
+def writable_folder(path, name="it"):
+    """Makes the folder (and those above it) and writes a file into it, now rather than after the work it would
+    hold. -> None, or why it cannot: a read-only disk, another user's folder ("cannot write into it (...)", the
+    folder called `name`)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"cannot {'write into' if os.path.isdir(path) else 'create'} {name} ({e.strerror or e})"
+    return None
+
+
+def read_json_object(path):
+    """A JSON file that holds an object (a manifest, say) -> dict. ValueError where it holds no JSON or another
+    value (cut short, edited by hand, another tool's file)."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
 def read_own_file(path, what_to_do):
     """One of prep's own JSON files in --out_dir: the manifest, or a run in progress's settings and chunks. Each is
     written whole (atomic_write), so one that does not parse was changed since: said, with what to do."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        return read_json_object(path)
     except ValueError as e:
         sys.exit(f"{path} is damaged ({e}): {what_to_do}")
-    if not isinstance(data, dict):
-        sys.exit(f"{path} is damaged (not a JSON object): {what_to_do}")
-    return data
 
 
 def atomic_write(path, data):
@@ -1244,6 +1264,11 @@ def downloaded(chunk, downloads, tried, stopped):
         bar.close()
 
 
+def finished_chunks(stage_dir):
+    """The chunk files a run has finished, in order: chunk-000000.json, ..."""
+    return sorted(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
+
+
 def stage_chunks(args, stage_dir, items, done):
     """Pass 1: process the source chunk by chunk; each finished chunk is a .bin of JPEGs plus a .json index.
     `done` chunks were finished by an earlier, interrupted run. A streaming source already starts after
@@ -1305,7 +1330,7 @@ def stage_chunks(args, stage_dir, items, done):
 
 def write_shards(args, stage_dir):
     """Pass 2: one global permutation, then the shards, each written whole under a temporary name."""
-    chunks = sorted(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
+    chunks = finished_chunks(stage_dir)
     samples, skipped = [], {}
     for c, path in enumerate(chunks):
         chunk = read_own_file(path, "delete it and the chunks after it, and a rerun makes them again")
@@ -1504,7 +1529,7 @@ def main(argv=None):
                      "arguments to resume, or delete the folder to start over")
     # chunks are finished in order, so an interrupted run leaves chunks 0..done-1; a streaming source
     # recorded in the last of them where it stopped
-    done = len(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
+    done = len(finished_chunks(stage_dir))
     args.resume_state, args.stream_state = None, None
     if done:
         last = os.path.join(stage_dir, f"chunk-{done - 1:06d}.json")
@@ -1513,30 +1538,29 @@ def main(argv=None):
     items = one_sample_per_image(SOURCES[args.source](args), args)
     first = next(items, None)
     items = chain([first] if first is not None else [], items)
-    try:
-        os.makedirs(stage_dir, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"--out_dir {args.out_dir}: cannot {'write into' if os.path.isdir(args.out_dir) else 'create'} it "
-                 f"({e.strerror or e}); choose another")
+    why = writable_folder(args.out_dir) or writable_folder(stage_dir)
+    if why:
+        sys.exit(f"--out_dir {args.out_dir}: {why}; choose another")
     hold_out_dir(args.out_dir)
     if not os.path.exists(settings_path):
         atomic_write(settings_path, json.dumps(settings).encode())
 
     t0 = time.time()
+    disk_full = f"the disk of {args.out_dir} is full: make room and rerun the same command (what is finished is kept)"
     try:
         stage_chunks(args, stage_dir, items, done)
     except OSError as e:  # hours into a stream from the hub, a network that stayed down past `datasets`' retries
-        if e.errno != errno.ENOSPC:
-            finished = len(glob.glob(os.path.join(glob.escape(stage_dir), "chunk-*.json")))
-            sys.exit(f"stopped while reading the source ({type(e).__name__}: {e}). The {finished} finished chunks "
-                     "are kept: rerun the same command to go on from them (after a network error, once it is back)")
-        sys.exit(f"the disk of {args.out_dir} is full: make room and rerun the same command (what is finished is kept)")
+        if e.errno == errno.ENOSPC:
+            sys.exit(disk_full)
+        sys.exit(f"stopped while reading the source ({type(e).__name__}: {e}). The {len(finished_chunks(stage_dir))} "
+                 "finished chunks are kept: rerun the same command to go on from them (after a network error, once "
+                 "it is back)")
     try:
         result = write_shards(args, stage_dir)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        sys.exit(f"the disk of {args.out_dir} is full: make room and rerun the same command (what is finished is kept)")
+        sys.exit(disk_full)
     manifest = {"source": args.source, "input": args.input, "image_size": args.image_size, "seed": args.seed,
                 **result, "settings": settings}
     if args.source == "shapes":  # the zero-shot tasks the shapes set carries: classes and prompt templates

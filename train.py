@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -44,7 +43,7 @@ from clip import (CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_co
                   resize_position_embeddings)
 from dataloader import ShardLoader, data_dirs, default_num_workers, shard_paths
 from logger import Logger
-from prep_dataset import lock_dir, not_a_missing_folder, unlock_dir
+from prep_dataset import lock_dir, not_a_missing_folder, read_json_object, unlock_dir, writable_folder
 
 
 @dataclass
@@ -750,12 +749,8 @@ def data_loaders(cfg, model_cfg, device, ddp, rank, world, num_workers):
     for d in sets:
         if os.path.exists(os.path.join(d, "manifest.json")):
             try:  # what prep_dataset.py wrote: the counts, the image size, the shapes set's tasks
-                with open(os.path.join(d, "manifest.json")) as f:
-                    manifests[d] = json.load(f)
-                if not isinstance(manifests[d], dict):
-                    raise ValueError("not a JSON object")
+                manifests[d] = read_json_object(os.path.join(d, "manifest.json"))
             except (OSError, ValueError) as e:  # edited by hand, or another tool's: the shards still count
-                manifests.pop(d, None)
                 if rank == 0:
                     print(f"warning: {d}/manifest.json cannot be read ({e}); training on its shards without it (no "
                           "zero-shot tasks of its own)", file=sys.stderr)
@@ -795,20 +790,13 @@ def data_loaders(cfg, model_cfg, device, ddp, rank, world, num_workers):
 def claim_run_directory(out_dir, ddp, rank, world):
     """Makes the run directory, and takes it for this run. One that cannot be made, or written (a read-only disk,
     another user's folder), stops the run now, not at its first checkpoint hours in: rank 0 writes there, and the
-    other ranks stop with it (or it with them, where a node cannot make it). One run writes there at a time."""
-    failure = None
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        if rank == 0:
-            with tempfile.TemporaryFile(dir=out_dir):
-                pass
-    except OSError as e:
-        failure = (f"--out_dir {out_dir}: cannot {'write into' if os.path.isdir(out_dir) else 'create'} it "
-                   f"({e.strerror or e}); choose another")
-    if ddp:  # every rank stops with the first that cannot
+    other ranks stop with it. One run writes there at a time."""
+    why = writable_folder(out_dir) if rank == 0 else None
+    failure = why and f"--out_dir {out_dir}: {why}; choose another"
+    if ddp:  # every rank stops with rank 0
         every = [None] * world
         dist.all_gather_object(every, failure)
-        failure = next((why if r == rank else f"rank {r}: {why}" for r, why in enumerate(every) if why), None)
+        failure = every[0] and (failure or f"rank 0: {every[0]}")
     if failure:
         sys.exit(failure)
     if rank == 0:  # one run per directory: a second one's checkpoints and log lines would interleave with this one's
