@@ -124,6 +124,12 @@ def data_dirs(data_dir):
     return [d.strip() for d in str(data_dir).split(",") if d.strip()]
 
 
+def expand_home(paths):
+    """`~` expanded in each of a comma-separated list of paths where the shell leaves it, after an = sign
+    (--data_dir=~/coco,~/t2i), rather than read as a folder named ~. A hub set's name stays as it is."""
+    return ",".join(os.path.expanduser(p.strip()) for p in str(paths).split(","))
+
+
 def shard_paths(data_dir, split):
     """DIR/split/*.tar, over every prepared set that data_dir lists."""
     return sorted(p for d in data_dirs(data_dir) for p in glob.glob(os.path.join(glob.escape(d), split, "*.tar")))

@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from checkpoint_manager import CheckpointError, load_run
 from clip import CLIP, CLIPConfig, Tokenizer, get_encoding
-from dataloader import (ShardLoader, data_dirs, default_num_workers, ignore_sigterm, prefetch, prepare_image,
-                        room_for_loader_processes, shard_paths)
+from dataloader import (ShardLoader, data_dirs, default_num_workers, expand_home, ignore_sigterm, prefetch,
+                        prepare_image, room_for_loader_processes, shard_paths)
 from prep_dataset import (IMAGE_EXTENSIONS, atomic_write, hub_split_names, image_cell, load_hub_set,
                           not_a_missing_folder, not_data, read_json_object, writable_folder)
 
@@ -755,31 +755,34 @@ def shards_or_exit(parser, *args, **kwargs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a .pt file, or a run directory: its best.pt, else its newest checkpoint")
-    p.add_argument("--zeroshot", default=None, help="an imagefolder dir, a hub dataset name, or a prepared "
-                   "dataset dir whose manifest has tasks (the shapes set); several sets, comma-separated")
+    # type=expanduser: `~` where the shell leaves it, after an = (--json=~/results.json)
+    p.add_argument("checkpoint", type=os.path.expanduser,
+                   help="a .pt file, or a run directory: its best.pt, else its newest checkpoint")
+    p.add_argument("--zeroshot", default=None, type=expand_home, help="an imagefolder dir, a hub dataset name, or a "
+                   "prepared dataset dir whose manifest has tasks (the shapes set); several sets, comma-separated")
     p.add_argument("--split", default=None, help="split for --zeroshot: a `datasets` split (default: test, else "
                    "validation), or a folder's split folder (default: the first of test, val, valid, validation, "
                    "train it has)")
-    p.add_argument("--classnames", default=None, help="a file naming the classes for the prompts: 'FOLDER NAME' "
-                   "lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order; or the same as JSON "
-                   "(Keras' imagenet_class_index.json)")
+    p.add_argument("--classnames", default=None, type=os.path.expanduser, help="a file naming the classes for the "
+                   "prompts: 'FOLDER NAME' lines (ImageNet's LOC_synset_mapping.txt) or one name per class, in order; "
+                   "or the same as JSON (Keras' imagenet_class_index.json)")
     p.add_argument("--label_column", default=None, help="the class column of a `datasets` set that has several "
                    "(default: the one named label, else the first)")
-    p.add_argument("--labels", default=None, help="for a --zeroshot folder of images without class folders: a CSV "
-                   "or TSV of (image file or name, class) rows, such as Kaggle's ImageNet LOC_val_solution.csv")
+    p.add_argument("--labels", default=None, type=os.path.expanduser, help="for a --zeroshot folder of images without "
+                   "class folders: a CSV or TSV of (image file or name, class) rows, such as Kaggle's ImageNet "
+                   "LOC_val_solution.csv")
     p.add_argument("--templates", nargs="+", default=None,
                    help="prompt templates with {} (or {c}) for the class name, or a file with one per line "
                    "(default: the set's own zeroshot_classification_templates.txt, else a few of the CLIP paper's)")
-    p.add_argument("--retrieval", default=None, help="a folder of shards (or a prepared dataset: its val split); "
-                   "several, comma-separated")
+    p.add_argument("--retrieval", default=None, type=expand_home, help="a folder of shards (or a prepared dataset: its "
+                   "val split); several, comma-separated")
     p.add_argument("--max_samples", type=int, default=None, help="cap on retrieval samples and zero-shot images (a "
                    "random subset of them, the same each run; default: all)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=default_num_workers(),
                    help="image decoding processes (default: this machine's cores, less one)")
-    p.add_argument("--json", default=None, help="write the results here as a JSON object")
-    p.add_argument("--images", nargs="+", default=None,
+    p.add_argument("--json", default=None, type=os.path.expanduser, help="write the results here as a JSON object")
+    p.add_argument("--images", nargs="+", default=None, type=os.path.expanduser,
                    help="image files (or folders of them, searched through) to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
                    "per line")

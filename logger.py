@@ -163,8 +163,10 @@ def plot_runs(run_dirs, out_path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plot train/val loss, LR, grad norm, temperature and eval metrics.")
-    p.add_argument("run_dirs", nargs="+", help="run directories holding log.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/plots.png of the first run)")
+    # type=expanduser: `~` where the shell leaves it, after an = (--out=~/plots.png)
+    p.add_argument("run_dirs", nargs="+", type=os.path.expanduser, help="run directories holding log.jsonl")
+    p.add_argument("--out", default=None, type=os.path.expanduser,
+                   help="PNG path (default: RUN_DIR/plots.png of the first run)")
     args = p.parse_args(argv)
     # a run's log.jsonl itself, as a shell's completion gives it: its run directory
     args.run_dirs = [(os.path.dirname(d) or ".") if os.path.basename(d) == "log.jsonl" and os.path.isfile(d) else d

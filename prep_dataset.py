@@ -1457,14 +1457,16 @@ def main(argv=None):
                    ".csv/.tsv/.jsonl/.json/.parquet file (table), dataset name or folder (hub)")
     p.add_argument("--split", default=None, help="hub: the dataset split to read; table: the rows to keep when "
                    "the table has a split column (several: train,restval). Default: train")
-    p.add_argument("--image_root", default=None, help="table, hub: the folder relative image paths start from "
-                   "(default: the table's or the local set's folder, then the working directory)")
+    # type=expanduser: `~` where the shell leaves it, after an = (--out_dir=~/data/mine), not a folder named ~
+    p.add_argument("--image_root", default=None, type=os.path.expanduser, help="table, hub: the folder relative "
+                   "image paths start from (default: the table's or the local set's folder, then the working "
+                   "directory)")
     p.add_argument("--image_column", default=None, help="table, hub: the image column (default: guessed)")
     p.add_argument("--caption_column", default=None, help="table, hub: the caption column (default: guessed), or "
                    "several, comma-separated, each holding a caption of the same image (caption_0,caption_1); "
                    "webdataset, text-to-image-2M: the file extension or .json field of the caption; folder: the "
                    "captions' file extension (default: .txt, else .caption), or the field of the x.json beside x.jpg")
-    p.add_argument("--out_dir", required=True)
+    p.add_argument("--out_dir", required=True, type=os.path.expanduser)
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="the share of samples held out in val/ "

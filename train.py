@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint_manager import CheckpointError, CheckpointManager, load_run
 from clip import (CLIP, PRESETS, CLIPConfig, clip_loss, flops_per_sample, get_config, get_encoding,
                   resize_position_embeddings)
-from dataloader import ShardLoader, data_dirs, default_num_workers, shard_paths
+from dataloader import ShardLoader, data_dirs, default_num_workers, expand_home, shard_paths
 from logger import Logger
 from prep_dataset import lock_dir, not_a_missing_folder, read_json_object, unlock_dir, writable_folder
 
@@ -163,6 +163,8 @@ def parse_args(argv, resumed=None):
             sys.exit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
         kind = kinds.get(key) or model_kinds[key]
         kind = {"bool": bool, "int": int, "float": float, "str": str}.get(kind, kind)
+        if key in ("data_dir", "out_dir", "resume", "init_from", "zeroshot", "zeroshot_classnames", "zeroshot_labels"):
+            value = expand_home(value)  # --out_dir=~/runs/x: the shell leaves that ~ to us
         try:
             (overrides if key in kinds else model_args)[key] = parse_bool(value) if kind is bool else kind(value)
         except ValueError as e:

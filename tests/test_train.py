@@ -666,6 +666,29 @@ def test_folders_named_with_spaces_accents_and_a_globs_brackets_work_from_prep_t
         prep_dataset.main(["--source", "hub", "--input", data, "--split", "train", "--out_dir", str(odd / "hub")])
 
 
+def test_a_tilde_after_an_equals_sign_is_the_home_folder_from_prep_to_plots(tmp_path, monkeypatch):
+    """The shell expands `~` only at a word's start: in --out_dir=~/x it reaches the scripts as it is, and they
+    made a folder named ~ in the working directory (which `rm -rf ~` would then take for the home folder)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    prep_dataset.main(["--source", "shapes", "--out_dir=~/data", "--limit", "60", "--num_workers", "1"])
+    train.main(run_args("~/data", "~/run", max_steps=2, checkpoint_interval=2, batch_size=8))  # --data_dir=~/data
+    train.main(run_args("~/data", "~/run", max_steps=3, checkpoint_interval=3, batch_size=8) + ["--resume=~/run"])
+    assert [os.path.basename(p) for p in CheckpointManager(str(home / "run")).checkpoints()] == [
+        "ckpt-00000002.pt", "ckpt-00000003.pt"]
+    results = evaluate.main(["~/run", "--retrieval=~/data,~/data", "--json=~/r.json", "--num_workers", "0"])
+    assert json.load(open(home / "r.json"))["retrieval_samples"] == results["retrieval_samples"] == 6
+    logger.main(["~/run", "--out=~/plots/p.png"])
+    assert (home / "plots" / "p.png").is_file()
+    assert os.listdir(cwd) == []  # nothing was written where the scripts ran
+    # lists and names: each path of a list, a hub set's name left as it is
+    cfg = train.parse_args(["--data_dir=~/a, ~/b", "--zeroshot=cifar10,~/pets", "--init_from=~/r/best.pt"])
+    assert (cfg.data_dir, cfg.zeroshot, cfg.init_from) == (f"{home}/a,{home}/b", f"cifar10,{home}/pets",
+                                                           f"{home}/r/best.pt")
+
+
 def test_a_damaged_manifest_is_warned_about_and_the_shards_still_train(shapes_dir, tmp_path, capsys):
     data = str(tmp_path / "shapes")
     shutil.copytree(shapes_dir, data)
