@@ -184,7 +184,8 @@ def source_text_to_image_2m(args):
             caption = caption_field(ex, ex.get("json"), args.caption_column, ex["__key__"], first)
         else:
             caption = caption_text(ex.get("json"))  # the set's {"prompt": ...}
-            caption = ex.get("txt") if caption is None else caption
+            if caption is None:  # a KEY.txt, which `datasets` hands over as text: its lines are captions, as above
+                caption = ex["txt"].encode() if isinstance(ex.get("txt"), str) else ex.get("txt")
         first = False
         yield ex["__key__"], image, caption, None
 
@@ -399,9 +400,12 @@ is_url = lambda image: isinstance(image, str) and image.startswith(("http://", "
 
 
 def caption_text(value):
-    """A caption as a source holds it -> text, or None when there is none. A list is several captions
-    (one per line, as in a .txt); a record (a webdataset .json, COCO's {"raw": ..., "tokens": [...]})
-    holds its caption in its first field of a caption-like name that holds text, or a list of captions."""
+    """A caption as a source holds it -> text, or None when there is none. Several captions of one image are its
+    lines (as the shards keep them): a caption file's bytes, whose lines are its captions (x.txt, KEY.txt), or a
+    list. Text held in a field (a table's cell, a record's string, a `datasets` column, a prompt) is one caption:
+    its line breaks are spaces (a web alt text's "Product\nPrice", an LLM's prompt in paragraphs). A record (a
+    webdataset .json, COCO's {"raw": ..., "tokens": [...]}) holds its caption in its first field of a
+    caption-like name that holds text, or a list of captions."""
     if isinstance(value, dict):
         return next((caption_text(value[k]) for k in ("raw", *CAPTION_COLUMNS)
                      if isinstance(value.get(k), (str, list, tuple))), None)
@@ -417,7 +421,7 @@ def caption_text(value):
     if isinstance(value, bytes):  # a caption file's bytes: UTF-8 (-sig: without the byte-order mark some editors
         # start files with), or UTF-16 where its byte-order mark says so (Windows Notepad's "Unicode")
         return value.decode("utf-16" if value[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
-    return None if value is None else str(value)
+    return None if value is None else " ".join(str(value).split())
 
 
 def image_cell(value):

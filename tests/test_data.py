@@ -139,6 +139,7 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
             key = f"{s}{i:05d}"
             image = b"not a jpeg at all" if i == 3 else jpeg((20 * i, 100, 50 + 100 * s), (512, 512))
             prompt = "" if i == 5 else f"photo number {s}-{i}, " + "long words " * (200 if i == 7 else 1)
+            prompt = f"photo number {s}-8,\nin two lines\n" if i == 8 else prompt
             members += [(key + ".jpg", image), (key + ".json", json.dumps({"prompt": prompt, "w": 512}).encode())]
         write_tar(src / f"data_{s:06d}.tar", members)
     out = tmp_path / "out"
@@ -152,6 +153,8 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
         samples.update(tar_samples(path))
     captions = sorted(c for _, c in samples.values())
     assert any(c.startswith("photo number 1-7") and len(c) > 2000 for c in captions)  # long captions are kept
+    # a prompt's line breaks are spaces: it is one caption, not two for the loader to choose from
+    assert {"photo number 0-8, in two lines", "photo number 1-8, in two lines"} <= set(captions)
     assert all(img.size == (64, 64) for img, _ in samples.values())
     # local copies named by their folder, or by a range, read the same
     for name, given in (("by_folder", src), ("by_range", src / "data_{000000..000001}.tar")):
@@ -170,11 +173,12 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
     for i, buf in enumerate(greens):
         Image.new("RGB", (80, 60), (0, 200 + 20 * i, 0)).save(buf, "PNG")
     write_tar(other / "data_000000.tar", [(f"k{i}.{ext}", data) for i in range(3)
-                                          for ext, data in (("png", greens[i].getvalue()), ("txt", f"green {i}".encode()))])
+                                          for ext, data in (("png", greens[i].getvalue()),
+                                                            ("txt", f"green {i}{chr(10) + 'bright green' if i == 2 else ''}".encode()))])
     m = prep_dataset.main(["--input", str(other / "*.tar"), "--out_dir", str(tmp_path / "other_out"), "--image_size", "32",
                            "--val_fraction", "0", "--num_workers", "1"])
     got = tar_samples(tmp_path / "other_out" / "train" / "shard-000000.tar").values()
-    assert sorted(c for _, c in got) == ["green 0", "green 1", "green 2"]
+    assert sorted(c for _, c in got) == ["green 0", "green 1", "green 2\nbright green"]  # a .txt's lines: captions
     assert all(np.asarray(img)[..., 1].mean() > 180 for img, _ in got)
     # files that cannot be opened (offline, a wrong glob) stop with what to check, before anything is written
     with pytest.raises(SystemExit, match="could not open .*give local copies with --input"):
@@ -406,8 +410,8 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
         Image.new("RGB", (50, 40), rgb).save(src / "imgs" / f"{name}.png")
     elsewhere = tmp_path / "elsewhere.jpg"
     elsewhere.write_bytes(jpeg((250, 250, 250)))
-    # OpenCLIP's CSV layout (filepath, title): relative and absolute paths, a quoted two-line caption,
-    # a missing file, a URL that cannot be downloaded (counted), an empty caption
+    # OpenCLIP's CSV layout (filepath, title): relative and absolute paths, a quoted two-line caption (one caption,
+    # as a cell holds it), a missing file, a URL that cannot be downloaded (counted), an empty caption
     with open(src / "pairs.csv", "w", newline="", encoding="utf-8-sig") as f:  # with a byte-order mark, as Excel writes
         f.write('filepath,title\nimgs/r.png,a red card\nimgs/g.png,"a green card\nanother green caption"\n'
                 f"{elsewhere},a white card\nimgs/nope.png,lost\nhttp://127.0.0.1:1/x.jpg,a url\nimgs/b.png,\n")
@@ -416,7 +420,7 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     assert m["skipped"] == {"missing_image": 1, "download_failed": 1, "empty_caption": 1}
     samples = tar_samples(tmp_path / "csv" / "train" / "shard-000000.tar")
     by_caption = {c: np.asarray(img, dtype=float) for img, c in samples.values()}
-    assert set(by_caption) == {"a red card", "a green card\nanother green caption", "a white card"}
+    assert set(by_caption) == {"a red card", "a green card another green caption", "a white card"}
     assert by_caption["a red card"][..., 0].mean() > 200 and by_caption["a red card"][..., 1].mean() < 40
     # TSV and JSON lines, with other column names, a list of captions, and columns named by flag
     (src / "pairs.tsv").write_text("Image\tCaption\nimgs/b.png\ta blue card\n")  # column names in any case
