@@ -26,6 +26,7 @@ Bad input (an undecodable, missing or undownloadable image, a missing/empty/non-
 counted in the manifest.
 """
 import argparse
+import ast
 import base64
 import binascii
 import errno
@@ -403,7 +404,8 @@ def caption_text(value):
     """A caption as a source holds it -> text, or None when there is none. Several captions of one image are its
     lines (as the shards keep them): a caption file's bytes, whose lines are its captions (x.txt, KEY.txt), or a
     list. Text held in a field (a table's cell, a record's string, a `datasets` column, a prompt) is one caption:
-    its line breaks are spaces (a web alt text's "Product\nPrice", an LLM's prompt in paragraphs). A record (a
+    its line breaks are spaces (a web alt text's lines, an LLM's prompt in paragraphs), unless it is a
+    list written out as text ("['a dog', 'a brown dog']", as pandas writes a list into a CSV). A record (a
     webdataset .json, COCO's {"raw": ..., "tokens": [...]}) holds its caption in its first field of a
     caption-like name that holds text, or a list of captions."""
     if isinstance(value, dict):
@@ -421,7 +423,18 @@ def caption_text(value):
     if isinstance(value, bytes):  # a caption file's bytes: UTF-8 (-sig: without the byte-order mark some editors
         # start files with), or UTF-16 where its byte-order mark says so (Windows Notepad's "Unicode")
         return value.decode("utf-16" if value[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
-    return None if value is None else " ".join(str(value).split())
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        # a list of captions written out as text: pandas' to_csv of a list column (Python's repr), or JSON
+        try:
+            listed = ast.literal_eval(text)
+        except Exception:  # a caption in brackets ("[HD] a red car"), or one too deeply nested to read
+            listed = None
+        if isinstance(listed, list) and all(isinstance(t, str) for t in listed):
+            return caption_text(listed)
+    return " ".join(text.split())
 
 
 def image_cell(value):

@@ -1,3 +1,4 @@
+import csv
 import errno
 import glob
 import io
@@ -427,6 +428,14 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.tsv"), "--out_dir", str(tmp_path / "tsv"),
                            "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "tsv" / "train" / "shard-000000.tar").values()] == ["a blue card"]
+    # a list of captions written out as text: pandas' to_csv of a list column (Python's repr), or JSON
+    with open(src / "lists.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "captions"), ("imgs/r.png", str(["a red card", "a card that's red"])),
+                                 ("imgs/g.png", json.dumps(["green", "also green"])), ("imgs/b.png", "[blue] card [HD]")])
+    prep_dataset.main(["--source", "table", "--input", str(src / "lists.csv"), "--out_dir", str(tmp_path / "lists"),
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+    assert sorted(c for _, c in tar_samples(tmp_path / "lists" / "train" / "shard-000000.tar").values()) == [
+        "[blue] card [HD]", "a red card\na card that's red", "green\nalso green"]
     (src / "pairs.jsonl").write_text(json.dumps({"pic": "imgs/g.png", "alt": ["green", "also green"]}) + "\n")
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "jl"),
                            "--image_column", "pic", "--caption_column", "alt", "--image_size", "32",
