@@ -617,7 +617,8 @@ def image_path(cell):
 
 def json_records(doc):
     """The records a JSON document holds: a list of them, one record, a list of them under one key of a
-    document that holds no image itself, or a caption set's annotation file,
+    document that holds no image itself, a map of image files to their captions or records, or a caption set's
+    annotation file,
     one record per image: COCO's {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
     (its captions gathered into a list) or Karpathy's splits {"images": [{"filepath", "filename",
     "sentences", "split"}]} (COCO, Flickr30k)."""
@@ -625,6 +626,12 @@ def json_records(doc):
         return doc
     if not isinstance(doc, dict):
         return [doc]
+    files = all(str(k).lower().endswith(tuple(IMAGE_EXTENSIONS)) for k in doc)
+    named = not any(plain_name(k) in (*IMAGE_COLUMNS, *CAPTION_COLUMNS, "images") for k in doc)
+    if doc and (files or named and all(isinstance(v, dict) for v in doc.values())):
+        # {image: its caption(s)} as captioning scripts save them, or {image: its record} (kohya-ss's meta_cap.json,
+        # whose images are named without their extension): a record per image
+        return [{**v, "image": k} if isinstance(v, dict) else {"image": k, "caption": v} for k, v in doc.items()]
     if not isinstance(doc.get("images"), list):  # one record, or the records under one key beside the file's notes
         lists = [v for v in doc.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v[:100])]
         records = len(lists) == 1 and not any(k in IMAGE_COLUMNS for k in doc)  # TextCaps' {"dataset_type", "data"}

@@ -436,6 +436,15 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
                        "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert sorted(c for _, c in tar_samples(tmp_path / "lists" / "train" / "shard-000000.tar").values()) == [
         "[blue] card [HD]", "a red card\na card that's red", "green\nalso green"]
+    # a JSON map of image files to their captions (captioning scripts), or to records (kohya-ss's meta_cap.json,
+    # its images named without their extension)
+    (src / "captions.json").write_text(json.dumps({"imgs/r.png": "red", "imgs/g.png": ["green", "also green"]}))
+    (src / "meta_cap.json").write_text(json.dumps({"imgs/b": {"caption": "blue", "tags": "card, blue"}}))
+    for table, captions in (("captions.json", ["green\nalso green", "red"]), ("meta_cap.json", ["blue"])):
+        m = prep_dataset.main(["--source", "table", "--input", str(src / table), "--out_dir", str(tmp_path / table),
+                               "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+        assert sorted(c for _, c in tar_samples(tmp_path / table / "train" / "shard-000000.tar").values()) == captions
+        assert m["skipped"] == {}
     (src / "pairs.jsonl").write_text(json.dumps({"pic": "imgs/g.png", "alt": ["green", "also green"]}) + "\n")
     m = prep_dataset.main(["--source", "table", "--input", str(src / "pairs.jsonl"), "--out_dir", str(tmp_path / "jl"),
                            "--image_column", "pic", "--caption_column", "alt", "--image_size", "32",
