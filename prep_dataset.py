@@ -525,8 +525,11 @@ def say_columns(names, image_col, caption_cols):
 
 
 def row_caption(row, columns):
-    """A row's caption cell, or the list of its cells when its captions sit in several columns (see caption_text)."""
-    return row.get(columns[0]) if len(columns) == 1 else [row.get(c) for c in columns]
+    """A row's caption cell, or the list of its cells when its captions sit in several columns (see caption_text).
+    A txt column holds a webdataset's KEY.txt files, which `datasets` hands over as text: a caption file's lines are
+    its captions (clip_benchmark's wds_flickr30k: five)."""
+    cell = lambda c: row[c].encode() if plain_name(c) == "txt" and isinstance(row.get(c), str) else row.get(c)
+    return cell(columns[0]) if len(columns) == 1 else [cell(c) for c in columns]
 
 
 def table_rows(path):

@@ -794,10 +794,18 @@ def test_hub_source_reads_a_datasets_image_text_set(tmp_path):
                        "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "lone_out" / "train" / "shard-000000.tar").values()] == ["red in train"]
     # images kept as plain bytes in a column of another name (no Image feature to tell): found in the first row
-    datasets.Dataset.from_dict({"image_bytes": [red.getvalue()], "text": ["red bytes"]}).save_to_disk(str(tmp_path / "raw"))
+    # (its caption over two lines: one caption, as a column's text is)
+    datasets.Dataset.from_dict({"image_bytes": [red.getvalue()], "text": ["red\nbytes"]}).save_to_disk(str(tmp_path / "raw"))
     prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "raw"), "--out_dir", str(tmp_path / "raw_out"),
                        "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(tmp_path / "raw_out" / "train" / "shard-000000.tar").values()] == ["red bytes"]
+    # a set in webdataset layout (clip_benchmark's, KEY.jpg + KEY.txt): a .txt's lines are its captions
+    (tmp_path / "wds").mkdir()
+    write_tar(tmp_path / "wds" / "test-000000.tar", [("k0.jpg", jpeg((200, 0, 0))), ("k0.txt", b"red one\nred two")])
+    prep_dataset.main(["--source", "hub", "--input", str(tmp_path / "wds"), "--split", "test", "--out_dir",
+                       str(tmp_path / "wds_out"), "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+    assert [c for _, c in tar_samples(tmp_path / "wds_out" / "train" / "shard-000000.tar").values()] == [
+        "red one\nred two"]
     # Flickr8k's layout on the hub: five numbered caption columns, each a caption of the image
     datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": None}],
                                 **{f"caption_{k}": [f"red {k}"] for k in range(5)}},
