@@ -185,8 +185,8 @@ def source_text_to_image_2m(args):
             caption = caption_field(ex, ex.get("json"), args.caption_column, ex["__key__"], first)
         else:
             caption = caption_text(ex.get("json"))  # the set's {"prompt": ...}
-            if caption is None:  # a KEY.txt, which `datasets` hands over as text: its lines are captions, as above
-                caption = ex["txt"].encode() if isinstance(ex.get("txt"), str) else ex.get("txt")
+            if caption is None:  # a KEY.txt, whose lines are captions (row_caption)
+                caption = row_caption(ex, ["txt"])
         first = False
         yield ex["__key__"], image, caption, None
 
