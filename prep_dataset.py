@@ -358,8 +358,9 @@ def source_webdataset(args):
                     pass
             if args.caption_column:
                 caption = caption_field(files, record, args.caption_column, key, first)
-            else:
-                caption = files.get("txt", record)
+            else:  # KEY.txt, else a file of a caption-like extension (KEY.caption), else the .json record's field
+                caption = files.get("txt") or next((files[c] for c in CAPTION_COLUMNS if c in files and c != "json"),
+                                                   record)
             first = False
             yield key, image, caption, None
 
@@ -908,7 +909,7 @@ def read_tar_samples(path):
     waits for them further on (a tar made with plain `tar` follows the directory's order, .jpg and .txt apart)
     and goes out at the end as it is. A truncated tar ends early, without the sample it was reading."""
     pending, key, command = {}, None, None
-    complete = lambda files: any("." + e in IMAGE_EXTENSIONS for e in files) and ("txt" in files or "json" in files)
+    complete = lambda files: any("." + e in IMAGE_EXTENSIONS for e in files) and any(c in files for c in CAPTION_COLUMNS)
     try:
         if path.startswith("pipe:"):
             # its own process group: stopping it stops what the shell started too (aws, curl)

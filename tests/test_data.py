@@ -1159,6 +1159,13 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     (tmp_path / "two").mkdir()
     write_tar(tmp_path / "two" / "d.tar", [("d1.jpg", jpeg((1, 2, 3))), ("d1.txt", b"alt text"), ("d1.json", json.dumps(
         {"caption": "short", "long_caption": "a long one"}).encode())])
+    # without a .txt, a file of a caption-like extension (KEY.caption) is the caption, before the .json's
+    write_tar(tmp_path / "e.tar", [("e1.jpg", jpeg((1, 2, 3))), ("e1.caption", b"its caption"),
+                                   ("e1.json", json.dumps({"caption": "not this"}).encode())])
+    out = tmp_path / "e_out"
+    prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "e.tar"), "--out_dir", str(out),
+                       "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
+    assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == ["its caption"]
     for column, caption in (("long_caption", "a long one"), ("txt", "alt text"), (None, "alt text")):
         out = tmp_path / f"two_{column}"
         prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(out),
