@@ -1388,6 +1388,10 @@ def write_shards(args, stage_dir):
                                         "else from a caption-like field of the x.json beside it (or the field "
                                         "--caption_column names); captions kept in a table are read with --source table")
             hints["bad_json"] = "The x.json beside an image must hold one JSON record, such as {\"caption\": \"...\"}"
+        if args.source in ("webdataset", "text-to-image-2M"):
+            hints["missing_caption"] = ("A sample's caption is its KEY.txt, else a file of a caption-like extension "
+                                        "(KEY.caption), else a caption-like field of its KEY.json: name the file's "
+                                        "extension or the field with --caption_column")
         sys.exit(f"no usable samples were found: check --source/--input (skipped: {skipped or 'none; it holds no samples'})"
                  + "".join(f". {hint}" for reason, hint in hints.items() if reason in skipped))
     # the shards copy every staged sample (plus tar headers, about 2 KB a sample), while the staged chunks

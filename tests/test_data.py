@@ -1166,6 +1166,9 @@ def test_webdataset_source_and_truncated_tar(tmp_path, capsys):
     prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "e.tar"), "--out_dir", str(out),
                        "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert [c for _, c in tar_samples(out / "train" / "shard-000000.tar").values()] == ["its caption"]
+    write_tar(tmp_path / "f.tar", [("f1.jpg", jpeg((1, 2, 3))), ("f1.label", b"red")])  # nothing caption-like: said
+    with pytest.raises(SystemExit, match=r"missing_caption.*KEY.txt, else .*KEY.caption.*--caption_column"):
+        prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "f.tar"), "--out_dir", str(out) + "f"])
     for column, caption in (("long_caption", "a long one"), ("txt", "alt text"), (None, "alt text")):
         out = tmp_path / f"two_{column}"
         prep_dataset.main(["--source", "webdataset", "--input", str(tmp_path / "two"), "--out_dir", str(out),
