@@ -176,6 +176,12 @@ def find_shards(data_dir, split):
                 f"  python prep_dataset.py --source {'folder' if pairs else 'table'} --input "
                 f"{d if pairs else 'TABLE'} --out_dir {d.rstrip(os.sep)}-prepared"
                 + ("" if pairs else f"   (TABLE: the file in {d} that pairs image paths and captions)"))
+        if "text-to-image-2m" in os.path.basename(os.path.normpath(d)).lower():  # train.py's default: that set
+            raise FileNotFoundError(
+                f"no shards in {os.path.join(d, split)}. Make them first (from the Hugging Face hub):\n"
+                f"  python prep_dataset.py --out_dir {d}                  (all of text-to-image-2M)\n"
+                f"  python prep_dataset.py --out_dir {d} --limit 100000   (a subset)\n"
+                "or name your own prepared set with --data_dir")
         raise FileNotFoundError(
             f"no shards in {os.path.join(d, split)}. Make them first, e.g.\n"
             f"  python prep_dataset.py --source shapes --out_dir {d}            (the synthetic demo set)\n"

@@ -1133,6 +1133,11 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(shapes_dir, tmp_path):
 def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     with pytest.raises(SystemExit, match="prep_dataset.py --out_dir"):
         train.main(["--data_dir", str(tmp_path / "t2i"), "--out_dir", str(tmp_path / "run")])
+    # train.py's default folder, text-to-image-2M's: prep that set there, not the demo's shapes
+    t2i = str(tmp_path / "data" / "text-to-image-2M")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--data_dir", t2i, "--out_dir", str(tmp_path / "run")])
+    assert f"python prep_dataset.py --out_dir {t2i} " in str(stopped.value) and "shapes" not in str(stopped.value)
     # another tool's shards, straight in the folder: say how to make train/ and val/ of them
     (tmp_path / "wds").mkdir()
     shutil.copy(glob.glob(os.path.join(shapes_dir, "train", "*.tar"))[0], tmp_path / "wds" / "00000.tar")
