@@ -592,7 +592,7 @@ def text_rows(f, path):
     header = f.readline()
     f.seek(0)
     csv.field_size_limit(2 ** 31 - 1)  # a long caption is kept (the tokenizer truncates it), not an error
-    cells = lambda d: next(csv.reader([header], delimiter=d), [])
+    cells = lambda d: next(csv_rows(iter([header]), d), [])
     whole_path = lambda cell: re.fullmatch(r"\S+(" + "|".join(map(re.escape, IMAGE_EXTENSIONS)) + r")(#\d+)?"
                                            r"|https?://\S+", cell.strip(), re.IGNORECASE)
     by_count = sorted(",;\t|", key=header.count, reverse=True)
@@ -605,7 +605,42 @@ def text_rows(f, path):
         names = ["image" if is_image(cell) else f"column{i}" for i, cell in enumerate(first)]
         if len(names) == 2:  # an image and, beside it, its caption
             names = [n if n == "image" else "caption" for n in names]
-    yield from csv.DictReader(f, fieldnames=names, delimiter=delimiter)
+    rows = (row for row in csv_rows(f, delimiter) if row)
+    names = names or next(rows, [])
+    for row in rows:  # as csv.DictReader makes them: missing cells None, extra ones in a list under None
+        extra = {None: row[len(names):]} if len(row) > len(names) else {}
+        yield {**dict.fromkeys(names), **dict(zip(names, row)), **extra}
+
+
+def csv_rows(f, delimiter, max_lines=100):
+    """The rows of a CSV or TSV file as lists of cells. A quoted cell may hold line breaks, as spreadsheets write a
+    caption of several lines. But a quote that opens a cell and never closes it (a scraped caption that starts
+    with one: Conceptual Captions' TSVs quote nothing) would make the rows up to the next quote one cell, silently
+    losing them: a line whose quoted cell does not end in a row of the file's width is read as it is, its quotes
+    kept as text, as is a cell that merely starts with a quoted word ('"the house" at night')."""
+    import csv
+    from collections import deque
+    ahead, width = deque(), None  # lines read ahead for a quoted cell that turned out not to be one
+    while True:
+        line = ahead.popleft() if ahead else next(f, None)
+        if line is None:
+            return
+        text, taken, row = line, [], None
+        while len(taken) < max_lines:
+            try:
+                row = next(csv.reader([text], delimiter=delimiter, strict=True), [])
+                break
+            except csv.Error as e:
+                more = (ahead.popleft() if ahead else next(f, None)) if "unexpected end of data" in str(e) else None
+                if more is None:  # a quote inside a cell, or an open one at the end of the file
+                    break
+                taken.append(more)
+                text += more
+        if row is None or taken and len(row) != width:
+            ahead.extendleft(reversed(taken))
+            row = next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
+        width = width or len(row) or None
+        yield row
 
 
 def image_path(cell):

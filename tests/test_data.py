@@ -541,6 +541,15 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     # no header line: the column of image paths (or URLs) is the image, the other the caption
     (src / "bare.csv").write_text("imgs/r.png,a red card\nimgs/g.png,a green card\n")
     assert sorted(made("bare.csv")) == ["a green card", "a red card"]
+    # quotes as scraped captions hold them, unquoted (Conceptual Captions' TSVs): one that opens a caption and never
+    # closes took the rows after it into that caption, up to the next quote; they are all kept, as written
+    (src / "quotes.tsv").write_text('a green 12" card\timgs/g.png\n"an open quote, red\timgs/r.png\n'
+                                    'green once more\timgs/g.png\n"the red" card again\timgs/r.png\n')
+    assert sorted(made("quotes.tsv")) == ['"an open quote, red\n"the red" card again',
+                                          'a green 12" card\ngreen once more']
+    # while a quoted caption of several lines, as a spreadsheet writes it, is still one cell
+    (src / "multiline.csv").write_text('image,caption\nimgs/g.png,"green\nand ""flat"""\nimgs/r.png,red\n')
+    assert sorted(made("multiline.csv")) == ['green and "flat"', "red"]
     (src / "cc3m.tsv").write_text("a red card\thttp://127.0.0.1:1/r.jpg\n")  # Conceptual Captions' layout
     with pytest.raises(SystemExit, match="No image URL could be downloaded: check the network"):
         made("cc3m.tsv")  # (the URL, taken for the image, was tried: nothing listens there)
