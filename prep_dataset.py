@@ -607,7 +607,14 @@ def text_rows(f, path):
             names = [n if n == "image" else "caption" for n in names]
     rows = (row for row in csv_rows(f, delimiter) if row)
     names = names or next(rows, [])
+    text = [i for i, name in enumerate(names) if plain_name(name) in CAPTION_COLUMNS]
     for row in rows:  # as csv.DictReader makes them: missing cells None, extra ones in a list under None
+        while len(row) > len(names) and not row[-1].strip():  # a line that ends in a delimiter
+            row = row[:-1]
+        if len(row) > len(names) and len(text) == 1:
+            # a caption with the delimiter in it, unquoted (a hand-made CSV's "a dog, running"): one cell again
+            i, k = text[0], len(row) - len(names)
+            row = [*row[:i], delimiter.join(row[i:i + k + 1]), *row[i + k + 1:]]
         extra = {None: row[len(names):]} if len(row) > len(names) else {}
         yield {**dict.fromkeys(names), **dict(zip(names, row)), **extra}
 

@@ -547,6 +547,10 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
                                     'green once more\timgs/g.png\n"the red" card again\timgs/r.png\n')
     assert sorted(made("quotes.tsv")) == ['"an open quote, red\n"the red" card again',
                                           'a green 12" card\ngreen once more']
+    # a caption holding the delimiter, unquoted (a hand-made CSV): one caption, wherever its column is
+    (src / "commas.csv").write_text("image,caption,score\nimgs/r.png,red, flat, square,0.3\nimgs/g.png,green,0.2,\n")
+    (src / "commas_first.csv").write_text("caption,image\na card, green,imgs/g.png\n")
+    assert sorted(made("commas.csv")) == ["green", "red, flat, square"] and made("commas_first.csv") == ["a card, green"]
     # while a quoted caption of several lines, as a spreadsheet writes it, is still one cell
     (src / "multiline.csv").write_text('image,caption\nimgs/g.png,"green\nand ""flat"""\nimgs/r.png,red\n')
     assert sorted(made("multiline.csv")) == ['green and "flat"', "red"]
