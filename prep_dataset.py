@@ -603,8 +603,11 @@ def text_rows(f, path):
     names = None
     if any(map(is_image, first)):  # no header line (Conceptual Captions' TSV, a quick list): the first row is data
         names = ["image" if is_image(cell) else f"column{i}" for i, cell in enumerate(first)]
-        if len(names) == 2:  # an image and, beside it, its caption
-            names = [n if n == "image" else "caption" for n in names]
+        number = lambda cell: re.fullmatch(r"\s*[-+]?[\d.]+(e[-+]?\d+)?\s*", cell, re.IGNORECASE)
+        if names.count("image") == 1 and "image" in (names[0], names[-1]) and not any(map(number, first)):
+            # an image and, beside it, its caption, which may hold the delimiter unquoted (x.jpg,a dog, running);
+            # not where other cells are numbers (a score, a size): those are columns of their own
+            names = ["image", "caption"] if names[0] == "image" else ["caption", "image"]
     rows = (row for row in csv_rows(f, delimiter) if row)
     names = names or next(rows, [])
     text = [i for i, name in enumerate(names) if plain_name(name) in CAPTION_COLUMNS]

@@ -541,6 +541,8 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     # no header line: the column of image paths (or URLs) is the image, the other the caption
     (src / "bare.csv").write_text("imgs/r.png,a red card\nimgs/g.png,a green card\n")
     assert sorted(made("bare.csv")) == ["a green card", "a red card"]
+    (src / "bare_commas.csv").write_text("imgs/r.png,a red card, flat\nimgs/g.png,a green card\n")  # unquoted
+    assert sorted(made("bare_commas.csv")) == ["a green card", "a red card, flat"]
     # quotes as scraped captions hold them, unquoted (Conceptual Captions' TSVs): one that opens a caption and never
     # closes took the rows after it into that caption, up to the next quote; they are all kept, as written
     (src / "quotes.tsv").write_text('a green 12" card\timgs/g.png\n"an open quote, red\timgs/r.png\n'
