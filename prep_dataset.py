@@ -245,6 +245,11 @@ def source_folder(args):
                     records[(root, stem)] = os.path.join(root, name)
             elif ext:
                 others.add((root, stem))
+    # x.jpg.txt and x.jpg.json, named after the image's whole file name (gallery-dl's metadata files), are x.jpg's
+    whole_name = {(root, os.path.basename(path)): (root, stem) for (root, stem), path in images.items()}
+    for found in (captions, records):
+        for place in [p for p in found if p in whole_name and whole_name[p] not in found]:
+            found[whole_name[place]] = found.pop(place)
     # x.json beside an x.jpg that has no caption file captions it; the others stay tables, for the error below
     captions.update({place: path for place, path in records.items() if place in images and place not in captions})
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json

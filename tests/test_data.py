@@ -381,6 +381,11 @@ def test_folder_source_reads_the_caption_of_a_json_record_beside_an_image(tmp_pa
         (src / f"{stem}.jpg").write_bytes(jpeg((250, 20 * i, 0)))
         (src / f"{stem}.json").write_text(json.dumps(record))
     (src / "t.txt").write_text("the txt caption")
+    # named after the image's whole file name, as gallery-dl writes its metadata (x.png.json), or x.png.txt
+    (src / "g.png").write_bytes(jpeg((0, 250, 0)))
+    (src / "g.png.json").write_text(json.dumps({"category": "site", "description": "a green thing"}))
+    (src / "h.png").write_bytes(jpeg((0, 0, 250)))
+    (src / "h.png.txt").write_text("a blue thing")
     (src / "bad.jpg").write_bytes(jpeg((250, 0, 0)))
     (src / "bad.json").write_text("{cut short")
     (src / "captions_train.json").write_text(json.dumps({"annotations": []}))  # beside no image: not a caption
@@ -388,7 +393,7 @@ def test_folder_source_reads_the_caption_of_a_json_record_beside_an_image(tmp_pa
                            "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
     assert m["skipped"] == {"missing_caption": 1, "bad_json": 1}
     captions = {c for _, c in tar_samples(tmp_path / "out" / "train" / "shard-000000.tar").values()}
-    assert captions == {"a red thing", "one of two\ntwo of two", "the txt caption"}
+    assert captions == {"a red thing", "one of two\ntwo of two", "the txt caption", "a green thing", "a blue thing"}
     # --caption_column names the field, where a record holds two
     (tmp_path / "two").mkdir()
     (tmp_path / "two" / "x.jpg").write_bytes(jpeg((9, 9, 9)))
