@@ -213,8 +213,12 @@ def source_folder(args):
     if not args.input or not os.path.isdir(args.input):
         table = bool(args.input) and os.path.isfile(args.input) and \
             os.path.splitext(args.input)[1].lower() in TABLE_EXTENSIONS
+        archive = bool(args.input) and os.path.isfile(args.input) and args.input.lower().endswith(
+            (".zip", ".tar", ".tar.gz", ".tgz"))
         sys.exit(f"--source folder needs --input DIR, an existing folder (got {args.input!r})"
-                 + (": a table of image paths and captions is read with --source table" if table else ""))
+                 + (": a table of image paths and captions is read with --source table" if table else "")
+                 + (": unpack the archive, then give its folder (tar shards in webdataset's layout, KEY.jpg + KEY.txt, "
+                    "are read as they are with --source webdataset)" if archive else ""))
     images, captions, duplicates, tables = {}, {}, set(), []  # (folder, stem) -> path
     records = {}  # (folder, stem) -> x.json: the caption of an x.jpg beside it that has no caption file
     others = set()  # (folder, stem) of files of other types: a caption beside one (x.heic) names an image not read

@@ -323,6 +323,9 @@ def test_folder_source_pairs_by_stem_and_skips_bad_input(tmp_path, capsys):
     (tmp_path / "pairs.csv").write_text("image,caption\nx.jpg,a grey square\n")
     with pytest.raises(SystemExit, match=r"--source folder needs --input DIR.*read with --source table"):
         prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "pairs.csv"), "--out_dir", str(tmp_path / "p")])
+    (tmp_path / "pics.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an archive of the folder: unpack it first
+    with pytest.raises(SystemExit, match=r"--source folder needs --input DIR.*unpack the archive"):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "pics.zip"), "--out_dir", str(tmp_path / "p")])
     # images whose captions are nowhere to be found: the error says how images and captions pair
     (tmp_path / "lone").mkdir()
     (tmp_path / "lone" / "a.jpg").write_bytes(jpeg((9, 9, 9)))
