@@ -749,7 +749,7 @@ def table_files(pattern):
 def source_table(args):
     """A table file with an image and a caption per row (see table_rows): the image as a path (a relative
     one from --image_root, else from the file's folder, else from the working directory) or as bytes (a
-    Parquet file from the hub). A caption cell may hold several captions, one per line, and rows that name
+    Parquet file from the hub). A caption cell holds one caption, or a list of them (caption_text), and rows that name
     the same image file are one sample with each row's captions (Flickr8k's captions.txt gives each of an
     image's five captions a row of its own): as five samples, an image would sit in train and val at once,
     and be its own negative in a batch. A table with a split column gives the rows of --split."""
@@ -758,6 +758,10 @@ def source_table(args):
     if not paths:
         sys.exit(f"--source table needs --input naming a .csv, .tsv, .jsonl, .json or .parquet file, or several: a "
                  f"glob ('parts/*.parquet') or a folder of them (got {path!r})")
+    sheets = [p for p in paths if p.lower().endswith((".xlsx", ".xls", ".ods", ".numbers"))]
+    if sheets:  # a spreadsheet program's own file: its cells are not text that can be read without it
+        sys.exit(f"{sheets[0]} is a spreadsheet file: save it from the spreadsheet program as a CSV (Excel: \"CSV "
+                 "UTF-8\"), then give that file with --input")
     if len(paths) > 1:
         print(f"reading {len(paths)} table files as one: {os.path.basename(paths[0])} to {os.path.basename(paths[-1])}")
     # a relative path from --image_root, else from the table's folder, else from where the command runs

@@ -546,6 +546,9 @@ def test_table_source_reads_spreadsheet_csv_json_lists_and_parquet(tmp_path, mon
     (src / "latin.csv").write_bytes("image,caption\nimgs/r.png,un café rouge\n".encode("cp1252"))
     with pytest.raises(SystemExit, match=r"latin.csv is not UTF-8 text .*save it as UTF-8"):
         made("latin.csv")
+    (src / "captions.xlsx").write_bytes(b"PK\x03\x04" + bytes(100))  # Excel's own file: saved as a CSV first
+    with pytest.raises(SystemExit, match=r"captions.xlsx is a spreadsheet file: save it .* as a CSV"):
+        made("captions.xlsx")
     # no header line: the column of image paths (or URLs) is the image, the other the caption
     (src / "bare.csv").write_text("imgs/r.png,a red card\nimgs/g.png,a green card\n")
     assert sorted(made("bare.csv")) == ["a green card", "a red card"]
