@@ -572,27 +572,36 @@ def text_rows(f, path):
         first = f.readline()
         f.seek(0)
         a_list = first.lstrip().startswith("[")
-        try:  # a first line that parses alone: JSON lines (COCO's annotation file is one line too)
+        alone = True  # a first line that parses alone: JSON lines (COCO's annotation file is one line too)
+        try:
             json.loads(first)
-            whole = a_list
         except ValueError:  # else one document over several lines, or JSON lines with a broken first line
-            whole = True
-        if whole:
+            alone = False
+        if a_list or not alone:
             try:
                 doc = json.load(f)
             except ValueError as e:
-                if a_list:
+                if a_list and not alone:
                     sys.exit(f"{path} is not valid JSON ({e}): fix it, or write one record per line (.jsonl)")
-                f.seek(0)
+                f.seek(0)  # JSON lines, each line a record, or a row as an array: ["x.jpg", "a dog"]
             else:
                 yield from json_records(doc)
                 return
-        for line in f:
+        names = None  # of rows written as arrays, where a first one names the columns
+        for n, line in enumerate(f):
             if line.strip():
                 try:
-                    yield from json_records(json.loads(line))
+                    value = json.loads(line)
                 except ValueError:
                     yield None
+                    continue
+                if isinstance(value, list) and not all(isinstance(r, dict) for r in value):  # a row as an array
+                    if n == 0 and column_names(value):
+                        names = value
+                    else:
+                        yield dict(zip(names or headerless_names(value), value))
+                else:
+                    yield from json_records(value)
         return
     # a .tsv is tab-separated; otherwise the delimiter is the one the header line uses most (Excel writes
     # semicolons where the decimal mark is a comma): the captions may hold any of them, column names rarely do.
@@ -608,15 +617,8 @@ def text_rows(f, path):
     delimiter = "\t" if path.endswith(".tsv") else next(
         (d for d in by_count if header.count(d) and any(map(whole_path, cells(d)))), by_count[0])
     first = cells(delimiter)
-    is_image = lambda cell: image_path(cell).lower().endswith(tuple(IMAGE_EXTENSIONS)) or "://" in cell
-    names = None
-    if any(map(is_image, first)):  # no header line (Conceptual Captions' TSV, a quick list): the first row is data
-        names = ["image" if is_image(cell) else f"column{i}" for i, cell in enumerate(first)]
-        number = lambda cell: re.fullmatch(r"\s*[-+]?[\d.]+(e[-+]?\d+)?\s*", cell, re.IGNORECASE)
-        if names.count("image") == 1 and "image" in (names[0], names[-1]) and not any(map(number, first)):
-            # an image and, beside it, its caption, which may hold the delimiter unquoted (x.jpg,a dog, running);
-            # not where other cells are numbers (a score, a size): those are columns of their own
-            names = ["image", "caption"] if names[0] == "image" else ["caption", "image"]
+    # no header line (Conceptual Captions' TSV, a quick list) where a cell of the first row names an image: it is data
+    names = headerless_names(first) if any(map(names_an_image, first)) else None
     rows = (row for row in csv_rows(f, delimiter) if row)
     names = names or next(rows, [])
     text = [i for i, name in enumerate(names) if plain_name(name) in CAPTION_COLUMNS]
@@ -629,6 +631,29 @@ def text_rows(f, path):
             row = [*row[:i], delimiter.join(row[i:i + k + 1]), *row[i + k + 1:]]
         extra = {None: row[len(names):]} if len(row) > len(names) else {}
         yield {**dict.fromkeys(names), **dict(zip(names, row)), **extra}
+
+
+def names_an_image(cell):
+    """A table's cell that names an image: a file of an image type (Flickr's x.jpg#2 too), or a URL."""
+    return isinstance(cell, str) and (image_path(cell).lower().endswith(tuple(IMAGE_EXTENSIONS)) or "://" in cell)
+
+
+def column_names(cells):
+    """Whether a row of a table written as JSON arrays names the columns: ["image", "caption"]."""
+    return all(isinstance(c, str) for c in cells) and any(plain_name(c) in (*IMAGE_COLUMNS, *CAPTION_COLUMNS)
+                                                          for c in cells)
+
+
+def headerless_names(first):
+    """The column names of a table whose rows have none (no header line, or rows written as JSON arrays), from its
+    first row: the cell that names an image is the image, and the cells beside it its caption, which may hold the
+    delimiter unquoted (x.jpg,a dog, running); not where other cells are numbers (a score, a size): those are
+    columns of their own."""
+    names = ["image" if names_an_image(cell) else f"column{i}" for i, cell in enumerate(first)]
+    number = lambda cell: not isinstance(cell, str) or re.fullmatch(r"\s*[-+]?[\d.]+(e[-+]?\d+)?\s*", cell, re.I)
+    if names.count("image") == 1 and "image" in (names[0], names[-1]) and not any(map(number, first)):
+        return ["image", "caption"] if names[0] == "image" else ["caption", "image"]
+    return names
 
 
 def csv_rows(f, delimiter, max_lines=100):
@@ -674,12 +699,19 @@ def image_path(cell):
 
 
 def json_records(doc):
-    """The records a JSON document holds: a list of them, one record, a list of them under one key of a
+    """The records a JSON document holds: a list of them (or of rows written as arrays), one record, a list of them
+    under one key of a
     document that holds no image itself, a map of image files to their captions or records, or a caption set's
     annotation file,
     one record per image: COCO's {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
     (its captions gathered into a list) or Karpathy's splits {"images": [{"filepath", "filename",
     "sentences", "split"}]} (COCO, Flickr30k)."""
+    if isinstance(doc, list) and doc and isinstance(doc[0], list):
+        # rows written as JSON arrays: [["x.jpg", "a dog"], ...], named as a table's without a header line, or
+        # after a first row of column names, as a CSV turned into JSON holds them
+        header = column_names(doc[0])
+        names = doc[0] if header else headerless_names(doc[0])
+        return [dict(zip(names, r)) if isinstance(r, list) else r for r in doc[header:]]
     if isinstance(doc, list):
         return doc
     if not isinstance(doc, dict):

@@ -448,7 +448,14 @@ def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     # its images named without their extension)
     (src / "captions.json").write_text(json.dumps({"imgs/r.png": "red", "imgs/g.png": ["green", "also green"]}))
     (src / "meta_cap.json").write_text(json.dumps({"imgs/b": {"caption": "blue", "tags": "card, blue"}}))
-    for table, captions in (("captions.json", ["green\nalso green", "red"]), ("meta_cap.json", ["blue"])):
+    # rows written as JSON arrays, [image, caption], with or without a first row of column names
+    (src / "arrays.json").write_text(json.dumps([["imgs/r.png", "red"], ["imgs/g.png", "green"]]))
+    (src / "arrays.jsonl").write_text('["imgs/r.png", "red"]\n["imgs/g.png", "green"]\n')
+    (src / "named.json").write_text(json.dumps([["caption", "image"], ["red", "imgs/r.png"], ["green", "imgs/g.png"]]))
+    (src / "named.jsonl").write_text('["caption", "image"]\n["red", "imgs/r.png"]\n["green", "imgs/g.png"]\n')
+    for table, captions in (("captions.json", ["green\nalso green", "red"]), ("meta_cap.json", ["blue"]),
+                            *((t, ["green", "red"]) for t in ("arrays.json", "arrays.jsonl", "named.json",
+                                                              "named.jsonl"))):
         m = prep_dataset.main(["--source", "table", "--input", str(src / table), "--out_dir", str(tmp_path / table),
                                "--image_size", "32", "--val_fraction", "0", "--num_workers", "1"])
         assert sorted(c for _, c in tar_samples(tmp_path / table / "train" / "shard-000000.tar").values()) == captions
