@@ -9,7 +9,6 @@ A checkpoint file is written to a temporary name, flushed to disk (fsync) and re
 kill mid-write never leaves a torn file under a real name. Loading uses torch.load(weights_only=True):
 a checkpoint can only hold tensors and plain containers, never code that runs on load.
 """
-import errno
 import glob
 import json
 import os
@@ -18,6 +17,8 @@ import shutil
 import sys
 
 import torch
+
+from prep_dataset import disk_full
 
 PREFIX = "ckpt-"
 
@@ -89,7 +90,7 @@ def write_error(e):
 
 def make_room(e, folder):
     """What to do about a write that failed: room on a full disk (or quota), else the right to write there."""
-    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    if disk_full(e):
         return f"make room in {folder}"
     return f"make {folder} writable (or move the run to a folder that is)"
 

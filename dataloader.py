@@ -127,7 +127,7 @@ def data_dirs(data_dir):
 def expand_home(paths):
     """`~` expanded in each of a comma-separated list of paths where the shell leaves it, after an = sign
     (--data_dir=~/coco,~/t2i), rather than read as a folder named ~. A hub set's name stays as it is."""
-    return ",".join(os.path.expanduser(p.strip()) for p in str(paths).split(","))
+    return ",".join(os.path.expanduser(d) for d in data_dirs(paths))
 
 
 def shard_paths(data_dir, split):

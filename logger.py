@@ -8,11 +8,12 @@ reads JSON lines can plot it. This file also plots it:
     python logger.py runs/a runs/b --out cmp.png     # several runs overlaid
 """
 import argparse
-import errno
 import json
 import math
 import os
 import sys
+
+from prep_dataset import disk_full
 
 
 class Logger:
@@ -187,10 +188,9 @@ def main(argv=None):
     try:
         print(f"wrote {plot_runs(args.run_dirs, out)}")
     except OSError as e:
-        # a full disk (or quota, where errno names it), else a read-only disk or another user's folder
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        sys.exit(f"could not write {out} ({e.strerror or e}): "
-                 + ("make room there, or give --out another place" if full else "give --out a place you can write"))
+        # a full disk (or quota), else a read-only disk or another user's folder
+        fix = "make room there, or give --out another place" if disk_full(e) else "give --out a place you can write"
+        sys.exit(f"could not write {out} ({e.strerror or e}): {fix}")
 
 
 if __name__ == "__main__":

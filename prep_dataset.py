@@ -700,12 +700,10 @@ def image_path(cell):
 
 def json_records(doc):
     """The records a JSON document holds: a list of them (or of rows written as arrays), one record, a list of them
-    under one key of a
-    document that holds no image itself, a map of image files to their captions or records, or a caption set's
-    annotation file,
-    one record per image: COCO's {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
-    (its captions gathered into a list) or Karpathy's splits {"images": [{"filepath", "filename",
-    "sentences", "split"}]} (COCO, Flickr30k)."""
+    under one key of a document that holds no image itself, a map of image files to their captions or records, or a
+    caption set's annotation file, one record per image: COCO's {"images": [{"id", "file_name"}], "annotations":
+    [{"image_id", "caption"}]} (its captions gathered into a list) or Karpathy's splits {"images": [{"filepath",
+    "filename", "sentences", "split"}]} (COCO, Flickr30k)."""
     if isinstance(doc, list) and doc and isinstance(doc[0], list):
         # rows written as JSON arrays: [["x.jpg", "a dog"], ...], named as a table's without a header line, or
         # after a first row of column names, as a CSV turned into JSON holds them
@@ -1234,6 +1232,11 @@ def writable_folder(path, name="it"):
     return None
 
 
+def disk_full(e):
+    """Whether a write failed for want of room: a full disk, or a full quota where the system names it apart."""
+    return getattr(e, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def read_json_object(path):
     """A JSON file that holds an object (a manifest, say) -> dict. ValueError where it holds no JSON or another
     value (cut short, edited by hand, another tool's file)."""
@@ -1670,21 +1673,21 @@ def main(argv=None):
         atomic_write(settings_path, json.dumps(settings).encode())
 
     t0 = time.time()
-    disk_full = f"the disk of {args.out_dir} is full: make room and rerun the same command (what is finished is kept)"
+    full = f"the disk of {args.out_dir} is full: make room and rerun the same command (what is finished is kept)"
     try:
         stage_chunks(args, stage_dir, items, done)
     except OSError as e:  # hours into a stream from the hub, a network that stayed down past `datasets`' retries
-        if e.errno == errno.ENOSPC:
-            sys.exit(disk_full)
+        if disk_full(e):
+            sys.exit(full)
         sys.exit(f"stopped while reading the source ({type(e).__name__}: {e}). The {len(finished_chunks(stage_dir))} "
                  "finished chunks are kept: rerun the same command to go on from them (after a network error, once "
                  "it is back)")
     try:
         result = write_shards(args, stage_dir)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        if not disk_full(e):
             raise
-        sys.exit(disk_full)
+        sys.exit(full)
     manifest = {"source": args.source, "input": args.input, "image_size": args.image_size, "seed": args.seed,
                 **result, "settings": settings}
     if args.source == "shapes":  # the zero-shot tasks the shapes set carries: classes and prompt templates
