@@ -152,6 +152,10 @@ def find_shards(data_dir, split):
             raise FileNotFoundError(
                 f"{d} has no val/ shards (prepared with --val_fraction 0): evaluate on a held-out set, e.g. one "
                 f"prepared with --val_fraction 1, or on the training images as {os.path.join(d, 'train')}")
+        made = [s for s in ("train", "val") if shard_paths(d, s)]
+        if made:  # a prepared set, asked for a split of another name (evaluate.py --split)
+            raise FileNotFoundError(f"no shards in {os.path.join(d, split)}: the prepared set {d} has the split"
+                                    f"{'s' * (len(made) > 1)} {' and '.join(made)}")
         loose = glob.glob(os.path.join(glob.escape(d), "*.tar"))
         parent = os.path.dirname(os.path.normpath(d))
         if loose and os.path.basename(os.path.normpath(d)) in ("train", "val") and \

@@ -467,7 +467,14 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
             label_col = next((k for k, f in ds.features.items() if k.lower() in LABEL_COLUMNS
                               and getattr(f, "dtype", None) in ("string", *INTEGERS)), None)
         if image_col is None or label_col is None:
-            raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has {ds.features}")
+            flat = os.path.isdir(name_or_dir) and any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                                                      for f in os.listdir(name_or_dir))
+            raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has the columns "
+                             f"{', '.join(ds.features)}" + (
+                f". Its images lie in the folder itself, with no class folders: zero-shot reads ROOT/CLASS/image files "
+                "(the class is the folder's name), or a folder of images with --labels TABLE (each image's class). "
+                "Images with captions are scored with --retrieval, once prepared: python prep_dataset.py --source "
+                f"folder --input {name_or_dir} --val_fraction 1 --out_dir EVAL_DIR" if flat else ""))
         ids = getattr(ds.features[label_col], "dtype", None) in INTEGERS
         names_file = classnames_file or (beside_set(name_or_dir, SET_CLASSNAMES) if ids else None)
         if isinstance(ds.features[label_col], datasets.ClassLabel):
@@ -637,18 +644,29 @@ def zeroshot_tasks(image_emb, labels, tasks, model, cfg, device, autocast):
 
 @torch.no_grad()
 def match_images_to_texts(model, cfg, paths, texts, device, autocast, batch_size=256):
-    """(images, texts) probabilities, each image against the given texts, as the model was trained to
-    score them: a softmax over the texts of the scaled cosine similarities (CLIP), or each pair's own
-    sigmoid (SigLIP). Images go through the evaluation crop, upright by their EXIF orientation."""
+    """-> (the paths scored, their (images, texts) probabilities, {path: why it was left out}). Each image is
+    scored against the given texts as the model was trained to score them: a softmax over the texts of the
+    scaled cosine similarities (CLIP), or each pair's own sigmoid (SigLIP). Images go through the evaluation
+    crop, upright by their EXIF orientation. A file that does not decode is left out, as evaluation leaves
+    such files out everywhere: one broken photo does not stop a folder of thousands."""
     tokens = Tokenizer(cfg.encoding, cfg.context_length)(texts, trim=True).to(device)
-    probs = []
+    scored, probs, left_out = [], [], {}
     for i in range(0, len(paths), batch_size):  # a folder of thousands: a batch at a time
-        images = image_batch([Image.open(p) for p in paths[i:i + batch_size]], cfg.image_size).to(device)
+        arrays = []
+        for path in paths[i:i + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    arrays.append(image_batch([image], cfg.image_size))
+                scored.append(path)
+            except Exception as e:  # PIL raises many types for bad files (and its own over its pixel limit)
+                left_out[path] = str(e) or type(e).__name__
+        if not arrays:
+            continue
         with autocast:
-            img, txt, scale, bias = model(images, tokens)  # the model's own temperature (and SigLIP bias)
+            img, txt, scale, bias = model(torch.cat(arrays).to(device), tokens)  # the model's own temperature
         logits = scale.float() * img.float() @ txt.float().T
         probs.append(logits.softmax(dim=1) if bias is None else torch.sigmoid(logits + bias.float()))
-    return torch.cat(probs)
+    return scored, torch.cat(probs) if probs else torch.empty(0, len(texts)), left_out
 
 # -----------------------------------------------------------------------------
 # during training
@@ -890,11 +908,18 @@ def main(argv=None):
                 else:
                     results.setdefault("zeroshot", {})[set_name(name)] = acc
     if args.images and rank == 0:  # a few files, scored by one process
-        try:
-            probs = match_images_to_texts(model, cfg, images, args.texts, device, autocast, args.batch_size)
-        except (OSError, Image.DecompressionBombError) as e:  # PIL cannot (or will not) read one of them
-            p.error(f"--images: {e}")
-        results["images"] = {path: dict(zip(args.texts, row.tolist())) for path, row in zip(images, probs)}
+        scored, probs, left_out = match_images_to_texts(model, cfg, images, args.texts, device, autocast,
+                                                        args.batch_size)
+        if not scored:  # PIL cannot (or will not) read any of them
+            p.error(f"--images: {next(iter(left_out.values()))}" if len(left_out) == 1 else
+                    f"--images: none of the {len(left_out)} files decodes as an image (the first: "
+                    f"{next(iter(left_out.values()))})")
+        for path, why in list(left_out.items())[:10]:
+            print(f"warning: left out {path}: {why}", file=sys.stderr)
+        if len(left_out) > 10:
+            print(f"warning: left out {len(left_out) - 10} more files that do not decode", file=sys.stderr)
+        results["images"] = {path: dict(zip(args.texts, row.tolist())) for path, row in zip(scored, probs)}
+        results["images_left_out"] = left_out
         for path, scores in results["images"].items():
             print(path)
             for text, prob in sorted(scores.items(), key=lambda kv: -kv[1]):
@@ -918,7 +943,7 @@ def main(argv=None):
         dist.destroy_process_group()
     if rank != 0:  # every process has the figures; one shows them
         return results
-    table = {k: v for k, v in results.items() if k != "images"}  # the images' scores are printed above
+    table = {k: v for k, v in results.items() if k not in ("images", "images_left_out")}  # printed above
     if "zeroshot" in results and "top1" in results:  # the shapes set's headline: said to be the tasks' mean
         table = {("mean of the tasks/" + k if k in ("top1", "top5") else k): v for k, v in table.items()}
     if table:

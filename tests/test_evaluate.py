@@ -2,6 +2,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -380,6 +381,23 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--images", str(tmp_path / "not_an_image.png"), "--texts", "red"])
     assert "cannot identify image file" in capsys.readouterr().err
+    # in a folder of photos, one that does not decode is left out and named; the others are scored as without it
+    photos = tmp_path / "photos"
+    shutil.copytree(root / "blue", photos)
+    (photos / "1b.jpg").write_bytes(b"\xff\xd8 a JPEG cut off at its start")
+    mixed = evaluate.main([ckpt, "--images", str(photos), "--texts", "red", "blue", "--json", str(tmp_path / "m.json")])
+    assert "warning: left out " + str(photos / "1b.jpg") in capsys.readouterr().err
+    alone = evaluate.main([ckpt, "--images", str(photos / "0.png"), str(photos / "1.png"), str(photos / "2.png"),
+                           "--texts", "red", "blue"])["images"]
+    assert list(mixed["images"]) == list(alone) and all(mixed["images"][k] == pytest.approx(alone[k]) for k in alone)
+    assert list(json.loads((tmp_path / "m.json").read_text())["images_left_out"]) == [str(photos / "1b.jpg")]
+    # a prepared set asked for a split it does not have: its splits are named (not "holds tables", for its manifest)
+    with pytest.raises(SystemExit):
+        evaluate.main([ckpt, "--zeroshot", str(tmp_path / "shapes"), "--split", "test"])
+    assert f"the prepared set {tmp_path / 'shapes'} has the splits train and val" in capsys.readouterr().err
+    # zero-shot on a folder of images with no class folders: what zero-shot reads, and how to score captions instead
+    with pytest.raises(SystemExit, match="no class folders: zero-shot reads ROOT/CLASS/image files"):
+        evaluate.main([ckpt, "--zeroshot", str(photos)])
     # a folder with no shards, or a device torch cannot use: usage errors that say why
     with pytest.raises(SystemExit):
         evaluate.main([ckpt, "--retrieval", str(root)])
