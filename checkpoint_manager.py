@@ -36,10 +36,15 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # a torn file, or a pickle that asks for code: never run it
         # torch's own message is long and suggests weights_only=False: said here in a line instead
         text, refused = str(e), re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e))
-        if refused:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            why = "it is empty (its write never began: a crash, or a full disk)"
+        elif refused:
             why = f"it holds a pickled object ({refused[1]}), which only code could rebuild"
-        elif "Unpickl" in type(e).__name__ + text:
-            why = "it is no checkpoint: its bytes are not a pickle"
+        elif "Unpickl" in type(e).__name__ + text or not head.startswith((b"PK", b"\x80")):
+            # torch.save writes a zip archive (PK), or in its old format a pickle (\x80): this is some other file
+            why = "it is no checkpoint: torch.save did not write it"
         elif "zip archive" in text:
             why = "it is cut short or damaged (a copy that did not finish, a disk error)"
         else:

@@ -873,8 +873,12 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:2000])  # a copy that stopped early
     with pytest.raises(CheckpointError, match="cannot be loaded safely: it is cut short or damaged"):
         load_checkpoint(str(path))
-    path.write_bytes(b"<html>404 Not Found</html>")  # a download that was a web page
-    with pytest.raises(CheckpointError, match="cannot be loaded safely: it is no checkpoint"):
+    for other in (b"<html>404 Not Found</html>", b"hi\n"):  # a download that was a web page; a text file
+        path.write_bytes(other)
+        with pytest.raises(CheckpointError, match="cannot be loaded safely: it is no checkpoint"):
+            load_checkpoint(str(path))
+    path.write_bytes(b"")  # a write that never began
+    with pytest.raises(CheckpointError, match="cannot be loaded safely: it is empty"):
         load_checkpoint(str(path))
     # safe files that are not train.py's checkpoints: refused with what they lack, not a KeyError later
     torch.save({"w": torch.zeros(3)}, path)
