@@ -256,6 +256,9 @@ def source_folder(args):
             found[whole_name[place]] = found.pop(place)
     # x.json beside an x.jpg that has no caption file captions it; the others stay tables, for the error below
     captions.update({place: path for place, path in records.items() if place in images and place not in captions})
+    if not images and tables:  # a `datasets` export, a LAION part: the images are in the table, or named by it
+        sys.exit(f"{args.input} holds no images, but tables ({', '.join(tables[:3])}{', ...' if len(tables) > 3 else ''}"
+                 f"): read them with --source table --input {args.input} (their images as bytes, paths or URLs)")
     if images and not captions and tables:  # an imagefolder with a metadata.jsonl, COCO's annotations/*.json
         sys.exit(f"{args.input} holds images but no .txt captions. If a table there lists them ({', '.join(tables[:3])}"
                  f"{', ...' if len(tables) > 3 else ''}), read it with --source table --input FILE (and --image_root "
@@ -942,7 +945,10 @@ def source_hub(args):
     "split" column gives the rows of --split, read from its only split if it has none of them: Flickr30k
     on the hub is one "test" split whose split column holds Karpathy's train, val and test."""
     from datasets import Image as HFImage
-    if args.input and os.path.isfile(args.input):
+    if not args.input:
+        sys.exit("--source hub needs --input NAME: a set on the Hugging Face hub (e.g. nlphuji/flickr30k), a local copy "
+                 "of one, or a folder that save_to_disk wrote")
+    if os.path.isfile(args.input):
         sys.exit(f"{args.input} is a file: read a .csv, .tsv, .jsonl, .json or .parquet table with --source table")
     splits = split_list(args.split)
     try:

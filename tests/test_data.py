@@ -411,6 +411,15 @@ def test_folder_source_reads_the_caption_of_a_json_record_beside_an_image(tmp_pa
     (tmp_path / "coco" / "captions_val.json").write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(SystemExit, match=r"holds images but no .txt captions.*captions_val.json.*--source table"):
         prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "coco"), "--out_dir", str(tmp_path / "c")])
+    # tables alone (a `datasets` Parquet export, images inside): the source that reads them
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SystemExit, match=r"holds no images, but tables \(.*train-00000-of-00001.parquet\): read them "
+                                         r"with --source table --input .*export"):
+        prep_dataset.main(["--source", "folder", "--input", str(tmp_path / "export"), "--out_dir", str(tmp_path / "e")])
+    # --source hub with no set named: what to name
+    with pytest.raises(SystemExit, match="--source hub needs --input NAME"):
+        prep_dataset.main(["--source", "hub", "--out_dir", str(tmp_path / "h")])
 
 def test_table_source_reads_csv_tsv_and_jsonl_pairs(tmp_path, capsys):
     src = tmp_path / "src"
