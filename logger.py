@@ -175,6 +175,9 @@ def main(argv=None):
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "log.jsonl")):
             p.error(f"{d} has no log.jsonl: pass a run directory that train.py wrote (its --out_dir)")
+        if not read_log(os.path.join(d, "log.jsonl")):  # a run that has just started: its plot would be blank
+            print(f"warning: {os.path.join(d, 'log.jsonl')} holds no logged step yet (train.py writes one every "
+                  "--log_interval steps): nothing of it to draw", file=sys.stderr)
     out = args.out or os.path.join(args.run_dirs[0], "plots.png")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out plots/compare.png

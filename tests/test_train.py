@@ -1260,6 +1260,10 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):  # a file type matplotlib cannot write: said before drawing
         logger.main([out, "--out", str(tmp_path / "plots.pgn")])
     assert "not .pgn" in capsys.readouterr().err
+    (tmp_path / "started").mkdir()  # a run that has logged nothing yet: drawn blank, and said why
+    (tmp_path / "started" / "log.jsonl").write_text("")
+    logger.main([str(tmp_path / "started")])
+    assert "log.jsonl holds no logged step yet" in capsys.readouterr().err
 
     def disk_full(*args, **kwargs):  # a full disk where the plot goes: what to do, not a traceback
         raise OSError(errno.ENOSPC, "No space left on device")
