@@ -527,6 +527,9 @@ def starting_point(cfg, argv):
     if cfg.resume == "latest":
         start, start_path = manager.load_latest()
         if start is None:
+            if manager.checkpoints():  # each was warned about, with why it does not load
+                sys.exit(f"--resume: {cfg.out_dir} holds {manager.none_loads()} (why: above). Give a copy of one with "
+                         "--resume PATH, or start afresh with another --out_dir.")
             sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
     elif cfg.resume or cfg.init_from:
         try:  # a run directory: its newest checkpoint to resume; its best.pt, if any, to start from

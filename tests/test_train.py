@@ -733,6 +733,15 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(shapes_dir, tmp_path):
     train.main(run_args(shapes_dir, out, max_steps=state["step"] + 2, checkpoint_interval=1, eval_interval=100)
                + ["--resume"])
     assert load_checkpoint(manager.checkpoints()[-1])["step"] == state["step"] + 2
+    # a run whose every checkpoint is torn: said so, not "no checkpoint", by --resume and by a run directory's readers
+    for p in manager.checkpoints():
+        with open(p, "r+b") as f:
+            f.truncate(1000)
+    n = len(manager.checkpoints())
+    with pytest.raises(SystemExit, match=f"--resume: {re.escape(out)} holds {n} checkpoints, none of which loads"):
+        train.main(run_args(shapes_dir, out, max_steps=1) + ["--resume"])
+    with pytest.raises(SystemExit, match=f"{re.escape(out)} holds {n} checkpoints, none of which loads"):
+        train.main(["--resume", out])
 
 
 def test_model_flags_shape_the_model_and_init_from_starts_from_its_weights(shapes_dir, tmp_path, capsys, monkeypatch):
