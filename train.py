@@ -851,7 +851,9 @@ def main(argv=None):
         # of images a second, a core makes a few hundred training crops. A step on the CPU shares its cores
         num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), cpu_step=device.type == "cpu")
     if cfg.batch_size % world:
-        sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes")
+        below, above = cfg.batch_size // world * world, -(-cfg.batch_size // world) * world
+        sys.exit(f"--batch_size {cfg.batch_size} (global) must be divisible by the {world} processes: "
+                 f"{f'{below} or ' if below else ''}{above}, say")
     local_batch = cfg.batch_size // world
     if cfg.micro_batch_size and local_batch % cfg.micro_batch_size:
         sys.exit(f"--micro_batch_size {cfg.micro_batch_size} must divide the per-process batch {local_batch}")

@@ -143,7 +143,7 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
     monkeypatch.setattr(train.dist, "all_gather_object",
                         lambda every, mine: every.__setitem__(slice(None), [mine] * len(every)))
     monkeypatch.setattr(train, "same_on_every_rank", lambda *args, **kwargs: None)
-    with pytest.raises(SystemExit, match=r"--batch_size 15 \(global\) must be divisible by the 2 processes"):
+    with pytest.raises(SystemExit, match=r"--batch_size 15 \(global\) must be divisible by the 2 processes: 14 or 16, say"):
         train.main(out + ["--batch_size", "15"])
 
 
