@@ -137,9 +137,18 @@ def shard_paths(data_dir, split):
 
 def find_shards(data_dir, split):
     """shard_paths, where every listed set must have some: else an error that says how to make them."""
+    if not data_dirs(data_dir):
+        raise FileNotFoundError(f"no data folder named ({data_dir!r}): give the folder of a set that prep_dataset.py "
+                                "made, e.g. --data_dir data/shapes")
     for d in data_dirs(data_dir):
         if shard_paths(d, split):
             continue
+        if os.path.isfile(d):  # a table or an archive of the data itself, given where its prepared set goes
+            table = os.path.splitext(d)[1].lower() in TABLE_EXTENSIONS
+            raise FileNotFoundError(
+                f"{d} is a file: training reads the folder of shards that prep_dataset.py makes"
+                + (f". Prepare this table into one first: python prep_dataset.py --source table --input {d} "
+                   f"--out_dir {os.path.splitext(d)[0]}-prepared" if table else ", given as --data_dir FOLDER"))
         if os.path.isdir(os.path.join(d, ".stage")):  # prep_dataset.py's work in progress
             raise FileNotFoundError(f"no shards in {os.path.join(d, split)} yet: prep_dataset.py has not finished "
                                     f"making {d} (it was stopped, or still runs). Rerun its command: it goes on from "

@@ -1216,6 +1216,12 @@ def test_missing_data_says_which_command_makes_it(tmp_path, shapes_dir, capsys):
     assert "val_loss" in evals[0] and "retrieval/image_to_text_R@1" in evals[0] and "zeroshot/shape/top1" in evals[0]
     with pytest.raises(SystemExit, match=f"no shards in {tmp_path / 'nowhere' / 'train'}"):
         train.main(run_args(f"{shapes_dir},{tmp_path / 'nowhere'}", str(tmp_path / "nowhere_run")))
+    # no folder at all, or the table of pairs itself where its prepared set goes: what to give instead
+    with pytest.raises(SystemExit, match="no data folder named"):
+        train.main(run_args("", str(tmp_path / "empty_name_run")))
+    (tmp_path / "pairs.csv").write_text("image,caption\nx.jpg,a dog\n")
+    with pytest.raises(SystemExit, match=r"pairs.csv is a file: .* --source table --input .*pairs.csv"):
+        train.main(run_args(str(tmp_path / "pairs.csv"), str(tmp_path / "table_run")))
 
 
 def test_the_demo_makes_its_shapes_only_where_there_is_nothing_else(tmp_path, shapes_dir, monkeypatch):
