@@ -317,6 +317,21 @@ def class_folders(root, split=None, notes=True):
     return (rows, classes) if rows else None
 
 
+def loose_images(folder):
+    """Whether a folder holds its images in itself, with no class folders and no `datasets` metadata file that
+    could name their classes: nothing zero-shot classification can read without a table of their classes."""
+    if not os.path.isdir(folder):
+        return False
+    files = [e.name for e in os.scandir(folder) if e.is_file() and not not_data(e.name)]
+    return (any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files)
+            and not any(f.startswith("metadata.") for f in files) and class_folders(folder, notes=False) is None)
+
+
+def loose_images_hint(labels_flag):
+    return ("its images lie in the folder itself, with no class folders: zero-shot reads ROOT/CLASS/image files (the "
+            f"class is the folder's name), or a folder of images with {labels_flag} TABLE (each image's class)")
+
+
 def listed_classes(root, labels_file, notes=True):
     """A folder of images whose classes a table lists, a row per image: its file (or its name without the
     extension), then its class, the first word of the second field (Kaggle's ImageNet keeps its val images in one
@@ -466,15 +481,13 @@ def load_classification(name_or_dir, split=None, classnames_file=None, label_col
         if label_col is None:  # no class labels: a column of class names as text, or of class ids
             label_col = next((k for k, f in ds.features.items() if k.lower() in LABEL_COLUMNS
                               and getattr(f, "dtype", None) in ("string", *INTEGERS)), None)
+        if (image_col is None or label_col is None) and loose_images(name_or_dir):
+            raise SystemExit(f"{name_or_dir}: {loose_images_hint('--labels')}. Images with captions are scored with "
+                             "--retrieval, once prepared: python prep_dataset.py --source folder --input "
+                             f"{name_or_dir} --val_fraction 1 --out_dir EVAL_DIR")
         if image_col is None or label_col is None:
-            flat = os.path.isdir(name_or_dir) and any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-                                                      for f in os.listdir(name_or_dir))
             raise SystemExit(f"{name_or_dir} needs an image column and a class-label column; it has the columns "
-                             f"{', '.join(ds.features)}" + (
-                f". Its images lie in the folder itself, with no class folders: zero-shot reads ROOT/CLASS/image files "
-                "(the class is the folder's name), or a folder of images with --labels TABLE (each image's class). "
-                "Images with captions are scored with --retrieval, once prepared: python prep_dataset.py --source "
-                f"folder --input {name_or_dir} --val_fraction 1 --out_dir EVAL_DIR" if flat else ""))
+                             f"{', '.join(ds.features)}")
         ids = getattr(ds.features[label_col], "dtype", None) in INTEGERS
         names_file = classnames_file or (beside_set(name_or_dir, SET_CLASSNAMES) if ids else None)
         if isinstance(ds.features[label_col], datasets.ClassLabel):

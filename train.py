@@ -645,8 +645,8 @@ def check_settings(cfg, given, from_checkpoint, ddp):
             sys.exit(f"--{name} is about the sets given with --zeroshot: give them")
         if getattr(cfg, name) and not os.path.isfile(getattr(cfg, name)):
             sys.exit(f"--{name} {getattr(cfg, name)}: no such file")
-    # a --zeroshot folder mistyped stops the run now, not at its first evaluation hours in. One that some nodes
-    # have and others lack is left out by all at that evaluation, with a warning
+    # a --zeroshot folder mistyped, or one of images with no classes, stops the run now, not at its first evaluation
+    # hours in. One that some nodes have and others lack is left out by all at that evaluation, with a warning
     sets = [] if cfg.zeroshot in ("auto", "none") else data_dirs(cfg.zeroshot)
     missing = {}
     for name in sets:
@@ -654,6 +654,10 @@ def check_settings(cfg, given, from_checkpoint, ddp):
             not_a_missing_folder(name)
         except FileNotFoundError as e:
             missing[name] = str(e)
+            continue
+        import evaluate  # the one that reads zero-shot sets
+        if not cfg.zeroshot_labels and evaluate.loose_images(name):  # there, but no classes to read in it
+            missing[name] = evaluate.loose_images_hint("--zeroshot_labels")
     if ddp and sets:
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, missing)

@@ -81,6 +81,8 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
     out = ["--out_dir", str(tmp_path / "run"), "--data_dir", str(tmp_path / "none")]
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "zeroshot_set").mkdir()
+    (tmp_path / "photos").mkdir()  # images with no class folders: nothing for zero-shot to read
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "0.png")
     for flags, message in ((["--model", "vit-b/32"], "choose one of tiny, base"),
                            (["--batch_size", "1"], "--batch_size 1: must be at least 2 for the contrastive loss"),
                            (["--batch_size", "0", "--loss", "siglip"], "--batch_size 0: must be at least 1"),
@@ -97,6 +99,8 @@ def test_bad_settings_stop_with_a_message_before_any_work(tmp_path, monkeypatch)
                            # a mistyped zero-shot folder, said before training rather than at the first evaluation
                            (["--zeroshot", str(tmp_path / "zeroshot_sett")], r"--zeroshot .*zeroshot_sett: no such folder; "
                             r"did you mean .*zeroshot_set\?"),
+                           (["--zeroshot", str(tmp_path / "photos")], r"--zeroshot .*photos: its images lie in the folder "
+                            r"itself, with no class folders: .* --zeroshot_labels TABLE"),
                            (["--out_dir", str(tmp_path / "a_file" / "run")], "a_file/run: cannot create it"),
                            (["--model", "tiny", "--patch_size", "7"], "multiple of patch_size"),
                            (["--model", "tiny", "--context_length", "0"], "context_length must be at least 1"),
