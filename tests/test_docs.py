@@ -61,7 +61,8 @@ def test_every_flag_the_docs_give_is_one_the_script_takes(monkeypatch):
             text = f.read()
         for script, flags in commands(text):
             if script not in takes:  # a file named in prose: one of the project's, by that name
-                assert any(os.path.isfile(os.path.join(ROOT, folder, script + ".py")) for folder in ("", "benchmarks", "tests")), \
+                folders = ("", "benchmarks", "tests")
+                assert any(os.path.isfile(os.path.join(ROOT, d, script + ".py")) for d in folders), \
                     f"{doc} names {script}.py, which is not in the project"
                 continue
             unknown = [flag for flag in flags if flag not in takes[script]]
