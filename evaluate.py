@@ -812,7 +812,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=default_num_workers(),
                    help="image decoding processes (default: this machine's cores, less one)")
-    p.add_argument("--json", default=None, type=os.path.expanduser, help="write the results here as a JSON object")
+    p.add_argument("--json", default=None, type=os.path.expanduser, help="write the results here as a JSON object (a folder: its results.json)")
     p.add_argument("--images", nargs="+", default=None, type=os.path.expanduser,
                    help="image files (or folders of them, searched through) to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
@@ -831,6 +831,8 @@ def main(argv=None):
     for name in ("split", "classnames", "label_column", "labels", "templates"):  # said, not ignored
         if getattr(args, name) is not None and not args.zeroshot:
             p.error(f"--{name} is for --zeroshot: give the classification set with --zeroshot")
+    if args.json and (os.path.isdir(args.json) or args.json.endswith(("/", os.sep))):  # --json results/: a file in it
+        args.json = os.path.join(args.json, "results.json")
     if args.json:  # results/zeroshot.json: its folder is made and written into now, so the results are not lost
         why = writable_folder(os.path.dirname(os.path.abspath(args.json)), "its folder")
         if why:

@@ -167,7 +167,7 @@ def main(argv=None):
     # type=expanduser: `~` where the shell leaves it, after an = (--out=~/plots.png)
     p.add_argument("run_dirs", nargs="+", type=os.path.expanduser, help="run directories holding log.jsonl")
     p.add_argument("--out", default=None, type=os.path.expanduser,
-                   help="PNG path (default: RUN_DIR/plots.png of the first run)")
+                   help="PNG path, or a folder for its plots.png (default: RUN_DIR/plots.png of the first run)")
     args = p.parse_args(argv)
     # a run's log.jsonl itself, as a shell's completion gives it: its run directory
     args.run_dirs = [(os.path.dirname(d) or ".") if os.path.basename(d) == "log.jsonl" and os.path.isfile(d) else d
@@ -179,6 +179,10 @@ def main(argv=None):
             print(f"warning: {os.path.join(d, 'log.jsonl')} holds no logged step yet (train.py writes one every "
                   "--log_interval steps): nothing of it to draw", file=sys.stderr)
     out = args.out or os.path.join(args.run_dirs[0], "plots.png")
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):  # --out figures/: the plot goes into that folder
+        out = os.path.join(out, "plots.png")
+    elif not os.path.splitext(out)[1]:  # matplotlib adds its default type; the path written is said as it is
+        out += ".png"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out plots/compare.png
     except OSError as e:

@@ -265,6 +265,10 @@ def test_imagefolder_loading_and_the_cli(tmp_path, capsys, monkeypatch):
     assert saved["samples"] == 9 and saved["classes"] == 3 and saved["unreadable"] == 0
     assert 0 <= saved["top1"] <= 1 and saved["top5"] == 1.0  # 3 classes: the top 5 hold them all
     assert saved == json.loads(json.dumps(results))
+    # --json given a folder: the results go into it as results.json (not a failure after the whole evaluation)
+    (tmp_path / "all_results").mkdir()
+    evaluate.main([ckpt, "--zeroshot", str(root), "--json", str(tmp_path / "all_results")])
+    assert json.loads((tmp_path / "all_results" / "results.json").read_text())["samples"] == 9
     # several sets at once, as train.py --zeroshot takes them: each its own results
     other = tmp_path / "other"
     for name in ("square", "round"):

@@ -1275,6 +1275,11 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch, capsys):
     train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
     logger.main([out, out, "--out", str(tmp_path / "figures" / "plots.png")])  # the folder is made
     logger.main([os.path.join(out, "log.jsonl")])  # the log file itself names its run
+    logger.main([out, "--out", str(tmp_path / "figures")])  # a folder: its plots.png, not figures.png beside it
+    logger.main([out, "--out", str(tmp_path / "new") + os.sep])
+    logger.main([out, "--out", str(tmp_path / "no_type")])  # no type: matplotlib's png, said as the path written
+    assert os.path.isfile(tmp_path / "new" / "plots.png") and f"wrote {tmp_path / 'no_type.png'}" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "figures.png")
     assert os.path.isfile(os.path.join(out, "plots.png"))
     with pytest.raises(SystemExit):  # a file type matplotlib cannot write: said before drawing
         logger.main([out, "--out", str(tmp_path / "plots.pgn")])
