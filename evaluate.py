@@ -812,7 +812,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=default_num_workers(),
                    help="image decoding processes (default: this machine's cores, less one)")
-    p.add_argument("--json", default=None, type=os.path.expanduser, help="write the results here as a JSON object (a folder: its results.json)")
+    p.add_argument("--json", default=None, type=os.path.expanduser,
+                   help="write the results here as a JSON object (a folder: its results.json)")
     p.add_argument("--images", nargs="+", default=None, type=os.path.expanduser,
                    help="image files (or folders of them, searched through) to match against --texts")
     p.add_argument("--texts", nargs="+", default=None, help="candidate captions for --images, or a file with one "
