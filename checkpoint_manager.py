@@ -66,8 +66,6 @@ def load_run(path, best=False, map_location="cpu"):
     if best and os.path.isfile(manager.best_path):
         return load_checkpoint(manager.best_path, map_location), manager.best_path
     state, found = manager.load_latest(map_location)
-    if state is None and manager.checkpoints():  # each was warned about, with why it does not load
-        raise CheckpointError(f"{path} holds {manager.none_loads()} (why: above)")
     if state is None:
         raise CheckpointError(f"no checkpoint in {path}: give a run directory that train.py wrote, or a .pt file")
     return state, found
@@ -160,17 +158,17 @@ class CheckpointManager:
         except (OSError, ValueError, KeyError):
             return float("inf")
 
-    def none_loads(self):
-        """What to say where load_latest found nothing that loads, though there are checkpoints."""
-        n = len(self.checkpoints())
-        return "one checkpoint, which does not load" if n == 1 else f"{n} checkpoints, none of which loads"
-
     def load_latest(self, map_location="cpu"):
         """The newest checkpoint that loads; a torn or corrupt one is passed over with a warning.
-        -> (state, path), or (None, None) when the run directory has none."""
-        for path in reversed(self.checkpoints()):
+        -> (state, path), or (None, None) when the run directory has none. CheckpointError where it has some and
+        none of them loads."""
+        paths = self.checkpoints()
+        for path in reversed(paths):
             try:
                 return load_checkpoint(path, map_location), path
             except CheckpointError as e:
                 print(f"warning: {e}\n  -> trying the previous checkpoint", file=sys.stderr)
+        if paths:  # each was warned about above, with why it does not load
+            raise CheckpointError(f"{self.out_dir} holds " + ("one checkpoint, which does not load" if len(paths) == 1
+                                  else f"{len(paths)} checkpoints, none of which loads") + " (why: above)")
         return None, None

@@ -153,15 +153,15 @@ def find_shards(data_dir, split):
             raise FileNotFoundError(f"no shards in {os.path.join(d, split)} yet: prep_dataset.py has not finished "
                                     f"making {d} (it was stopped, or still runs). Rerun its command: it goes on from "
                                     "what is finished")
-        if split == "train" and shard_paths(d, "val"):  # prepared with --val_fraction 1
+        made = [s for s in ("train", "val") if shard_paths(d, s)]  # the splits it has, where it is a prepared set
+        if split == "train" and made:  # val/ alone: prepared with --val_fraction 1
             raise FileNotFoundError(
                 f"{d} holds val/ shards only: an evaluation set (prepared with --val_fraction 1). Train on a set "
                 f"with train/ shards, and evaluate on this one with: python evaluate.py RUN --retrieval {d}")
-        if split == "val" and shard_paths(d, "train"):  # prepared with --val_fraction 0
+        if split == "val" and made:  # train/ alone: prepared with --val_fraction 0
             raise FileNotFoundError(
                 f"{d} has no val/ shards (prepared with --val_fraction 0): evaluate on a held-out set, e.g. one "
                 f"prepared with --val_fraction 1, or on the training images as {os.path.join(d, 'train')}")
-        made = [s for s in ("train", "val") if shard_paths(d, s)]
         if made:  # a prepared set, asked for a split of another name (evaluate.py --split)
             raise FileNotFoundError(f"no shards in {os.path.join(d, split)}: the prepared set {d} has the split"
                                     f"{'s' * (len(made) > 1)} {' and '.join(made)}")

@@ -29,6 +29,7 @@ import argparse
 import ast
 import base64
 import binascii
+import csv
 import errno
 import glob
 import hashlib
@@ -51,6 +52,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections import deque
 from concurrent.futures import CancelledError, Future
 from itertools import chain, islice
 from multiprocessing import Pool
@@ -570,7 +572,6 @@ def table_rows(path):
 
 def text_rows(f, path):
     """table_rows of an open text file."""
-    import csv
     if path.endswith((".jsonl", ".json")):
         first = f.readline()
         f.seek(0)
@@ -665,8 +666,6 @@ def csv_rows(f, delimiter, max_lines=100):
     with one: Conceptual Captions' TSVs quote nothing) would make the rows up to the next quote one cell, silently
     losing them: a line whose quoted cell does not end in a row of the file's width is read as it is, its quotes
     kept as text, as is a cell that merely starts with a quoted word ('"the house" at night')."""
-    import csv
-    from collections import deque
     ahead, width = deque(), None  # lines read ahead for a quoted cell that turned out not to be one
     while True:
         line = ahead.popleft() if ahead else next(f, None)

@@ -163,8 +163,11 @@ def parse_args(argv, resumed=None):
             sys.exit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
         kind = kinds.get(key) or model_kinds[key]
         kind = {"bool": bool, "int": int, "float": float, "str": str}.get(kind, kind)
-        if key in ("data_dir", "out_dir", "resume", "init_from", "zeroshot", "zeroshot_classnames", "zeroshot_labels"):
-            value = expand_home(value)  # --out_dir=~/runs/x: the shell leaves that ~ to us
+        # --out_dir=~/runs/x: the shell leaves that ~ to us (in each path of a list: --data_dir=~/a,~/b)
+        if key in ("data_dir", "zeroshot"):
+            value = expand_home(value)
+        elif key in ("out_dir", "resume", "init_from", "zeroshot_classnames", "zeroshot_labels"):
+            value = os.path.expanduser(value)
         try:
             (overrides if key in kinds else model_args)[key] = parse_bool(value) if kind is bool else kind(value)
         except ValueError as e:
@@ -525,11 +528,11 @@ def starting_point(cfg, argv):
         sys.exit("--resume goes on with a run's weights and state, --init_from starts a new run from weights: give "
                  "one of them")
     if cfg.resume == "latest":
-        start, start_path = manager.load_latest()
+        try:
+            start, start_path = manager.load_latest()
+        except CheckpointError as e:
+            sys.exit(f"--resume: {e}. Give a copy of one with --resume PATH, or start afresh with another --out_dir.")
         if start is None:
-            if manager.checkpoints():  # each was warned about, with why it does not load
-                sys.exit(f"--resume: {cfg.out_dir} holds {manager.none_loads()} (why: above). Give a copy of one with "
-                         "--resume PATH, or start afresh with another --out_dir.")
             sys.exit(f"--resume: no checkpoint in {cfg.out_dir}. Drop --resume to start fresh, or give a path.")
     elif cfg.resume or cfg.init_from:
         try:  # a run directory: its newest checkpoint to resume; its best.pt, if any, to start from

@@ -691,6 +691,7 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder_from_prep_to_plots(tmp_
     cfg = train.parse_args(["--data_dir=~/a, ~/b", "--zeroshot=cifar10,~/pets", "--init_from=~/r/best.pt"])
     assert (cfg.data_dir, cfg.zeroshot, cfg.init_from) == (f"{home}/a,{home}/b", f"cifar10,{home}/pets",
                                                            f"{home}/r/best.pt")
+    assert train.parse_args(["--out_dir=~/runs/a, b"]).out_dir == f"{home}/runs/a, b"  # one path: kept whole
 
 
 def test_a_damaged_manifest_is_warned_about_and_the_shards_still_train(shapes_dir, tmp_path, capsys):
