@@ -9,7 +9,8 @@ import tempfile
 # CUDA, whose kernels (split-K matmuls, atomic adds in some backward kernels) may differ in
 # the last bits from run to run, and two ranks cannot share one GPU under NCCL. So the tests run on the
 # CPU everywhere; set before torch is imported, it reaches the subprocesses (torchrun) too. The GPU path
-# is exercised by setup_gpu.sh's smoke test and by benchmarks/.
+# is exercised by setup_gpu.sh's smoke test, by benchmarks/train_paths.py (every training path for a few steps)
+# and by the other benchmarks.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 # `datasets` keeps a lock file and an Arrow copy of every set it reads in its cache (~/.cache/huggingface):

@@ -137,3 +137,12 @@ def test_evaluation_benchmark_checks_both_ways_agree_then_times_them(tmp_path):
     seconds = dict(re.findall(r"^(every rank its part|rank 0 alone)\s+([\d.]+) s per evaluation", out.stdout, re.M))
     assert len(seconds) == 2 and all(float(v) > 0 for v in seconds.values())
     assert re.search(r"^ratio: [\d.]+x$", out.stdout, re.M)
+
+
+def test_train_paths_runs_each_path_and_checks_what_it_promises():
+    # on the CPU: the resumed run equal bit for bit, the locked image tower unchanged (LiT starts from default's run)
+    out = run("train_paths.py", "--device", "cpu", "--steps", "6", "--batch_size", "32", "--paths", "resume,lit")
+    rows = dict(re.findall(r"^(\w+)\s+(ok|FAILED)\s+[\d.]+ s", out, flags=re.M))
+    assert rows == {"default": "ok", "resume": "ok", "lit": "ok"}, out
+    assert "final weights equal bit for bit" in out and "image tower unchanged, text tower trained" in out
+    assert out.rstrip().endswith("every path ran")
