@@ -91,15 +91,17 @@ def weights(out, step):
 
 
 def evaluate(args, data, work, default_out):
-    """evaluate.py on default's checkpoint, on the device; elsewhere than on a CPU, its figures against the same
-    evaluation on the CPU in fp32 (the device's bf16 may move a few images across a decision, not more)."""
+    """evaluate.py on default's checkpoint, on the device. Elsewhere than on a CPU, in fp32 there, against the same
+    evaluation on the CPU: the figures of one model must agree (the device's own precision is what every training
+    run above evaluated in, at its last step; bf16 would move some images of a barely trained model across a
+    decision)."""
     found, seconds = {}, 0.0
     for device in dict.fromkeys([args.device, "cpu"]):
         results = os.path.join(work, f"evaluate-{device}.json")
         t = time.perf_counter()
         done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), default_out, "--zeroshot", data,
-                               "--retrieval", os.path.join(data, "val"), "--device", device, "--json", results],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               "--retrieval", os.path.join(data, "val"), "--device", device, "--precision", "fp32",
+                               "--json", results], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seconds += time.perf_counter() - t
         if done.returncode:
             return False, seconds, f"on {device}: " + done.stderr.strip()[-500:]
