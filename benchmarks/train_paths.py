@@ -191,8 +191,9 @@ def main():
     if args.device == "cpu" and "fp16" in paths and args.paths == p.get_default("paths"):
         paths.remove("fp16")
         print("fp16 left out: most CPUs emulate fp16 matmuls, so it takes minutes here (--paths fp16 runs it)")
-    if {"lit", "evaluate"} & set(paths) and "default" not in paths:
-        paths.insert(0, "default")  # they start from its checkpoint
+    if {"lit", "evaluate"} & set(paths):
+        paths.append("default")  # they start from its checkpoint
+    paths = [name for name in PATHS if name in paths]  # in PATHS' order: default first
     work = args.keep or tempfile.mkdtemp(prefix="train-paths-")
     os.makedirs(work, exist_ok=True)
     data = os.path.join(work, "shapes")
@@ -204,7 +205,14 @@ def main():
           f"batch {args.batch_size}")
     failed = []
     for name in paths:
-        ok, seconds, words = run_path(name, args, data, work, os.path.join(work, "default"))
+        if name in ("lit", "evaluate") and "default" in failed:
+            ok, seconds, words = False, 0.0, "not run: it starts from default's checkpoint"
+        else:
+            try:
+                ok, seconds, words = run_path(name, args, data, work, os.path.join(work, "default"))
+            except Exception as e:  # a run that ended well but left no log or checkpoint: said, and the others go on
+                ok, seconds, words = False, 0.0, f"{type(e).__name__}: {e}"
+        words = words.replace("\n", "\n" + " " * 37)  # a failed run's last lines, under the first
         print(f"{name:<19} {'ok' if ok else 'FAILED':<6} {seconds:6.1f} s  {words}", flush=True)
         if not ok:
             failed.append(name)
