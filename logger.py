@@ -13,6 +13,8 @@ import math
 import os
 import sys
 
+import numpy as np
+
 from prep_dataset import disk_full
 
 
@@ -84,6 +86,21 @@ def series(records, kind, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+# training series that jump from step to step; the learning rate, the temperature and the loss scale do not
+NOISY = ("loss", "grad_norm", "samples_per_s", "mfu")
+
+
+def smoothed(x, y, window_share=0.02):
+    """A centred moving average over about window_share of the series' points: a long run's trend through its
+    step-to-step noise, in step with it (an exponential average, TensorBoard's, lags behind a loss that falls
+    fast early on). -> (x, y) of the points with a whole window around them: the ends, whose window would be
+    cut, are left to the raw series drawn beside it."""
+    half = max(1, int(window_share * len(y)) // 2)
+    sums = np.concatenate([[0.0], np.cumsum(np.asarray(y, dtype=np.float64))])
+    means = (sums[2 * half + 1:] - sums[:len(y) - 2 * half]) / (2 * half + 1)
+    return x[half:len(x) - half], means
+
+
 def split_metric(key):
     """zeroshot/color/top1 -> (zeroshot/color, top1); retrieval/image_to_text_R@5 -> (retrieval/image_to_text, R@5)."""
     if "_R@" in key:
@@ -138,6 +155,9 @@ def plot_runs(run_dirs, out_path):
                     # line style; one run: a colour per metric
                     style = dict(color=f"C{r}", linestyle=("-", "--", ":", "-.")[j % 4]) if len(runs) > 1 \
                         else dict(color=f"C{j}")
+                    if kind == "train" and key in NOISY and len(x) >= 100 and min(y) < max(y):  # faint, and its trend
+                        ax.plot(x, y, alpha=0.25, linewidth=0.8, label="_" + label, **style)  # _: not in the legend
+                        x, y = smoothed(x, y)
                     ax.plot(x, y, marker="o" if kind == "eval" else None, markersize=3, label=label, **style)
         ax.set_title(title)
         ax.set_xlabel("step")

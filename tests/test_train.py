@@ -1256,6 +1256,33 @@ def test_the_demo_makes_its_shapes_only_where_there_is_nothing_else(tmp_path, sh
     assert "zeroshot/shape/top1" in read_log(str(tmp_path / "run"), "eval")[0]
 
 
+def test_a_long_runs_noisy_curves_are_drawn_faint_under_their_centred_average(tmp_path, monkeypatch):
+    import matplotlib.axes
+    import numpy as np
+    rng = np.random.default_rng(0)
+    y = list(np.exp(-np.arange(500) / 100) + rng.normal(0, 0.1, 500))
+    x, means = logger.smoothed(list(range(500)), y)
+    half = 5  # 2% of 500 points: 11 to a window
+    assert x == list(range(half, 500 - half))
+    assert np.allclose(means, [np.mean(y[i - half:i + half + 1]) for i in x])  # a naive centred mean
+    run = tmp_path / "long"
+    run.mkdir()
+    with open(run / "log.jsonl", "w") as f:
+        for step in range(1, 301):
+            f.write(json.dumps({"kind": "train", "step": step, "loss": 5 - step / 100 + rng.normal(0, 0.3),
+                                "lr": 1e-3, "grad_norm": 1 + rng.random(), "samples_per_s": 500 + rng.normal()}) + "\n")
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *a, **kw: drawn.append((ax, len(a[0]), kw)) or plot(ax, *a, **kw))
+    logger.plot_runs([str(run)], str(tmp_path / "p.png"))
+    lines = lambda title: [(n, kw) for ax, n, kw in drawn if ax.get_title() == title]  # titled after the lines
+    for title in ("loss", "grad norm", "samples/s"):  # the raw points faint and out of the legend, then the average
+        (raw_n, raw), (mean_n, mean) = lines(title)
+        assert raw_n == 300 and raw["alpha"] < 1 and raw["label"].startswith("_")
+        assert mean_n == 294 and "alpha" not in mean and mean["label"] in ("long", "long loss")
+    assert [n for n, _ in lines("learning rate")] == [300]  # not noisy: drawn as it is
+
+
 def test_the_log_is_strict_json_with_non_finite_numbers_as_null(tmp_path, capsys):
     log = logger.Logger(str(tmp_path))
     log.log({"kind": "train", "step": 1, "loss": 2.5, "grad_norm": float("inf"), "lr": float("nan")})
