@@ -4,7 +4,7 @@ train and val, in webdataset layout (KEY.jpg + KEY.txt [+ KEY.json]) that any we
 
     python prep_dataset.py --source shapes --out_dir data/shapes                  # the built-in demo data
     python prep_dataset.py --out_dir data/text-to-image-2M                         # the full 2M (streamed)
-    python prep_dataset.py --out_dir data/t2i-100k --limit 100000                  # a subset
+    python prep_dataset.py --out_dir data/t2i-100k --limit 100000                  # a subset, from each tar file
     python prep_dataset.py --source folder --input ~/pics --out_dir data/pics      # x.jpg + x.txt pairs
     python prep_dataset.py --source webdataset --input 'shards/*.tar' --out_dir data/mine
     python prep_dataset.py --source webdataset --input 'pipe:aws s3 cp s3://bucket/{000..099}.tar -' --out_dir data/s3
@@ -145,20 +145,33 @@ def source_shapes(args):
 
 
 def streamed(ds, args):
-    """A streaming `datasets` set, from where an interrupted run's last finished chunk ended
+    """A streaming `datasets` set's rows, from where an interrupted run's last finished chunk ended
     (args.resume_state); stage_chunks records that position with every chunk (args.stream_state), so a
     rerun goes on there instead of downloading again everything before it."""
     if args.resume_state is not None:
         ds.load_state_dict(args.resume_state)
     args.stream_state = ds.state_dict
-    return ds
+    rows = iter(ds)
+    try:
+        first = next(rows)  # where datasets applies the saved position
+    except StopIteration:
+        return
+    except (KeyError, IndexError, TypeError) as e:
+        if args.resume_state is None:
+            raise
+        # a position saved by a run that read the source in another order
+        sys.exit(f"the interrupted run's place in the stream ({type(e).__name__}: {e}) does not fit the way this run "
+                 "reads the source (a run begun by an earlier version of prep_dataset.py, whose --limit read the first "
+                 f"file first): delete {os.path.join(args.out_dir, '.stage')} and rerun, which starts the set over")
+    yield first
+    yield from rows
 
 
 def source_text_to_image_2m(args):
     # the same `datasets` code path reads the hub and local copies (--input 'dir/*.tar', used by the tests);
     # streaming, so the ~420 GB of originals never sit on disk
     from datasets import Image as HFImage
-    from datasets import load_dataset
+    from datasets import interleave_datasets, load_dataset
     data_files = args.input or T2I_FILES
     if "://" not in data_files:  # local copies, named as for the webdataset source (glob, range, folder)
         # another source's input given without --source: say which one it needs
@@ -175,6 +188,12 @@ def source_text_to_image_2m(args):
     except Exception as e:  # no network, no such files: say what to check, not a stack trace
         sys.exit(f"could not open {data_files} ({type(e).__name__}: {str(e)[:300]}). Check the network "
                  "(the full set streams from the Hugging Face hub), or give local copies with --input 'dir/*.tar'.")
+    if args.limit and ds.num_shards > 1:
+        # a subset (--limit N) takes a sample of each tar file in turn, about N / files from each, rather than the
+        # first N of the first file (the hub's files hold ~100k samples each, and need not each hold a mix of the
+        # set's sources). Each file streams from its start and is left where its share ends
+        ds = interleave_datasets([ds.shard(num_shards=ds.num_shards, index=i) for i in range(ds.num_shards)],
+                                 stopping_strategy="all_exhausted_without_replacement")
     # the set holds KEY.jpg + KEY.json {"prompt": ...}; other image extensions and caption fields are read
     # too, so a copy in another webdataset layout works as well
     images = [name for name, f in (ds.features or {"jpg": HFImage()}).items() if isinstance(f, HFImage)]
@@ -1598,7 +1617,8 @@ def main(argv=None):
                    "captions' file extension (default: .txt, else .caption), or the field of the x.json beside x.jpg")
     p.add_argument("--out_dir", required=True, type=os.path.expanduser)
     p.add_argument("--image_size", type=int, default=None, help="default: 64 for shapes, else 256")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N samples (shapes: make N)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples (text-to-image-2M: of "
+                   "its tar files in turn, about N / files from each; shapes: make N)")
     p.add_argument("--val_fraction", type=float, default=0.05, help="the share of samples held out in val/ "
                    "(1: all of them, an evaluation set such as COCO's test split)")
     p.add_argument("--shard_size", type=int, default=5000, help="samples per shard")

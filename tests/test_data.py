@@ -188,6 +188,17 @@ def test_text_to_image_2m_format_through_datasets(tmp_path):
 
 
 
+def interrupted_at(chunk_file):
+    """prep's atomic_write, stopped by a Ctrl-C as it is to write chunk_file: an interrupted run."""
+    write = prep_dataset.atomic_write
+
+    def atomic_write(path, data):
+        if path.endswith(chunk_file):
+            raise KeyboardInterrupt
+        write(path, data)
+    return atomic_write
+
+
 @pytest.mark.parametrize("source", ["text-to-image-2M", "webdataset"])
 def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_path, monkeypatch, source):
     # the full set streams ~420 GB, and shards given as URLs are downloaded: a rerun after an interrupt goes on
@@ -215,12 +226,6 @@ def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_pa
         for path in glob.glob(str(tmp_path / "ref" / "*" / "*.tar")):
             assert (tmp_path / "net" / os.path.relpath(path, tmp_path / "ref")).read_bytes() == open(path, "rb").read()
 
-    def interrupted_at(chunk_file):
-        def atomic_write(path, data):
-            if path.endswith(chunk_file):
-                raise KeyboardInterrupt
-            write(path, data)
-        return atomic_write
     monkeypatch.setattr(prep_dataset, "atomic_write", interrupted_at("chunk-000002.json"))  # at the third chunk
     with pytest.raises(KeyboardInterrupt):
         prep_dataset.main(args + ["--out_dir", str(tmp_path / "out")])
@@ -247,6 +252,29 @@ def test_a_streamed_source_resumes_where_it_stopped_without_reading_again(tmp_pa
         os.remove(src / "data_000002.tar")
         with pytest.raises(SystemExit, match="data_000002.tar, where the interrupted run stopped, is no longer among"):
             prep_dataset.main(args + ["--out_dir", str(tmp_path / "again")])
+
+
+def test_a_subset_of_text_to_image_2m_takes_a_share_of_every_file_and_resumes(tmp_path, monkeypatch):
+    # --limit N takes about N / files samples of each tar file in turn, not the first N of the first file (the
+    # hub's files hold ~100k samples each); an interrupted subset goes on where it stopped, to the same shards
+    src = tmp_path / "src"
+    src.mkdir()
+    for s, n in ((0, 8), (1, 4), (2, 4)):
+        write_tar(src / f"data_{s:06d}.tar", [m for i in range(n) for m in (
+            (f"{s}{i:05d}.jpg", jpeg((60 * s, 20 * i, 90))), (f"{s}{i:05d}.json", json.dumps({"prompt": f"{s}-{i}"}).encode()))])
+    args = ["--input", str(src / "*.tar"), "--image_size", "32", "--chunk_size", "3", "--shard_size", "3",
+            "--val_fraction", "0", "--num_workers", "1", "--limit", "9"]
+    m = prep_dataset.main(args + ["--out_dir", str(tmp_path / "ref")])
+    ref = sorted(glob.glob(str(tmp_path / "ref" / "train" / "*.tar")))
+    captions = sorted(c for path in ref for _, c in tar_samples(path).values())
+    assert m["counts"]["train"] == 9 and captions == sorted(f"{s}-{i}" for s in range(3) for i in range(3))
+    monkeypatch.setattr(prep_dataset, "atomic_write", interrupted_at("chunk-000001.json"))
+    with pytest.raises(KeyboardInterrupt):
+        prep_dataset.main(args + ["--out_dir", str(tmp_path / "out")])
+    monkeypatch.undo()
+    prep_dataset.main(args + ["--out_dir", str(tmp_path / "out")])
+    for path in ref:
+        assert (tmp_path / "out" / os.path.relpath(path, tmp_path / "ref")).read_bytes() == open(path, "rb").read()
 
 
 def folder_captions(src, out, *flags):
