@@ -186,6 +186,10 @@ def main():
     unknown = [name for name in paths if name not in PATHS]
     if unknown:
         p.error(f"unknown path(s) {', '.join(unknown)}: choose from {', '.join(PATHS)}")
+    try:
+        torch.empty(0, device=args.device)  # a device torch cannot use fails here, with torch's reason
+    except (RuntimeError, AssertionError) as e:
+        p.error(f"--device {args.device}: {e}")
     if args.steps < 4 or args.steps % 2 or args.batch_size % 4:
         p.error("--steps must be even and at least 4, --batch_size a multiple of 4")
     if args.device == "cpu" and "fp16" in paths and args.paths == p.get_default("paths"):
