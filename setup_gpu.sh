@@ -136,4 +136,4 @@ run "$PY" prep_dataset.py --source shapes --out_dir "$SMOKE/shapes" --limit 256 
 run "$PY" train.py --model tiny --data_dir "$SMOKE/shapes" --out_dir "$SMOKE/run" --batch_size 32 --max_steps 1 \
     --num_workers 1 --log_interval 1 --eval_interval 1 --eval_batches 1 --checkpoint_interval 1 --compile false
 echo "ready: source $VENV/bin/activate"
-[ "$CPU" = 1 ] || echo "then python benchmarks/train_paths.py runs every training path on the GPU for a few steps (a few minutes)"
+[ "$CPU" = 1 ] || echo "then python benchmarks/train_paths.py runs every training path on the GPU for a few steps"

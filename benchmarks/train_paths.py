@@ -6,7 +6,7 @@ promises beyond that (a resumed run ends where the uninterrupted one does; a loc
 The test suite runs on the CPU only (tests/conftest.py says why), so on a GPU box this is the check of the
 training loop's device paths: the loader's side-stream copy, fused AdamW with the clipping and fp16's loss
 scale inside it, patch dropout's indices from pinned memory, feature caching, compiling, DDP over NCCL, and
-evaluation. A few minutes on a GPU; about two on a 2-core CPU.
+evaluation. On a 2-core CPU every path but fp16 takes about two minutes in all (benchmarks/NOTES.md).
 
     python benchmarks/train_paths.py                            # every path, on the GPU (else the CPU)
     python benchmarks/train_paths.py --paths fp16,resume        # some of them
