@@ -825,6 +825,7 @@ def due(step, interval):
 
 
 def main(argv=None):
+    started = time.time()
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     # ---- processes and devices first, so that the ranks can compare the checkpoint and the data they find
@@ -1122,6 +1123,14 @@ def main(argv=None):
         dist.destroy_process_group()
     if master:
         unlock_dir(cfg.out_dir)  # the run is over: another may write here now
+        minutes, seconds = divmod(round(time.time() - started), 60)
+        took = (f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min {seconds} s" if minutes
+                else f"{seconds} s")
+        best = manager.best_val_loss()
+        print(f"done: step {step} in {took}" + (f"; the lowest val loss, {best:.4g}, is {manager.best_path}"
+                                                 if math.isfinite(best) else "") +
+              f". Next: python logger.py {cfg.out_dir} (the plots); python evaluate.py {cfg.out_dir} --zeroshot DIR "
+              "or --retrieval DIR (README, Evaluation)")
     return raw_model
 
 

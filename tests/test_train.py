@@ -1008,9 +1008,15 @@ def test_throughput_is_timed_after_the_first_step(tmp_path, monkeypatch, shapes_
     monkeypatch.setattr(train, "forward_backward", slow_first)
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, batch_size=8, max_steps=3, log_interval=3, eval_interval=100))
-    first = re.search(r"step 1: ([\d.]+)s \(the first step: loader start-up\); throughput is timed from here",
-                      capsys.readouterr().out)
+    said = capsys.readouterr().out
+    first = re.search(r"step 1: ([\d.]+)s \(the first step: loader start-up\); throughput is timed from here", said)
     assert first and float(first.group(1)) >= 3
+    # the run's end: how long it took, where its best weights are, and what to run next
+    (val,) = [r["val_loss"] for r in read_log(out, "eval")]
+    done = re.search(r"^done: step 3 in (\d+) s; the lowest val loss, ([\d.]+), is (.+best\.pt)\. Next: python logger.py ",
+                     said, flags=re.M)
+    assert done and int(done[1]) >= 3 and float(done[2]) == pytest.approx(val, rel=1e-3)
+    assert done[3] == os.path.join(out, "best.pt") and os.path.isfile(done[3])
     (r,) = read_log(out)
     assert 2 * 8 / r["samples_per_s"] < 3  # the two timed steps, without the first's pause (however busy the machine)
 
