@@ -868,10 +868,10 @@ class Exploit:
         return (os.system, ("touch pwned",))
 
 
-def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": Exploit()}, path, pickle_protocol=2)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the payload would write: the folder is removed after the test, not the cwd
     # said in a line: what the file holds, and never torch's advice to load it with weights_only=False
     with pytest.raises(CheckpointError, match=r"cannot be loaded safely: it holds a pickled object \(\w+.system\), "
                                               r"which only code could rebuild\. .*never load untrusted files") as e:
