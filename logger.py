@@ -77,6 +77,23 @@ def read_log(path):
                 pass  # a line cut short by a crash
     return records
 
+def summary(name, records):
+    """A run's figures in a few lines, for a terminal (a GPU box with no image viewer): its last logged step and
+    loss, its lowest val loss and where, and every figure of its last evaluation."""
+    number = lambda r, key: isinstance(r.get(key), (int, float))
+    train = [r for r in records if r.get("kind") == "train" and number(r, "step")]
+    evals = [r for r in records if r.get("kind") == "eval" and number(r, "step")]
+    parts = [f"step {train[-1]['step']}" + (f", loss {train[-1]['loss']:.4g}" if number(train[-1], "loss") else "")
+             ] if train else []
+    vals = [(r["val_loss"], r["step"]) for r in evals if number(r, "val_loss")]
+    if vals:
+        parts.append(f"lowest val_loss {min(vals)[0]:.4g} at step {min(vals)[1]}")
+    lines = [f"{name}: " + ("; ".join(parts) or "no logged step yet")]
+    if evals:
+        shown = [format_field(k, v) for k, v in evals[-1].items() if k not in ("kind", "step")]
+        lines.append(f"  evaluation at step {evals[-1]['step']}: " + ", ".join(shown))
+    return "\n".join(lines)
+
 # -----------------------------------------------------------------------------
 # plots
 
@@ -212,6 +229,8 @@ def main(argv=None):
     kind = os.path.splitext(out)[1][1:].lower()
     if kind and kind not in kinds:  # --out plots.pgn: said now, not as a traceback after the drawing
         p.error(f"--out {out}: matplotlib writes {', '.join(sorted(kinds))}, not .{kind}")
+    for d in args.run_dirs:
+        print(summary(d, read_log(os.path.join(d, "log.jsonl"))))
     try:
         print(f"wrote {plot_runs(args.run_dirs, out)}")
     except OSError as e:

@@ -1307,6 +1307,13 @@ def test_plot_command_writes_a_png(shapes_dir, tmp_path, monkeypatch, capsys):
     import matplotlib.figure
     out = str(tmp_path / "run")
     train.main(run_args(shapes_dir, out, zeroshot="auto", retrieval=True))
+    capsys.readouterr()
+    logger.main([out, "--out", str(tmp_path / "summary.png")])  # and each run's figures in a few lines
+    said, trained, evals = capsys.readouterr().out, read_log(out), read_log(out, "eval")
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert (f"{out}: step {trained[-1]['step']}, loss {trained[-1]['loss']:.4g}; lowest val_loss {best['val_loss']:.4g} "
+            f"at step {best['step']}\n  evaluation at step {evals[-1]['step']}: val_loss ") in said
+    assert "zeroshot/shape/top1" in said.splitlines()[1]
     logger.main([out, out, "--out", str(tmp_path / "figures" / "plots.png")])  # the folder is made
     logger.main([os.path.join(out, "log.jsonl")])  # the log file itself names its run
     logger.main([out, "--out", str(tmp_path / "figures")])  # a folder: its plots.png, not figures.png beside it
