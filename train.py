@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -1126,10 +1127,10 @@ def main(argv=None):
         minutes, seconds = divmod(round(time.time() - started), 60)
         took = (f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min {seconds} s" if minutes
                 else f"{seconds} s")
-        best = manager.best_val_loss()
+        best, run = manager.best_val_loss(), shlex.quote(cfg.out_dir)  # quoted: the commands paste into a shell
         print(f"done: step {step} in {took}" + (f"; the lowest val loss, {best:.4g}, is {manager.best_path}"
                                                  if math.isfinite(best) else "") +
-              f". Next: python logger.py {cfg.out_dir} (the plots); python evaluate.py {cfg.out_dir} --zeroshot DIR "
+              f". Next: python logger.py {run} (the plots); python evaluate.py {run} --zeroshot DIR "
               "or --retrieval DIR (README, Evaluation)")
     return raw_model
 

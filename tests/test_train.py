@@ -652,8 +652,12 @@ def test_folders_named_with_spaces_accents_and_a_globs_brackets_work_from_prep_t
     data, out = str(odd / "shapes"), str(odd / "run")
     prep_dataset.main(["--source", "shapes", "--out_dir", data, "--limit", "120", "--num_workers", "1"])
     train.main(run_args(data, out, max_steps=2, checkpoint_interval=2))
+    capsys.readouterr()
     train.main(run_args(data, out, max_steps=3, checkpoint_interval=3) + ["--resume"])
     assert [os.path.basename(p) for p in CheckpointManager(out).checkpoints()] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    # the commands the run's last line suggests paste into a shell as they are: the folder's name quoted
+    (next_steps,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done: step 3")]
+    assert f"python logger.py '{out}' (the plots); python evaluate.py '{out}' --zeroshot" in next_steps
     results = evaluate.main([out, "--retrieval", data, "--zeroshot", data, "--num_workers", "0"])
     assert results["retrieval_samples"] == 6 and set(results["zeroshot"]) == {"shape", "color"}
     logger.main([out])
