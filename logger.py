@@ -87,8 +87,9 @@ def summary(name, records):
              ] if train else []
     vals = [(r["val_loss"], r["step"]) for r in evals if number(r, "val_loss")]
     if vals:
-        parts.append(f"lowest val_loss {min(vals)[0]:.4g} at step {min(vals)[1]}")
-    lines = [f"{name}: " + ("; ".join(parts) or "no logged step yet")]
+        lowest, at = min(vals)
+        parts.append(f"lowest val_loss {lowest:.4g} at step {at}")
+    lines = [f"{name}: " + ("; ".join(parts) or "no training step logged")]
     if evals:
         shown = [format_field(k, v) for k, v in evals[-1].items() if k not in ("kind", "step")]
         lines.append(f"  evaluation at step {evals[-1]['step']}: " + ", ".join(shown))
@@ -209,10 +210,12 @@ def main(argv=None):
     # a run's log.jsonl itself, as a shell's completion gives it: its run directory
     args.run_dirs = [(os.path.dirname(d) or ".") if os.path.basename(d) == "log.jsonl" and os.path.isfile(d) else d
                      for d in args.run_dirs]
+    logs = {}  # each run's records, read once for its warning and its summary
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "log.jsonl")):
             p.error(f"{d} has no log.jsonl: pass a run directory that train.py wrote (its --out_dir)")
-        if not read_log(os.path.join(d, "log.jsonl")):  # a run that has just started: its plot would be blank
+        logs[d] = read_log(os.path.join(d, "log.jsonl"))
+        if not logs[d]:  # a run that has just started: its plot would be blank
             print(f"warning: {os.path.join(d, 'log.jsonl')} holds no logged step yet (train.py writes one every "
                   "--log_interval steps): nothing of it to draw", file=sys.stderr)
     out = args.out or os.path.join(args.run_dirs[0], "plots.png")
@@ -229,8 +232,9 @@ def main(argv=None):
     kind = os.path.splitext(out)[1][1:].lower()
     if kind and kind not in kinds:  # --out plots.pgn: said now, not as a traceback after the drawing
         p.error(f"--out {out}: matplotlib writes {', '.join(sorted(kinds))}, not .{kind}")
-    for d in args.run_dirs:
-        print(summary(d, read_log(os.path.join(d, "log.jsonl"))))
+    for d, records in logs.items():
+        if records:  # an empty log was warned about above
+            print(summary(d, records))
     try:
         print(f"wrote {plot_runs(args.run_dirs, out)}")
     except OSError as e:
